@@ -1,0 +1,1156 @@
+"""custom_finstep: Finstep's chat API served as an OpenAI-compatible chat API.
+
+One file, standard library only, Python 3.8 or newer. Finstep answers one
+`query` per request as a stream of status events; OpenAI clients (the `openai`
+SDK, LiteLLM, AG-UI, LobeChat, Open WebUI, Cherry Studio, curl) speak
+`/v1/chat/completions`. This proxy translates, forwarding every answer token the
+moment the upstream sends it.
+
+Run:
+    python custom_finstep.py                  # listen on 0.0.0.0:4001
+    python custom_finstep.py --demo           # built-in stand-in upstream, no key needed
+    python custom_finstep.py --help           # every option
+
+Endpoints:
+    POST /v1/chat/completions, POST /chat/completions
+    GET  /v1/models, /models, /v1/models/{id}, /models/{id}
+    GET  /health                              # no upstream call
+    OPTIONS on every path                     # CORS preflight
+
+Environment (each has a command-line flag that overrides it; empty = unset):
+    FINSTEP_API_KEY    --api-key     unset    upstream key; unset = the client's Bearer key is passed through
+    FINSTEP_API_URL    --upstream    https://product-backend.finstep.cn/chat/api/chat/v2/completion
+    HOST               --host        0.0.0.0  listen address
+    PORT               --port        4001     listen port
+    FINSTEP_USER_ID    --user-id     12345679 `userId` sent upstream
+    FINSTEP_REASONING  --reasoning   reasoning  where `deepthink` text goes: reasoning | think | content | drop
+    FINSTEP_MODELS     --models      finstep-proxy  comma-separated ids listed by /v1/models
+    FINSTEP_TIMEOUT    --timeout     300      seconds the upstream may stay silent (connect timeout 10 s)
+    FINSTEP_MAX_BODY   --max-body    8388608  largest request body in bytes
+    LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
+"""
+
+__version__ = "1.0.0"
+
+import argparse
+import dataclasses
+import functools
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from typing import Dict
+from typing import Iterator
+from typing import List
+from typing import Mapping
+from typing import Optional
+from typing import Sequence
+from typing import Tuple
+
+log = logging.getLogger("custom_finstep")
+
+
+# --- Configuration -----------------------------------------------------------
+
+DEFAULT_UPSTREAM = "https://product-backend.finstep.cn/chat/api/chat/v2/completion"
+REASONING_MODES = ("reasoning", "think", "content", "drop")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    api_key: Optional[str] = None
+    upstream_url: str = DEFAULT_UPSTREAM
+    host: str = "0.0.0.0"
+    port: int = 4001
+    user_id: str = "12345679"
+    reasoning: str = "reasoning"
+    models: Tuple[str, ...] = ("finstep-proxy",)
+    timeout: float = 300.0
+    max_body: int = 8388608
+    log_level: str = "INFO"
+    demo: bool = False
+    # Not user settings: fixed by the product, shrunk by the tests.
+    connect_timeout: float = 10.0
+    client_timeout: float = 10.0  # a client must send its request head and body within this
+
+
+def _text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _key(raw: str) -> str:
+    value = _text(raw)
+    if any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain spaces or control characters")
+    return value
+
+
+def _number(raw: str, kind=int):
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise ValueError("is not a number") from None
+
+
+def _port(raw: str) -> int:
+    value = _number(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be from 0 to 65535")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _number(raw, float)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = _number(raw)
+    if value < 1:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _url(raw: str) -> str:
+    value = raw.strip()
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _choice(choices: Sequence[str], fold=str.lower):
+    def convert(raw: str) -> str:
+        value = fold(raw.strip())
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+    return convert
+
+
+def _models(raw: str) -> Tuple[str, ...]:
+    ids = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not ids:
+        raise ValueError("must list at least one model id")
+    return ids
+
+
+# (field, environment variable, flag, converter, help). The table drives both
+# --help and load_config, so the two can never disagree.
+SETTINGS = (
+    ("api_key", "FINSTEP_API_KEY", "--api-key", _key,
+     "upstream Finstep key; when unset, the client's 'Authorization: Bearer <key>' is passed through"),
+    ("upstream_url", "FINSTEP_API_URL", "--upstream", _url,
+     "upstream endpoint (default %s)" % DEFAULT_UPSTREAM),
+    ("host", "HOST", "--host", _text, "listen address (default 0.0.0.0)"),
+    ("port", "PORT", "--port", _port, "listen port (default 4001; 0 picks a free one)"),
+    ("user_id", "FINSTEP_USER_ID", "--user-id", _text, "userId sent upstream (default 12345679)"),
+    ("reasoning", "FINSTEP_REASONING", "--reasoning", _choice(REASONING_MODES),
+     "where deepthink text goes: reasoning (reasoning_content field), think (<think> block in "
+     "content), content (plain content), drop (default reasoning)"),
+    ("models", "FINSTEP_MODELS", "--models", _models,
+     "comma-separated model ids listed by /v1/models (default finstep-proxy)"),
+    ("timeout", "FINSTEP_TIMEOUT", "--timeout", _positive_float,
+     "seconds the upstream may stay silent before the request fails (default 300)"),
+    ("max_body", "FINSTEP_MAX_BODY", "--max-body", _positive_int,
+     "largest request body in bytes (default 8388608)"),
+    ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
+     "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="custom_finstep.py",
+        description="Serve Finstep's chat API as an OpenAI-compatible API. "
+                    "Every flag overrides the environment variable named beside it.")
+    for field, env, flag, _, help_text in SETTINGS:
+        parser.add_argument(flag, dest=field, metavar=env, help="[env %s] %s" % (env, help_text))
+    parser.add_argument("--demo", action="store_true",
+                        help="serve a built-in stand-in for the upstream (no key needed) to try the proxy")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
+    """Build the configuration from the environment and the command line.
+
+    Flags override environment variables; an empty variable counts as unset.
+    Raises ConfigError naming the bad setting (argparse exits on bad flags)."""
+    args = build_arg_parser().parse_args(list(argv))
+    values = {"demo": args.demo}
+    for field, env, flag, convert, _ in SETTINGS:
+        from_flag = getattr(args, field)
+        raw = from_flag if from_flag is not None else environ.get(env, "")
+        if from_flag is None and not raw.strip():
+            continue
+        try:
+            values[field] = convert(raw)
+        except ValueError as exc:
+            shown = "" if field == "api_key" else ", got %r" % raw
+            raise ConfigError("%s (%s) %s%s" % (env, flag, exc, shown)) from None
+    return Config(**values)
+
+
+def mask_key(key: Optional[str]) -> str:
+    """A key as it may appear in a log: short keys hidden whole, long ones by all but the last 4."""
+    if not key:
+        return "-"
+    return "****" if len(key) < 12 else "****" + key[-4:]
+
+
+# --- Protocol: pure functions, no sockets ------------------------------------
+
+SESSION_TITLE_LIMIT = 50
+THINK_OPEN = "<think>\n"
+THINK_CLOSE = "\n</think>\n\n"
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                429: "rate_limit_error", 502: "upstream_error", 504: "timeout_error"}
+
+
+class ProxyError(Exception):
+    """A failure with its OpenAI-format answer: raised anywhere, answered in one place."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None,
+                 param: Optional[str] = None, type_: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type_ or _ERROR_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type_: str, code: Optional[str] = None, param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: Tuple[Tuple[str, str], ...]  # (role, text), in order
+    stream: bool
+    include_usage: bool
+    user: Optional[str]
+
+    @property
+    def query(self) -> str:
+        return next(text for role, text in reversed(self.messages) if role == "user")
+
+    @property
+    def title(self) -> str:
+        return session_title(next(text for role, text in self.messages if role == "user"))
+
+
+def _invalid(message: str, param: Optional[str]) -> ProxyError:
+    return ProxyError(400, message, code="invalid_request", param=param)
+
+
+def message_text(content, param: str) -> str:
+    """The text of a message's content: a string, or a list of parts whose text parts are joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise _invalid("%s must be a string or a list of content parts" % param, param)
+    texts = []
+    for index, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        field = {"text": "text", "input_text": "text", "refusal": "refusal"}.get(kind)
+        if field is None:
+            raise _invalid("Only text content is supported: %s[%d] is of type %r"
+                           % (param, index, kind), "%s[%d]" % (param, index))
+        if not isinstance(part.get(field), str):
+            raise _invalid("%s[%d] has no %r string" % (param, index, field), "%s[%d]" % (param, index))
+        texts.append(part[field])
+    return "\n".join(texts)
+
+
+def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
+    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _invalid("Request body is not valid UTF-8", None) from None
+    except (ValueError, RecursionError) as exc:
+        raise _invalid("Request body is not valid JSON: %s" % exc, None) from None
+    if not isinstance(payload, dict):
+        raise _invalid("Request body must be a JSON object", None)
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    messages = []
+    for index, message in enumerate(raw_messages):
+        param = "messages[%d]" % index
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _invalid("%s must be an object with a string 'role'" % param, param)
+        messages.append((message["role"], message_text(message.get("content"), param + ".content")))
+    users = [index for index, (role, _) in enumerate(messages) if role == "user"]
+    if not users:
+        raise _invalid("'messages' must contain a user message", "messages")
+    if not messages[users[-1]][1].strip():
+        param = "messages[%d].content" % users[-1]
+        raise _invalid("The last user message has no text", param)
+    model = payload.get("model")
+    if model is None:
+        model = default_model
+    if not isinstance(model, str):
+        raise _invalid("'model' must be a string", "model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be true or false", "stream")
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _invalid("'stream_options' must be an object", "stream_options")
+    user = payload.get("user")
+    return ChatRequest(model=model, messages=tuple(messages), stream=bool(stream),
+                       include_usage=bool(options and options.get("include_usage") is True),
+                       user=user if isinstance(user, str) else None)
+
+
+def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
+    """A session title from a message: whitespace collapsed, cut to `limit` characters."""
+    title = " ".join(text.split())
+    return title if len(title) <= limit else title[:limit - 1] + "…"
+
+
+def build_upstream_body(user_id: str, session_id: str, query: str, title: str) -> bytes:
+    return json.dumps({"userId": user_id, "sessionId": session_id, "query": query,
+                       "sessionTitle": title}, ensure_ascii=False).encode("utf-8")
+
+
+def client_key(headers: Mapping[str, str]) -> Optional[str]:
+    """The key a client sent: `Authorization: Bearer <key>` (or a bare key), else `x-api-key`."""
+    scheme, _, rest = (headers.get("Authorization") or "").strip().partition(" ")
+    value = rest.strip() if scheme.lower() == "bearer" else scheme
+    return value or (headers.get("x-api-key") or "").strip() or None
+
+
+# Upstream statuses that matter; every other status is progress and is ignored.
+RESPONSING = "RESPONSING"
+DONE = "DONE"
+ERROR = "ERROR"
+UpstreamEvent = Tuple[str, Optional[str], Optional[str]]  # (status, type, text or error message)
+
+
+def parse_upstream_event(line: bytes) -> Optional[UpstreamEvent]:
+    """One upstream SSE line as (status, type, text), or None when it carries nothing usable.
+
+    Finstep ends each event with a single newline, so each `data:` line is one
+    event. Lenient as SSE is: `data:` with or without a space, CR before LF,
+    other fields and comments skipped, a bad payload skipped on its own."""
+    if not line.startswith(b"data:"):
+        return None
+    try:
+        event = json.loads(line[5:])
+    except (ValueError, RecursionError):
+        return None
+    status = event.get("status") if isinstance(event, dict) else None
+    if not isinstance(status, str):
+        return None
+    status = status.upper()
+    if status == RESPONSING:
+        text = event.get("text")
+        if not isinstance(text, str) or not text:
+            return None
+        kind = event.get("type")
+        return RESPONSING, kind if isinstance(kind, str) else "text", text
+    if status == DONE:
+        return DONE, None, None
+    if "ERROR" in status or "FAIL" in status:
+        return ERROR, None, upstream_error_message(event, "Upstream reported " + status)
+    return status, None, None
+
+
+def upstream_error_message(payload, fallback: str) -> str:
+    """The human message in an upstream error payload (a dict or raw bytes), cut short."""
+    if isinstance(payload, bytes):
+        try:
+            payload = json.loads(payload)
+        except (ValueError, RecursionError):
+            text = payload.decode("utf-8", "replace").strip()
+            return text[:300] if text else fallback
+    if isinstance(payload, dict):
+        for field in ("message", "msg", "errorMsg", "error_description", "detail", "error", "text"):
+            value = payload.get(field)
+            if isinstance(value, dict):
+                value = value.get("message")
+            if isinstance(value, str) and value.strip():
+                return value.strip()[:300]
+    return fallback
+
+
+class AnswerRouter:
+    """Routes upstream answer text into OpenAI delta fields per the reasoning mode, and keeps it.
+
+    `content` and `reasoning` hold exactly what went to the client, in order."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.content = []  # type: List[str]
+        self.reasoning = []  # type: List[str]
+        self.unfamiliar_types = set()
+        self.answer_started = False
+        self.think_open = False
+
+    def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
+        """(delta field, text) for one RESPONSING event, or None when it is not sent."""
+        if kind == "deepthink":
+            mode = self.mode
+            if mode == "reasoning":
+                self.reasoning.append(text)
+                return "reasoning_content", text
+            if mode == "drop" or (mode == "think" and self.answer_started):
+                return None  # `think` keeps one block before the answer; late thinking is dropped
+            if mode == "think" and not self.think_open:
+                self.think_open = True
+                text = THINK_OPEN + text
+        else:
+            if kind != "text":
+                self.unfamiliar_types.add(kind)
+            self.answer_started = True
+            if self.think_open:
+                self.think_open = False
+                text = THINK_CLOSE + text
+        self.content.append(text)
+        return "content", text
+
+    def finish(self) -> Optional[str]:
+        """The text that closes an open <think> block, when one is open."""
+        if not self.think_open:
+            return None
+        self.think_open = False
+        self.content.append(THINK_CLOSE)
+        return THINK_CLOSE
+
+
+_CJK = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
+
+
+def estimate_tokens(text: str) -> int:
+    """An estimate, not a tokenizer: one token per CJK character, one per ~4 other characters."""
+    cjk = len(_CJK.findall(text))
+    return cjk + (len(text) - cjk + 3) // 4
+
+
+def estimate_usage(prompt: str, completion: str) -> dict:
+    prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens(completion)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def build_chunk(completion_id: str, created: int, model: str, delta: dict,
+                finish_reason: Optional[str] = None) -> dict:
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def build_completion(completion_id: str, created: int, model: str, answer: AnswerRouter,
+                     usage: dict) -> dict:
+    message = {"role": "assistant", "content": "".join(answer.content)}
+    if answer.reasoning:
+        message["reasoning_content"] = "".join(answer.reasoning)
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "usage": usage}
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def format_sse(payload) -> bytes:
+    """One SSE event: `data: <json>` and a blank line."""
+    return b"data: " + _dumps(payload).encode("utf-8") + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ChunkFormatter:
+    """Formats one completion's chunks. The frame around a delta's text is built once per
+    request from build_chunk itself, so the fast path cannot drift from the slow one."""
+
+    def __init__(self, completion_id: str, created: int, model: str):
+        self.completion_id, self.created, self.model = completion_id, created, model
+        self.frames = {}
+        for field in ("content", "reasoning_content"):
+            event = format_sse(build_chunk(completion_id, created, model, {field: "\x00"}))
+            head, tail = event.split(b'"\\u0000"')
+            self.frames[field] = (head, tail)
+
+    def delta(self, field: str, text: str) -> bytes:
+        head, tail = self.frames[field]
+        return head + _dumps(text).encode("utf-8") + tail
+
+    def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> bytes:
+        return format_sse(build_chunk(self.completion_id, self.created, self.model, delta, finish_reason))
+
+    def usage(self, usage: dict) -> bytes:
+        return format_sse({"id": self.completion_id, "object": "chat.completion.chunk",
+                           "created": self.created, "model": self.model, "choices": [], "usage": usage})
+
+
+def route_for(path: str) -> Optional[Dict[str, str]]:
+    """The handler method names by HTTP method for a path, or None for an unknown path."""
+    if path in ("/v1/chat/completions", "/chat/completions"):
+        return {"POST": "chat_completions"}
+    if path in ("/v1/models", "/models"):
+        return {"GET": "list_models"}
+    if path.startswith(("/v1/models/", "/models/")):
+        return {"GET": "retrieve_model"}
+    if path == "/health":
+        return {"GET": "health"}
+    return None
+
+
+# --- Upstream I/O ------------------------------------------------------------
+
+class UpstreamBroken(Exception):
+    """The upstream stream ended before its response was complete."""
+
+
+class _UpstreamConnection(http.client.HTTPConnection):
+    """Connects within the connect timeout, then allows the read timeout per read, and
+    reports its socket so the stream can be shut from another thread."""
+
+    def __init__(self, host, call, **kwargs):
+        super().__init__(host, **kwargs)
+        self.call = call
+
+    def connect(self):
+        super().connect()
+        self.sock.settimeout(self.call.read_timeout)
+        self.call.attach(self.sock)
+
+
+class _UpstreamHTTPSConnection(_UpstreamConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
+    def __init__(self, call, context):
+        super().__init__()
+        self.call, self.context = call, context
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_UpstreamConnection, call=self.call), req)
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_UpstreamHTTPSConnection, call=self.call), req,
+                            context=self.context)
+
+    http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+
+class UpstreamCall:
+    """One request to Finstep: open it, iterate its parsed events, close it.
+
+    `abort()` may be called from any thread: it shuts the socket, which wakes a
+    read blocked in the owning thread."""
+
+    def __init__(self, url: str, key: str, body: bytes, connect_timeout: float, read_timeout: float,
+                 proxies: Optional[Mapping[str, str]] = None, context: Optional[ssl.SSLContext] = None):
+        self.request = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": key,
+            "Accept": "text/event-stream", "User-Agent": "custom_finstep/" + __version__})
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.proxies, self.context = proxies, context
+        self.response = None  # type: Optional[http.client.HTTPResponse]
+        self.status = None  # type: Optional[int]
+        self.events_seen = 0
+        self._sock = None
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            aborted = self._aborted
+        if aborted:
+            self._shut(sock)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            sock = self._sock
+        if sock is not None:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def open(self) -> None:
+        """Send the request and wait for the response head; raises ProxyError on any failure."""
+        opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler(self.proxies or {}),
+                        _UpstreamConnector(self, self.context),
+                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+            opener.add_handler(handler)
+        try:
+            self.response = opener.open(self.request, timeout=self.connect_timeout)
+        except urllib.error.HTTPError as exc:
+            self.status = exc.code
+            with exc:
+                detail = exc.read(4096) if exc.fp is not None else b""
+            raise upstream_status_error(exc.code, detail, exc.headers.get("Retry-After")) from None
+        except (socket.timeout, TimeoutError):
+            raise self.timeout_error() from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, (socket.timeout, TimeoutError)):
+                raise self.timeout_error() from None
+            raise ProxyError(502, "Cannot reach the upstream: %s" % (exc.reason,),
+                             code="upstream_unreachable") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ProxyError(502, "The upstream closed the connection before answering (%s)"
+                             % (exc.__class__.__name__,), code="upstream_unreachable") from None
+        self.status = self.response.status
+        content_type = self.response.headers.get("Content-Type", "")
+        if "json" in content_type.lower():
+            detail = self.response.read(4096)
+            message = upstream_error_message(detail, "no message")
+            raise ProxyError(502, "The upstream answered with JSON instead of an event stream: %s"
+                             % message, code="upstream_not_streaming")
+
+    def timeout_error(self) -> ProxyError:
+        return ProxyError(504, "The upstream sent nothing for %g seconds" % self.read_timeout,
+                          code="upstream_timeout")
+
+    def events(self) -> Iterator[List[UpstreamEvent]]:
+        """The parsed events of each read, as soon as a read returns.
+
+        read1 hands over whatever has arrived without waiting for more, and unlike
+        readline it reports a chunked body cut before its last chunk (IncompleteRead)."""
+        read1 = self.response.read1
+        pending = b""
+        debug = log.isEnabledFor(logging.DEBUG)
+        try:
+            while True:
+                data = read1(65536)
+                if not data:
+                    break
+                lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
+                pending = lines.pop()
+                batch = []
+                for line in lines:
+                    event = parse_upstream_event(line)
+                    if event is not None:
+                        batch.append(event)
+                    elif debug and line.strip(b"\r"):
+                        log.debug("skipped upstream line: %r", line[:200])
+                if batch:
+                    self.events_seen += len(batch)
+                    yield batch
+        except (socket.timeout, TimeoutError):
+            raise self.timeout_error() from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise UpstreamBroken(exc.__class__.__name__) from None
+        if self._aborted:
+            raise UpstreamBroken("aborted")
+        if self.response.length:  # Content-Length promised more than arrived
+            raise UpstreamBroken("IncompleteRead")
+        event = parse_upstream_event(pending)
+        if event is not None:
+            self.events_seen += 1
+            yield [event]
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+
+
+def status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTP %d" % status
+
+
+def upstream_status_error(status: int, detail: bytes, retry_after: Optional[str]) -> ProxyError:
+    """The client's error for an upstream error status."""
+    message = upstream_error_message(detail, status_phrase(status))
+    if status in (401, 403):
+        return ProxyError(401, "The upstream rejected the API key: %s" % message, code="invalid_api_key")
+    if status == 429:
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return ProxyError(429, "The upstream is rate limiting: %s" % message,
+                          code="rate_limit_exceeded", headers=headers)
+    return ProxyError(502, "The upstream answered HTTP %d: %s" % (status, message),
+                      code="upstream_http_%d" % status)
+
+
+# --- HTTP handler --------------------------------------------------------------
+
+class ClientGone(Exception):
+    """The client closed its connection; nobody is left to answer."""
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "custom_finstep/" + __version__
+    sys_version = ""
+    cors_headers = (("Access-Control-Allow-Origin", "*"),
+                    ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After"))
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    # -- connection lifecycle
+
+    def setup(self) -> None:
+        self.timeout = self.server.config.client_timeout
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout, TimeoutError) as exc:
+            log.debug("connection from %s ended: %s", self.client_address[0], exc.__class__.__name__)
+
+    def handle_one_request(self) -> None:
+        self.started = time.monotonic()
+        self.status = None  # type: Optional[int]
+        self.sse_started = False
+        self.upstream = None  # type: Optional[UpstreamCall]
+        self.chunks = 0
+        self.note = ""
+        try:
+            super().handle_one_request()
+        finally:
+            if self.status is not None:
+                self.log_summary()
+
+    def log_summary(self) -> None:
+        upstream = self.upstream
+        path = self.path.split("?", 1)[0][:200]
+        # Container health checks would drown the log: a healthy /health is a debug line.
+        level = logging.DEBUG if path == "/health" and self.status == 200 else logging.INFO
+        log.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0],
+                self.command, path, self.status,
+                (time.monotonic() - self.started) * 1000, upstream.status if upstream else "-",
+                self.chunks, self.note)
+
+    def log_request(self, code="-", size="-") -> None:
+        self.status = int(code)  # the summary line is written once the request is over
+
+    def log_message(self, format: str, *args) -> None:
+        log.info("%s %s", self.client_address[0], format % args)
+
+    # -- routing
+
+    def do_GET(self) -> None:
+        self.dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        requested = self.headers.get("Access-Control-Request-Headers")
+        self.send_header("Access-Control-Allow-Headers",
+                         requested or "Authorization, Content-Type, X-Api-Key, X-Request-Id")
+        self.send_header("Access-Control-Max-Age", "86400")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def dispatch(self) -> None:
+        path = self.path.split("?", 1)[0]
+        path = path.rstrip("/") or "/"
+        try:
+            try:
+                routes = route_for(path)
+                if routes is None:
+                    raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]),
+                                     code="unknown_url")
+                name = routes.get(self.command)
+                if name is None:
+                    allowed = ", ".join(sorted(routes)) + ", OPTIONS"
+                    raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
+                                     code="method_not_allowed", headers={"Allow": allowed})
+                getattr(self, name)(path)
+            except ProxyError as exc:
+                self.fail(exc)
+        except ClientGone:
+            self.close_connection = True
+            self.note = " client left"
+
+    # -- endpoints
+
+    def health(self, path: str) -> None:
+        self.send_json(200, {"status": "ok"})
+
+    def list_models(self, path: str) -> None:
+        self.send_json(200, {"object": "list", "data": [self.model_card(m) for m in self.server.config.models]})
+
+    def retrieve_model(self, path: str) -> None:
+        model = urllib.parse.unquote(path.split("/models/", 1)[1])
+        if model not in self.server.config.models:
+            raise ProxyError(404, "The model %r does not exist" % model[:200], code="model_not_found",
+                             param="model")
+        self.send_json(200, self.model_card(model))
+
+    def model_card(self, model: str) -> dict:
+        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep"}
+
+    def chat_completions(self, path: str) -> None:
+        config = self.server.config
+        chat = parse_chat_request(self.read_body(), config.models[0])
+        key = config.api_key or client_key(self.headers)
+        if not key:
+            raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
+                                  "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
+        self.note = " key=" + mask_key(key)
+        body = build_upstream_body(config.user_id, uuid.uuid4().hex, chat.query, chat.title)
+        self.upstream = UpstreamCall(config.upstream_url, key, body, config.connect_timeout,
+                                     config.timeout, self.server.proxies, self.server.ssl_context)
+        try:
+            self.upstream.open()
+            if chat.stream:
+                self.stream_answer(chat)
+            else:
+                self.send_answer(chat)
+        finally:
+            self.upstream.close()
+
+    # -- answers
+
+    def relay(self, answer: AnswerRouter) -> Iterator[List[Tuple[str, str]]]:
+        """The client deltas of each upstream read, until DONE or the end of the stream."""
+        upstream = self.upstream
+        try:
+            for events in upstream.events():
+                deltas = []
+                for status, kind, text in events:
+                    if status == RESPONSING:
+                        routed = answer.route(kind, text)
+                        if routed is not None:
+                            deltas.append(routed)
+                    elif status == DONE:
+                        yield deltas
+                        return
+                    elif status == ERROR:
+                        yield deltas
+                        raise ProxyError(502, "The upstream reported an error: %s" % text,
+                                         code="upstream_error")
+                if deltas:
+                    yield deltas
+        except UpstreamBroken as exc:
+            raise ProxyError(502, "The upstream connection broke before the answer was complete (%s)"
+                             % exc, code="upstream_disconnected") from None
+        finally:
+            if answer.unfamiliar_types:
+                log.debug("answer text of unfamiliar type(s) %s treated as answer",
+                          sorted(answer.unfamiliar_types))
+        if upstream.events_seen == 0:
+            raise ProxyError(502, "The upstream stream carried no Finstep events", code="upstream_empty")
+
+    def stream_answer(self, chat: ChatRequest) -> None:
+        formatter = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
+        answer = AnswerRouter(self.server.config.reasoning)
+        self.start_sse()
+        self.write_chunk(formatter.chunk({"role": "assistant", "content": ""}))
+        delta = formatter.delta
+        for deltas in self.relay(answer):
+            if deltas:
+                self.chunks += len(deltas)
+                self.write_chunk(b"".join([delta(field, text) for field, text in deltas]))
+        closing = answer.finish()
+        tail = [formatter.delta("content", closing)] if closing else []
+        tail.append(formatter.chunk({}, "stop"))
+        if chat.include_usage:
+            tail.append(formatter.usage(self.usage(chat, answer)))
+        tail.append(SSE_DONE)
+        self.write_chunk(b"".join(tail))
+        self.end_sse()
+
+    def send_answer(self, chat: ChatRequest) -> None:
+        answer = AnswerRouter(self.server.config.reasoning)
+        for deltas in self.relay(answer):
+            self.chunks += len(deltas)
+        answer.finish()
+        self.send_json(200, build_completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model,
+                                             answer, self.usage(chat, answer)))
+
+    @staticmethod
+    def usage(chat: ChatRequest, answer: AnswerRouter) -> dict:
+        return estimate_usage(chat.query, "".join(answer.reasoning) + "".join(answer.content))
+
+    # -- request bodies
+
+    def handle_expect_100(self) -> bool:
+        # An oversized body is refused before the client sends it, in place of "100 Continue".
+        try:
+            self.declared_length()
+        except ProxyError as exc:
+            self.fail(exc)
+            return False
+        return super().handle_expect_100()
+
+    def declared_length(self) -> Optional[int]:
+        """The Content-Length, judged against the body limit before any byte of the body is read."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return None
+        if not length.strip().isdigit():
+            self.close_connection = True
+            raise _invalid("Content-Length is not a number", None)
+        if int(length) > self.server.config.max_body:
+            self.close_connection = True
+            raise ProxyError(413, "Request body of %d bytes is larger than the limit of %d bytes"
+                             % (int(length), self.server.config.max_body), code="request_too_large")
+        return int(length)
+
+    def read_body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self.read_chunked_body(self.server.config.max_body)
+        size = self.declared_length()
+        if size is None:
+            self.close_connection = True
+            raise ProxyError(411, "A request body with Content-Length is required", code="length_required")
+        return self.read_exactly(size)
+
+    def read_exactly(self, size: int) -> bytes:
+        try:
+            body = self.rfile.read(size)
+        except (socket.timeout, TimeoutError):
+            body = None
+        if body is None or len(body) < size:
+            self.close_connection = True
+            raise ProxyError(408, "The request body did not arrive in full", code="request_timeout")
+        return body
+
+    def read_chunked_body(self, max_body: int) -> bytes:
+        parts, total = [], 0
+        while True:
+            try:
+                line = self.rfile.readline(1026)
+            except (socket.timeout, TimeoutError):
+                line = b""
+            if not line:
+                self.close_connection = True
+                raise ProxyError(408, "The request body did not arrive in full", code="request_timeout")
+            try:
+                size = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                self.close_connection = True
+                raise _invalid("Malformed chunked request body", None)
+            total += size
+            if total > max_body:
+                self.close_connection = True
+                raise ProxyError(413, "Request body is larger than the limit of %d bytes" % max_body,
+                                 code="request_too_large")
+            if size == 0:
+                while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return b"".join(parts)
+            parts.append(self.read_exactly(size))
+            self.read_exactly(2)
+
+    # -- responses; every error answer goes through fail()
+
+    def end_headers(self) -> None:
+        for name, value in self.cors_headers:
+            self.send_header(name, value)
+        super().end_headers()
+
+    def send_json(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def start_sse(self) -> None:
+        self.chunked = self.request_version == "HTTP/1.1"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.sse_started = True
+
+    def write_chunk(self, data: bytes) -> None:
+        """Send bytes to the client at once, as one HTTP chunk."""
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        except (ConnectionError, socket.timeout, TimeoutError, ValueError):
+            raise ClientGone() from None
+
+    def end_sse(self) -> None:
+        if self.chunked:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+            except (ConnectionError, socket.timeout, TimeoutError, ValueError):
+                raise ClientGone() from None
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer a failure: a JSON error before the stream began, an SSE error event after."""
+        self.note += " error=%s" % (error.code or error.type)
+        if not self.sse_started:
+            self.send_json(error.status, error.body(), error.headers)
+            return
+        log.warning("%s stream failed after start: %s", self.client_address[0], error.message)
+        payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
+        self.write_chunk(format_sse(payload) + SSE_DONE)
+        self.end_sse()
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own failures (bad request line, oversized headers, ...) as JSON errors."""
+        self.close_connection = True
+        try:
+            self.send_json(code, ProxyError(code, message or status_phrase(code)).body())
+        except (ConnectionError, socket.timeout, TimeoutError):
+            pass
+
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, config: Config, handler=ProxyHandler):
+        self.config = config
+        self.started = int(time.time())
+        self.proxies = urllib.request.getproxies()
+        self.ssl_context = ssl.create_default_context()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("unexpected error serving %s", client_address[0])
+
+
+# --- Demo upstream: a stand-in for Finstep, for --demo ---------------------------
+
+class DemoUpstreamHandler(BaseHTTPRequestHandler):
+    """Streams a short scripted Finstep answer the way Finstep does: one `data:` line per event."""
+    protocol_version = "HTTP/1.1"
+    delay = 0.04
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        query = str(body.get("query", ""))[:100]
+        events = [{"status": "THINKING"}, {"status": "ORGANIZING"}, {"status": "MSG_START"}]
+        for piece in ("嗯，", "用户问的是「%s」。" % query, "这是演示模式，", "我来给一个示例回答。"):
+            events.append({"status": "RESPONSING", "type": "deepthink", "text": piece})
+        for piece in ("这是", " custom_finstep ", "演示模式的回答。", "你的问题是：", query, "。",
+                      "配置 FINSTEP_API_KEY 后即可连接真实的 Finstep。"):
+            events.append({"status": "RESPONSING", "type": "text", "text": piece})
+        events += [{"status": "MSG_DONE"}, {"status": "DONE"}]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream;charset=UTF-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in events:
+            time.sleep(self.delay)
+            line = ("data:" + json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("demo upstream: " + format, *args)
+
+
+def start_demo_upstream() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DemoUpstreamHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="demo-upstream", daemon=True).start()
+    return server
+
+
+# --- Main ------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        config = load_config(os.environ, sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print("custom_finstep: error: %s" % exc, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse: --help, --version, an unknown flag
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if config.demo:
+        demo = start_demo_upstream()
+        config = dataclasses.replace(config, api_key=config.api_key or "demo-key",
+                                     upstream_url="http://127.0.0.1:%d/demo" % demo.server_address[1])
+    try:
+        server = ProxyServer(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
+    worker.start()
+    log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s",
+             __version__, config.host, server.server_address[1], " (demo)" if config.demo else "",
+             config.upstream_url, mask_key(config.api_key) if config.api_key else "from each client",
+             config.reasoning)
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping")
+    server.shutdown()
+    server.server_close()
+    worker.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1152 @@
+"""Tests for custom_finstep.py: pure functions first, then the proxy end to end over
+real sockets on 127.0.0.1 against a scripted fake Finstep upstream."""
+
+import ast
+import dataclasses
+import http.client
+import importlib.util
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+import custom_finstep as cf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "custom_finstep.py")
+ENV_KEY = "env-key-0123456789abcd"
+
+
+# --- Configuration -------------------------------------------------------------
+
+def test_defaults_without_environment():
+    config = cf.load_config({}, [])
+    assert config == cf.Config()
+    assert config.port == 4001 and config.host == "0.0.0.0"
+    assert config.upstream_url == "https://product-backend.finstep.cn/chat/api/chat/v2/completion"
+    assert config.reasoning == "reasoning" and config.models == ("finstep-proxy",)
+    assert config.timeout == 300 and config.max_body == 8388608 and config.api_key is None
+
+
+@pytest.mark.parametrize("env, field, expected", [
+    ({"FINSTEP_API_KEY": "AI-ONE-abc"}, "api_key", "AI-ONE-abc"),
+    ({"FINSTEP_API_URL": "http://127.0.0.1:9/x"}, "upstream_url", "http://127.0.0.1:9/x"),
+    ({"HOST": "127.0.0.1"}, "host", "127.0.0.1"),
+    ({"PORT": "8080"}, "port", 8080),
+    ({"PORT": "0"}, "port", 0),
+    ({"FINSTEP_USER_ID": "42"}, "user_id", "42"),
+    ({"FINSTEP_REASONING": "THINK"}, "reasoning", "think"),
+    ({"FINSTEP_MODELS": "a, b,,c "}, "models", ("a", "b", "c")),
+    ({"FINSTEP_TIMEOUT": "2.5"}, "timeout", 2.5),
+    ({"FINSTEP_MAX_BODY": "1024"}, "max_body", 1024),
+    ({"LOG_LEVEL": "debug"}, "log_level", "DEBUG"),
+    ({"PORT": ""}, "port", 4001),  # empty counts as unset
+])
+def test_environment_values_are_converted(env, field, expected):
+    assert getattr(cf.load_config(env, []), field) == expected
+
+
+def test_flags_override_environment():
+    config = cf.load_config({"PORT": "1", "FINSTEP_REASONING": "drop", "FINSTEP_API_KEY": "a"},
+                            ["--port", "2", "--reasoning", "content", "--api-key", "b", "--demo"])
+    assert (config.port, config.reasoning, config.api_key, config.demo) == (2, "content", "b", True)
+
+
+@pytest.mark.parametrize("env, argv, named", [
+    ({"PORT": "abc"}, [], "PORT (--port) is not a number"),
+    ({"PORT": "70000"}, [], "PORT (--port) must be from 0 to 65535"),
+    ({}, ["--port", "x"], "PORT (--port) is not a number"),
+    ({"FINSTEP_REASONING": "maybe"}, [], "FINSTEP_REASONING (--reasoning) must be one of"),
+    ({"FINSTEP_TIMEOUT": "0"}, [], "FINSTEP_TIMEOUT (--timeout) must be a positive"),
+    ({"FINSTEP_TIMEOUT": "nan"}, [], "FINSTEP_TIMEOUT (--timeout) must be a positive"),
+    ({"FINSTEP_MAX_BODY": "-1"}, [], "FINSTEP_MAX_BODY (--max-body) must be a positive"),
+    ({"FINSTEP_API_URL": "ftp://x"}, [], "FINSTEP_API_URL (--upstream) must be an http"),
+    ({"FINSTEP_MODELS": " , "}, [], "FINSTEP_MODELS (--models) must list"),
+    ({"LOG_LEVEL": "loud"}, [], "LOG_LEVEL (--log-level) must be one of"),
+    ({"FINSTEP_API_KEY": "has space inside"}, [], "FINSTEP_API_KEY (--api-key) must not contain"),
+])
+def test_bad_values_name_the_variable(env, argv, named):
+    with pytest.raises(cf.ConfigError) as caught:
+        cf.load_config(env, argv)
+    assert str(caught.value).startswith(named)
+
+
+def test_bad_key_is_not_echoed_in_the_error():
+    with pytest.raises(cf.ConfigError) as caught:
+        cf.load_config({"FINSTEP_API_KEY": "secret\tvalue"}, [])
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("key, shown", [
+    (None, "-"), ("", "-"), ("short", "****"), ("12345678901", "****"),
+    ("123456789012", "****9012"), ("AI-ONE-abcdefghijklmnop", "****mnop"),
+])
+def test_mask_key(key, shown):
+    assert cf.mask_key(key) == shown
+
+
+# --- Requests: messages to the upstream body --------------------------------------
+
+def parse(payload, default_model="finstep-proxy"):
+    return cf.parse_chat_request(json.dumps(payload).encode(), default_model)
+
+
+def test_query_is_last_user_message_and_title_the_first():
+    chat = parse({"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "answer"},
+        {"role": "user", "content": "second question"}]})
+    assert chat.query == "second question"
+    assert chat.title == "first question"
+    assert chat.model == "m" and chat.stream is False and chat.include_usage is False
+
+
+def test_text_parts_are_joined():
+    chat = parse({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert chat.query == "a\nb"
+
+
+def test_defaults_model_and_reads_stream_options():
+    chat = parse({"messages": [{"role": "user", "content": "x"}], "stream": True,
+                  "stream_options": {"include_usage": True}, "user": "u1"}, "dflt")
+    assert (chat.model, chat.stream, chat.include_usage, chat.user) == ("dflt", True, True, "u1")
+
+
+@pytest.mark.parametrize("body, message, param", [
+    (b"not json", "not valid JSON", None),
+    (b"\xff\xfe{}", "not valid UTF-8", None),
+    (b"[1, 2]", "must be a JSON object", None),
+    (b"[" * 100000, "not valid JSON", None),
+    (b"{}", "'messages' must be a non-empty list", "messages"),
+    (b'{"messages": "hi"}', "'messages' must be a non-empty list", "messages"),
+    (b'{"messages": []}', "'messages' must be a non-empty list", "messages"),
+    (b'{"messages": [{"role": "system", "content": "x"}]}', "must contain a user message", "messages"),
+    (b'{"messages": [{"content": "x"}]}', "string 'role'", "messages[0]"),
+    (b'{"messages": ["x"]}', "string 'role'", "messages[0]"),
+    (b'{"messages": [{"role": "user", "content": "  "}]}', "no text", "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', "must be a string or a list", "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
+     "Only text content is supported", "messages[0].content[0]"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "has no 'text'",
+     "messages[0].content[0]"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "model": 3}', "'model' must be a string", "model"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "'stream' must be", "stream"),
+])
+def test_bad_requests_are_refused_with_400(body, message, param):
+    with pytest.raises(cf.ProxyError) as caught:
+        cf.parse_chat_request(body, "m")
+    error = caught.value
+    assert error.status == 400 and error.type == "invalid_request_error"
+    assert message in error.message and error.param == param
+
+
+@pytest.mark.parametrize("text, title", [
+    ("short", "short"),
+    ("  many   spaces\nand\tlines ", "many spaces and lines"),
+    ("长" * 80, "长" * 49 + "…"),
+])
+def test_session_title(text, title):
+    assert cf.session_title(text) == title
+    assert len(cf.session_title(text)) <= cf.SESSION_TITLE_LIMIT
+
+
+def test_upstream_body_has_the_four_fields():
+    body = json.loads(cf.build_upstream_body("u", "s" * 32, "问题", "标题"))
+    assert body == {"userId": "u", "sessionId": "s" * 32, "query": "问题", "sessionTitle": "标题"}
+
+
+@pytest.mark.parametrize("headers, key", [
+    ({"Authorization": "Bearer abc"}, "abc"),
+    ({"Authorization": "bearer  abc "}, "abc"),
+    ({"Authorization": "AI-ONE-raw"}, "AI-ONE-raw"),
+    ({"x-api-key": "xk"}, "xk"),
+    ({"Authorization": "Bearer "}, None),
+    ({}, None),
+])
+def test_client_key(headers, key):
+    assert cf.client_key(headers) == key
+
+
+# --- Upstream events ---------------------------------------------------------------
+
+@pytest.mark.parametrize("line, event", [
+    (b'data:{"status": "RESPONSING", "type": "text", "text": "hi"}', ("RESPONSING", "text", "hi")),
+    (b'data: {"status": "RESPONSING", "type": "text", "text": "hi"}', ("RESPONSING", "text", "hi")),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": "hi"}\r', ("RESPONSING", "text", "hi")),
+    (b'data:{"status": "RESPONSING", "type": "deepthink", "text": "\xe5\x97\xaf"}',
+     ("RESPONSING", "deepthink", "嗯")),
+    (b'data:{"status": "RESPONSING", "text": "no type"}', ("RESPONSING", "text", "no type")),
+    (b'data:{"status": "RESPONSING", "type": "card", "text": "x"}', ("RESPONSING", "card", "x")),
+    (b'data:{"status": "responsing", "type": "text", "text": "x"}', ("RESPONSING", "text", "x")),
+    (b'data:{"status": "DONE"}', ("DONE", None, None)),
+    (b'data:{"status": "THINKING"}', ("THINKING", None, None)),
+    (b'data:{"status": "MSG_DONE"}', ("MSG_DONE", None, None)),
+    (b'data:{"status": "ERROR", "message": "quota exhausted"}', ("ERROR", None, "quota exhausted")),
+    (b'data:{"status": "FAILED"}', ("ERROR", None, "Upstream reported FAILED")),
+    (b'data:{"status": "RESPONSING", "type": "text"}', None),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": ""}', None),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": 5}', None),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": "cut', None),
+    (b"data:not json", None),
+    (b"data:[1]", None),
+    (b'data:{"text": "no status"}', None),
+    (b"data:", None),
+    (b"event: message", None),
+    (b"id: 7", None),
+    (b": keep-alive", None),
+    (b"", None),
+    (b"\r", None),
+])
+def test_parse_upstream_event(line, event):
+    assert cf.parse_upstream_event(line) == event
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"message": "m"}, "m"), ({"msg": "m2"}, "m2"), ({"error": {"message": "nested"}}, "nested"),
+    ({"code": 1}, "fallback"), (b'{"msg": "from bytes"}', "from bytes"), (b"plain text", "plain text"),
+    (b"", "fallback"), ("x" * 500, "fallback"), ({"message": "y" * 500}, "y" * 300),
+])
+def test_upstream_error_message(payload, message):
+    assert cf.upstream_error_message(payload, "fallback") == message
+
+
+# --- Routing answers by reasoning mode ----------------------------------------------
+
+THOUGHT_THEN_ANSWER = [("deepthink", "t1"), ("deepthink", "t2"), ("text", "a1"), ("text", "a2")]
+
+
+@pytest.mark.parametrize("mode, routed, content, reasoning", [
+    ("reasoning", [("reasoning_content", "t1"), ("reasoning_content", "t2"), ("content", "a1"),
+                   ("content", "a2")], "a1a2", "t1t2"),
+    ("think", [("content", "<think>\nt1"), ("content", "t2"), ("content", "\n</think>\n\na1"),
+               ("content", "a2")], "<think>\nt1t2\n</think>\n\na1a2", ""),
+    ("content", [("content", "t1"), ("content", "t2"), ("content", "a1"), ("content", "a2")],
+     "t1t2a1a2", ""),
+    ("drop", [None, None, ("content", "a1"), ("content", "a2")], "a1a2", ""),
+])
+def test_answer_router_modes(mode, routed, content, reasoning):
+    router = cf.AnswerRouter(mode)
+    assert [router.route(kind, text) for kind, text in THOUGHT_THEN_ANSWER] == routed
+    assert router.finish() is None
+    assert "".join(router.content) == content and "".join(router.reasoning) == reasoning
+
+
+def test_think_block_closed_at_the_end_when_only_thinking():
+    router = cf.AnswerRouter("think")
+    assert router.route("deepthink", "t") == ("content", "<think>\nt")
+    assert router.finish() == "\n</think>\n\n"
+    assert "".join(router.content) == "<think>\nt\n</think>\n\n"
+
+
+def test_think_mode_keeps_one_block_and_drops_late_thinking():
+    router = cf.AnswerRouter("think")
+    router.route("deepthink", "t")
+    router.route("text", "a")
+    assert router.route("deepthink", "late") is None
+    assert "".join(router.content).count("<think>") == 1
+
+
+def test_unfamiliar_types_are_answer_text_and_remembered():
+    router = cf.AnswerRouter("reasoning")
+    assert router.route("card", "x") == ("content", "x")
+    assert router.unfamiliar_types == {"card"}
+
+
+# --- Chunks, SSE, usage ---------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["content", "reasoning_content"])
+@pytest.mark.parametrize("text", ["plain", "中文，标点", 'quote " backslash \\ newline \n tab \t', "\x00\x1f",
+                                  "emoji 😀", "\u2028"])
+def test_fast_delta_equals_the_built_chunk(field, text):
+    formatter = cf.ChunkFormatter("chatcmpl-1", 7, "model\"x")
+    slow = cf.format_sse(cf.build_chunk("chatcmpl-1", 7, "model\"x", {field: text}))
+    assert formatter.delta(field, text) == slow
+    assert json.loads(slow[len(b"data: "):])["choices"][0]["delta"] == {field: text}
+
+
+def test_chunk_shape():
+    chunk = cf.build_chunk("chatcmpl-1", 7, "m", {"content": "x"})
+    assert chunk == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None,
+                                  "finish_reason": None}]}
+
+
+def test_format_sse():
+    assert cf.format_sse({"a": "中"}) == 'data: {"a":"中"}\n\n'.encode()
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("", 0), ("abcd", 1), ("abcde", 2), ("你好", 2), ("你好ab", 3), ("ＡＢ", 2), ("한국", 2),
+])
+def test_estimate_tokens(text, tokens):
+    assert cf.estimate_tokens(text) == tokens
+
+
+def test_estimate_usage_totals():
+    assert cf.estimate_usage("你好", "abcdefgh") == {"prompt_tokens": 2, "completion_tokens": 2,
+                                                    "total_tokens": 4}
+
+
+@pytest.mark.parametrize("path, routes", [
+    ("/v1/chat/completions", {"POST": "chat_completions"}),
+    ("/chat/completions", {"POST": "chat_completions"}),
+    ("/v1/models", {"GET": "list_models"}),
+    ("/models", {"GET": "list_models"}),
+    ("/v1/models/finstep-proxy", {"GET": "retrieve_model"}),
+    ("/health", {"GET": "health"}),
+    ("/v2/chat/completions", None),
+    ("/", None),
+])
+def test_route_for(path, routes):
+    assert cf.route_for(path) == routes
+
+
+# --- The fake Finstep upstream --------------------------------------------------------
+
+def ev(status, kind=None, text=None, **extra):
+    """One upstream event line, exactly as Finstep writes it."""
+    payload = {"status": status}
+    if kind is not None:
+        payload["type"] = kind
+    if text is not None:
+        payload["text"] = text
+    payload.update(extra)
+    return ("data:" + json.dumps(payload, ensure_ascii=False) + "\n").encode()
+
+
+def answer_events(*texts, thinking=()):
+    return ([ev("THINKING"), ev("ORGANIZING"), ev("MSG_START")]
+            + [ev("RESPONSING", "deepthink", t) for t in thinking]
+            + [ev("RESPONSING", "text", t) for t in texts] + [ev("MSG_DONE"), ev("DONE")])
+
+
+CUT = object()  # close the connection where it stands, without ending the response
+
+
+@dataclasses.dataclass
+class Reply:
+    """One scripted upstream response. Steps: bytes are written (one HTTP chunk each in
+    chunked framing), a float sleeps, a threading.Event is waited for, CUT drops the line."""
+    steps: tuple = ()
+    status: int = 200
+    content_type: str = "text/event-stream;charset=UTF-8"
+    framing: str = "chunked"  # or "length" or "close"
+    headers: dict = dataclasses.field(default_factory=dict)
+    before_head: object = None  # a float or an Event, waited for before the status line
+    length: int = None  # a Content-Length to declare instead of the real one
+
+
+def wait_step(step):
+    if isinstance(step, threading.Event):
+        assert step.wait(5), "the test never released the upstream"
+    else:
+        time.sleep(step)
+
+
+class FakeUpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        upstream = self.server.upstream
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        upstream.received.append({"path": self.path, "headers": dict(self.headers),
+                                  "body": json.loads(body)})
+        reply = upstream.replies.pop(0) if upstream.replies else Reply(tuple(answer_events("默认回答")))
+        if reply.before_head is not None:
+            wait_step(reply.before_head)
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        data = b"".join(s for s in reply.steps if isinstance(s, bytes))
+        if reply.framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        elif reply.framing == "length":
+            self.send_header("Content-Length", str(reply.length if reply.length is not None else len(data)))
+        else:
+            self.send_header("Connection", "close")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for step in reply.steps:
+                if step is CUT:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if not isinstance(step, bytes):
+                    wait_step(step)
+                elif reply.framing == "chunked":
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(step), step))
+                else:
+                    self.wfile.write(step)
+            if reply.framing == "chunked":
+                self.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, OSError):
+            upstream.client_left.set()
+
+    def log_message(self, format, *args):
+        pass
+
+
+class FakeUpstream:
+    def __init__(self):
+        self.received = []
+        self.replies = []
+        self.client_left = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
+        self.server.daemon_threads = True
+        self.server.upstream = self
+        self.url = "http://127.0.0.1:%d/chat/api/chat/v2/completion" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def reply(self, *steps, **options):
+        self.replies.append(Reply(tuple(steps), **options))
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def upstream():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+class Proxy:
+    def __init__(self, config):
+        self.server = cf.ProxyServer(config)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+                                       daemon=True)
+        self.thread.start()
+
+    def connect(self, timeout=5):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, headers, body bytes) of one request."""
+        conn = self.connect()
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+                headers = dict({"Content-Type": "application/json"}, **(headers or {}))
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read()
+        finally:
+            conn.close()
+
+    def chat(self, stream=False, messages=None, headers=None, **extra):
+        payload = dict({"model": "finstep-proxy", "stream": stream,
+                        "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
+        return self.request("POST", "/v1/chat/completions", payload, headers)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def make_proxy(upstream):
+    started = []
+
+    def make(**overrides):
+        settings = dict(api_key=ENV_KEY, upstream_url=upstream.url, host="127.0.0.1", port=0,
+                        timeout=2.0, client_timeout=1.0)
+        settings.update(overrides)
+        proxy = Proxy(cf.Config(**settings))
+        started.append(proxy)
+        return proxy
+    yield make
+    for proxy in started:
+        proxy.close()
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy()
+
+
+def sse_payloads(body):
+    """Every `data:` payload of an SSE body, JSON-decoded except [DONE]."""
+    assert body.endswith(b"\n\n"), body[-80:]
+    out = []
+    for event in body.decode().split("\n\n")[:-1]:
+        assert event.startswith("data: "), event
+        data = event[len("data: "):]
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def deltas(payloads):
+    return [p["choices"][0]["delta"] for p in payloads if isinstance(p, dict) and p.get("choices")]
+
+
+def joined(payloads, field="content"):
+    return "".join(d.get(field, "") for d in deltas(payloads))
+
+
+# --- Streaming end to end -----------------------------------------------------------
+
+def test_stream_translates_events_to_chunks(proxy, upstream):
+    upstream.reply(*answer_events("你好", "，世界", thinking=["嗯", "用户"]))
+    status, headers, body = proxy.chat(stream=True, model="any-model")
+    assert status == 200
+    assert headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert headers["Cache-Control"] == "no-cache" and headers["X-Accel-Buffering"] == "no"
+    assert headers["Transfer-Encoding"] == "chunked"
+    payloads = sse_payloads(body)
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert len({c["created"] for c in chunks}) == 1 and isinstance(chunks[0]["created"], int)
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "any-model" for c in chunks)
+    assert deltas(chunks) == [{"role": "assistant", "content": ""}, {"reasoning_content": "嗯"},
+                              {"reasoning_content": "用户"}, {"content": "你好"}, {"content": "，世界"}, {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * 5 + ["stop"]
+    assert all(c["choices"][0]["logprobs"] is None and c["choices"][0]["index"] == 0 for c in chunks)
+
+
+def test_stream_include_usage_adds_a_usage_chunk(proxy, upstream):
+    upstream.reply(*answer_events("答案"))
+    _, _, body = proxy.chat(stream=True, stream_options={"include_usage": True})
+    payloads = sse_payloads(body)
+    usage_chunk = payloads[-2]
+    assert usage_chunk["choices"] == [] and payloads[-1] == "[DONE]"
+    assert usage_chunk["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert payloads[-3]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_without_include_usage_has_no_usage(proxy, upstream):
+    upstream.reply(*answer_events("答案"))
+    _, _, body = proxy.chat(stream=True)
+    assert all("usage" not in p for p in sse_payloads(body)[:-1])
+
+
+@pytest.mark.parametrize("mode, content, reasoning", [
+    ("reasoning", "答案", "想法"),
+    ("think", "<think>\n想法\n</think>\n\n答案", ""),
+    ("content", "想法答案", ""),
+    ("drop", "答案", ""),
+])
+def test_stream_reasoning_modes(make_proxy, upstream, mode, content, reasoning):
+    upstream.reply(*answer_events("答案", thinking=["想法"]))
+    _, _, body = make_proxy(reasoning=mode).chat(stream=True)
+    payloads = sse_payloads(body)
+    assert joined(payloads) == content and joined(payloads, "reasoning_content") == reasoning
+
+
+def test_head_and_role_chunk_arrive_before_any_answer(proxy, upstream):
+    release = threading.Event()
+    upstream.reply(ev("THINKING"), release, *answer_events("late"))
+    conn = proxy.connect()
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
+    response = conn.getresponse()  # returns only once the head has arrived
+    assert response.status == 200
+    first = response.read1(65536)
+    assert b'"role":"assistant"' in first
+    release.set()
+    rest = first + response.read()
+    assert joined(sse_payloads(rest)) == "late"
+    conn.close()
+
+
+def test_every_event_is_flushed_at_once(proxy, upstream):
+    gates = [threading.Event() for _ in range(3)]
+    upstream.reply(ev("RESPONSING", "text", "one"), gates[0], ev("RESPONSING", "deepthink", "two"), gates[1],
+                   ev("RESPONSING", "text", "three"), gates[2], ev("DONE"))
+    conn = proxy.connect()
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    received = b""
+    for expected, gate in zip([b'"content":"one"', b'"reasoning_content":"two"', b'"content":"three"'], gates):
+        while expected not in received:  # the upstream is held until the client has this one
+            received += response.read1(65536)
+        gate.set()
+    received += response.read()
+    assert sse_payloads(received)[-1] == "[DONE]"
+    conn.close()
+
+
+def test_lenient_upstream_parsing(proxy, upstream):
+    upstream.reply(
+        b": a comment\n", b"event: message\n", b"id: 1\n", b"\n",
+        b'data: {"status": "RESPONSING", "type": "text", "text": "A"}\r\n',  # space and CRLF
+        b"data:{not json\n",  # skipped alone; the next line still counts
+        b'data:{"status": "RESPONSING", "type": "text", "text": "B"}\n',
+        b'data:{"status": "SOMETHING_NEW"}\n', b'data:{"status": "RESPONSING", "type": "text"}\n',
+        b"data:[1,2]\n", b'data:{"status": "RESPONSING", "type": "card", "text": "C"}\n',
+        ev("DONE"))
+    _, _, body = proxy.chat(stream=True)
+    assert joined(sse_payloads(body)) == "ABC"
+
+
+def test_bytes_split_anywhere_even_inside_a_character(proxy, upstream):
+    line = ev("RESPONSING", "text", "贵州茅台") + ev("RESPONSING", "text", "涨了") + ev("DONE")
+    pieces = [line[i:i + 3] for i in range(0, len(line), 3)]  # splits inside UTF-8 sequences
+    assert any(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces)
+    steps = []
+    for piece in pieces:
+        steps += [piece, 0.001]
+    upstream.reply(*steps)
+    _, _, body = proxy.chat(stream=True)
+    assert joined(sse_payloads(body)) == "贵州茅台涨了"
+
+
+def test_many_events_in_one_read_each_become_a_chunk(proxy, upstream):
+    upstream.reply(b"".join(ev("RESPONSING", "text", str(i)) for i in range(50)) + ev("DONE"))
+    _, _, body = proxy.chat(stream=True)
+    payloads = sse_payloads(body)
+    assert [d["content"] for d in deltas(payloads)[1:-1]] == [str(i) for i in range(50)]
+
+
+def test_text_after_done_is_not_forwarded(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "kept"), ev("DONE"), ev("RESPONSING", "text", "ignored"))
+    _, _, body = proxy.chat(stream=True)
+    assert joined(sse_payloads(body)) == "kept"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+def test_clean_end_without_done_ends_normally(proxy, upstream, framing):
+    upstream.reply(ev("RESPONSING", "text", "一"), ev("RESPONSING", "text", "二").rstrip(b"\n"),
+                   framing=framing)  # the last line even lacks its newline
+    _, _, body = proxy.chat(stream=True)
+    payloads = sse_payloads(body)
+    assert joined(payloads) == "一二" and payloads[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def assert_stream_error(body, code, type_=None):
+    payloads = sse_payloads(body)
+    assert payloads[-1] == "[DONE]"
+    error = payloads[-2]["error"]
+    assert error["code"] == code and error["message"]
+    if type_:
+        assert error["type"] == type_
+    assert all(c["choices"][0]["finish_reason"] is None for c in payloads[:-2])
+    return payloads
+
+
+def test_chunked_stream_cut_before_its_last_chunk_is_an_error(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "partial"), CUT)
+    status, _, body = proxy.chat(stream=True)
+    assert status == 200
+    payloads = assert_stream_error(body, "upstream_disconnected", "upstream_error")
+    assert joined(payloads) == "partial"
+
+
+def test_length_stream_cut_short_is_an_error(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "partial"), CUT, framing="length", length=10000)
+    _, _, body = proxy.chat(stream=True)
+    assert_stream_error(body, "upstream_disconnected")
+
+
+def test_upstream_error_status_mid_stream_is_an_error_event(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "a"), ev("ERROR", message="模型过载"), ev("RESPONSING", "text", "b"))
+    _, _, body = proxy.chat(stream=True)
+    payloads = assert_stream_error(body, "upstream_error")
+    assert "模型过载" in payloads[-2]["error"]["message"] and joined(payloads) == "a"
+
+
+def test_silence_mid_stream_times_out_as_an_error_event(make_proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "a"), 1.0, ev("DONE"))
+    _, _, body = make_proxy(timeout=0.2).chat(stream=True)
+    assert_stream_error(body, "upstream_timeout", "timeout_error")
+
+
+def test_stream_with_no_events_at_all_is_an_error(proxy, upstream):
+    upstream.reply(b"<html>maintenance</html>\n", content_type="text/html")
+    _, _, body = proxy.chat(stream=True)
+    assert_stream_error(body, "upstream_empty")
+
+
+def test_openai_sdk_style_client_sees_error_not_stop_after_cut(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "x"), CUT)
+    _, _, body = proxy.chat(stream=True)
+    assert b'"finish_reason":"stop"' not in body and b'"error"' in body
+
+
+# --- Non-streaming end to end -------------------------------------------------------
+
+def test_non_stream_aggregates_the_answer(proxy, upstream):
+    upstream.reply(*answer_events("你好", "，世界", thinking=["嗯"]))
+    status, headers, body = proxy.chat(stream=False, model="m1")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    completion = json.loads(body)
+    assert completion["id"].startswith("chatcmpl-") and completion["object"] == "chat.completion"
+    assert isinstance(completion["created"], int) and completion["model"] == "m1"
+    assert completion["choices"] == [{"index": 0, "message": {
+        "role": "assistant", "content": "你好，世界", "reasoning_content": "嗯"},
+        "logprobs": None, "finish_reason": "stop"}]
+    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+
+
+def test_stream_absent_means_non_stream(proxy, upstream):
+    upstream.reply(*answer_events("x"))
+    status, _, body = proxy.request("POST", "/v1/chat/completions",
+                                    {"messages": [{"role": "user", "content": "q"}]})
+    assert status == 200 and json.loads(body)["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("reasoning", {"role": "assistant", "content": "答", "reasoning_content": "想"}),
+    ("think", {"role": "assistant", "content": "<think>\n想\n</think>\n\n答"}),
+    ("content", {"role": "assistant", "content": "想答"}),
+    ("drop", {"role": "assistant", "content": "答"}),
+])
+def test_non_stream_reasoning_modes(make_proxy, upstream, mode, message):
+    upstream.reply(*answer_events("答", thinking=["想"]))
+    _, _, body = make_proxy(reasoning=mode).chat()
+    assert json.loads(body)["choices"][0]["message"] == message
+
+
+def test_non_stream_without_thinking_has_no_reasoning_field(proxy, upstream):
+    upstream.reply(*answer_events("答"))
+    _, _, body = proxy.chat()
+    assert "reasoning_content" not in json.loads(body)["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("steps, status, code", [
+    ((ev("RESPONSING", "text", "part"), CUT), 502, "upstream_disconnected"),
+    ((ev("RESPONSING", "text", "part"), ev("ERROR", message="boom")), 502, "upstream_error"),
+    ((ev("RESPONSING", "text", "part"), 1.0, ev("DONE")), 504, "upstream_timeout"),
+])
+def test_non_stream_failure_is_an_error_never_a_partial_answer(make_proxy, upstream, steps, status, code):
+    upstream.reply(*steps)
+    got, _, body = make_proxy(timeout=0.3).chat()
+    assert got == status
+    assert json.loads(body)["error"]["code"] == code and b"part" not in body
+
+
+# --- The upstream request --------------------------------------------------------------
+
+def test_upstream_request_shape(proxy, upstream):
+    upstream.reply(*answer_events("x"))
+    proxy.chat(messages=[{"role": "system", "content": "sys"}, {"role": "user", "content": "第一个问题"},
+                         {"role": "assistant", "content": "a"}, {"role": "user", "content": "最后的问题"}])
+    sent = upstream.received[-1]
+    assert sent["path"] == "/chat/api/chat/v2/completion"
+    assert sent["headers"]["Authorization"] == ENV_KEY  # raw key, no Bearer
+    assert sent["headers"]["Content-Type"] == "application/json"
+    assert set(sent["body"]) == {"userId", "sessionId", "query", "sessionTitle"}
+    assert sent["body"]["userId"] == "12345679"
+    assert re.fullmatch(r"[0-9a-f]{32}", sent["body"]["sessionId"])
+    assert sent["body"]["query"] == "最后的问题" and sent["body"]["sessionTitle"] == "第一个问题"
+
+
+def test_each_request_gets_a_new_session(proxy, upstream):
+    proxy.chat()
+    proxy.chat()
+    assert upstream.received[0]["body"]["sessionId"] != upstream.received[1]["body"]["sessionId"]
+
+
+def test_user_id_setting_is_sent(make_proxy, upstream):
+    make_proxy(user_id="777").chat()
+    assert upstream.received[-1]["body"]["userId"] == "777"
+
+
+def test_env_key_wins_over_the_client_key(proxy, upstream):
+    proxy.chat(headers={"Authorization": "Bearer client-key"})
+    assert upstream.received[-1]["headers"]["Authorization"] == ENV_KEY
+
+
+def test_client_key_is_passed_through_without_bearer(make_proxy, upstream):
+    make_proxy(api_key=None).chat(headers={"Authorization": "Bearer AI-ONE-client"})
+    assert upstream.received[-1]["headers"]["Authorization"] == "AI-ONE-client"
+
+
+def test_no_key_anywhere_is_401(make_proxy, upstream):
+    status, _, body = make_proxy(api_key=None).chat()
+    assert status == 401 and json.loads(body)["error"]["code"] == "missing_api_key"
+    assert upstream.received == []
+
+
+def test_image_content_is_refused_before_the_upstream(proxy, upstream):
+    status, _, body = proxy.chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}])
+    assert status == 400 and "Only text content is supported" in json.loads(body)["error"]["message"]
+    assert upstream.received == []
+
+
+# --- Errors, each with its status --------------------------------------------------------
+
+def assert_error(status, body, expected_status, code=None, type_=None):
+    assert status == expected_status, body
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    if type_:
+        assert error["type"] == type_
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("upstream_status, status, code, type_", [
+    (401, 401, "invalid_api_key", "authentication_error"),
+    (403, 401, "invalid_api_key", "authentication_error"),
+    (429, 429, "rate_limit_exceeded", "rate_limit_error"),
+    (500, 502, "upstream_http_500", "upstream_error"),
+    (503, 502, "upstream_http_503", "upstream_error"),
+    (404, 502, "upstream_http_404", "upstream_error"),
+])
+def test_upstream_error_statuses(proxy, upstream, stream, upstream_status, status, code, type_):
+    upstream.reply(b'{"code": 1, "msg": "upstream says no"}', status=upstream_status,
+                   content_type="application/json", framing="length")
+    got, _, body = proxy.chat(stream=stream)
+    error = assert_error(got, body, status, code, type_)
+    assert "upstream says no" in error["message"]
+
+
+def test_upstream_429_passes_retry_after(proxy, upstream):
+    upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "17"})
+    status, headers, _ = proxy.chat(stream=True)
+    assert status == 429 and headers["Retry-After"] == "17"
+
+
+def test_upstream_200_with_a_json_body_is_502(proxy, upstream):
+    upstream.reply(b'{"code": 401, "msg": "token invalid"}', content_type="application/json;charset=UTF-8",
+                   framing="length")
+    status, _, body = proxy.chat(stream=True)
+    error = assert_error(status, body, 502, "upstream_not_streaming")
+    assert "token invalid" in error["message"]
+
+
+def test_refused_connection_is_502(make_proxy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    status, _, body = make_proxy(upstream_url="http://127.0.0.1:%d/x" % port).chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+
+
+def test_unresolvable_host_is_502(make_proxy):
+    status, _, body = make_proxy(upstream_url="http://finstep.invalid/x").chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_silent_upstream_before_headers_is_504(make_proxy, upstream, stream):
+    upstream.reply(*answer_events("late"), before_head=1.0)
+    status, _, body = make_proxy(timeout=0.2).chat(stream=stream)
+    assert_error(status, body, 504, "upstream_timeout", "timeout_error")
+
+
+def test_upstream_closing_before_answering_is_502(proxy, upstream):
+    class Closer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.connection.shutdown(socket.SHUT_RDWR)
+    upstream.server.RequestHandlerClass = Closer
+    status, _, body = proxy.chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{not json", None), (b'"a string"', None), (b'{"messages": []}', None),
+    (b'{"messages": [{"role": "assistant", "content": "x"}]}', None),
+])
+def test_bad_bodies_are_400_over_http(proxy, upstream, body, code):
+    status, _, answer = proxy.request("POST", "/v1/chat/completions", body,
+                                      {"Content-Type": "application/json"})
+    assert_error(status, answer, 400, type_="invalid_request_error")
+    assert upstream.received == []
+
+
+def test_body_over_the_limit_is_413_judged_from_content_length(make_proxy, upstream):
+    proxy = make_proxy(max_body=100)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        # Only the head is sent: the answer must not wait for the announced megabyte.
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+
+def test_body_over_the_limit_with_expect_continue_is_413_at_once(make_proxy):
+    proxy = make_proxy(max_body=100)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+
+
+def test_chunked_request_body_is_accepted(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "分块"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n" + b"%x\r\n%s\r\n" % (10, body[:10])
+                     + b"%x\r\n%s\r\n" % (len(body) - 10, body[10:]) + b"0\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[-1]["body"]["query"] == "分块"
+
+
+def test_chunked_request_body_over_the_limit_is_413(make_proxy):
+    proxy = make_proxy(max_body=100)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"1000\r\n" + b"x" * 200)
+        assert recv_all(sock).startswith(b"HTTP/1.1 413 ")
+
+
+def test_missing_content_length_is_411(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 411 ")
+
+
+def recv_all(sock):
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+
+
+def test_not_found_and_method_not_allowed(proxy):
+    status, _, body = proxy.request("GET", "/v1/nothing")
+    assert_error(status, body, 404, "unknown_url")
+    status, headers, body = proxy.request("GET", "/v1/chat/completions")
+    assert_error(status, body, 405, "method_not_allowed")
+    assert headers["Allow"] == "POST, OPTIONS"
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, _, body = proxy.request(method, "/v1/models")
+        assert_error(status, body, 405)
+    status, _, body = proxy.request("POST", "/health", b"{}")
+    assert_error(status, body, 405)
+
+
+# --- Hostile connections cost only themselves -------------------------------------------
+
+def test_garbage_bytes_get_400_and_others_are_served(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"\x00\xff\x16\x03 garbage\r\n\r\n")
+        answer = recv_all(sock)
+    assert b"400" in answer.split(b"\r\n", 1)[0] or json.loads(answer)["error"]
+    assert proxy.request("GET", "/health")[0] == 200
+
+
+def test_huge_request_line_is_414(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 414 ")
+    assert proxy.request("GET", "/health")[0] == 200
+
+
+def test_too_many_headers_is_431(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_lying_content_length_costs_only_its_own_connection(make_proxy, upstream):
+    proxy = make_proxy(client_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as liar:
+        liar.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"me")
+        upstream.reply(*answer_events("served"))
+        status, _, body = proxy.chat()  # served while the liar hangs
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "served"
+        answer = recv_all(liar)  # the liar is answered once client_timeout passes
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(proxy, upstream):
+    conn = proxy.connect()
+    for text in ("one", "two"):
+        upstream.reply(*answer_events(text))
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert joined(sse_payloads(response.read())) == text
+    conn.close()
+
+
+def test_http_10_client_gets_an_unchunked_stream(proxy, upstream):
+    upstream.reply(*answer_events("旧"))
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = recv_all(sock)
+    head, stream = answer.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head
+    assert joined(sse_payloads(stream)) == "旧"
+
+
+# --- Other endpoints ---------------------------------------------------------------------
+
+def test_models_list_and_retrieve(make_proxy):
+    proxy = make_proxy(models=("finstep-proxy", "finstep-deep"))
+    status, _, body = proxy.request("GET", "/v1/models")
+    listing = json.loads(body)
+    assert status == 200 and listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["finstep-proxy", "finstep-deep"]
+    assert all(m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
+               for m in listing["data"])
+    assert json.loads(proxy.request("GET", "/models")[2]) == listing
+    status, _, body = proxy.request("GET", "/v1/models/finstep-deep")
+    assert status == 200 and json.loads(body)["id"] == "finstep-deep"
+    status, _, body = proxy.request("GET", "/v1/models/unknown")
+    assert_error(status, body, 404, "model_not_found")
+
+
+def test_health_does_not_call_the_upstream(proxy, upstream):
+    status, _, body = proxy.request("GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"} and upstream.received == []
+
+
+def test_chat_completions_without_v1(proxy, upstream):
+    upstream.reply(*answer_events("x"))
+    status, _, _ = proxy.request("POST", "/chat/completions", {"messages": [{"role": "user", "content": "q"}]})
+    assert status == 200 and len(upstream.received) == 1
+
+
+def test_cors_preflight_on_any_path(proxy):
+    status, headers, _ = proxy.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://app", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert status == 204
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
+    assert proxy.request("OPTIONS", "/anything")[0] == 204
+
+
+def test_cors_header_on_every_response(proxy, upstream):
+    upstream.reply(*answer_events("x"))
+    for response in (proxy.request("GET", "/health"), proxy.request("GET", "/nope"), proxy.chat(stream=True)):
+        assert response[1]["Access-Control-Allow-Origin"] == "*"
+
+
+# --- Logs -----------------------------------------------------------------------------------
+
+def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(api_key=None)
+    upstream.reply(*answer_events("a", "b"))
+    proxy.chat(stream=True, headers={"Authorization": "Bearer AI-ONE-secretsecret1234"})
+    deadline = time.monotonic() + 2
+    while not any("POST /v1/chat/completions" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    line = next(r.getMessage() for r in caplog.records if "POST /v1/chat/completions" in r.getMessage())
+    assert " 200 " in line and "upstream=200" in line and "chunks=2" in line and "ms" in line
+    assert "key=****1234" in line
+    assert all("secretsecret" not in r.getMessage() for r in caplog.records)
+
+
+def test_unfamiliar_type_is_logged_at_debug(proxy, upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    upstream.reply(ev("RESPONSING", "card", "x"), ev("RESPONSING", "card", "y"), ev("DONE"))
+    proxy.chat()
+    assert sum("unfamiliar type" in r.getMessage() and "card" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- The script as a process ------------------------------------------------------------------
+
+def test_imports_only_the_standard_library():
+    tree = ast.parse(open(SCRIPT, encoding="utf-8").read())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0
+            modules.add(node.module.split(".")[0])
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for name in modules:
+        if name in sys.builtin_module_names:
+            continue
+        origin = importlib.util.find_spec(name).origin or ""
+        assert origin == "frozen" or (origin.startswith(stdlib) and "site-packages" not in origin), name
+    assert "urllib" in modules and "http" in modules  # the check really saw the imports
+
+
+def start_script(*args, env=None):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FINSTEP_", "PORT", "HOST"))}
+    environment.update(env or {})
+    process = subprocess.Popen([sys.executable, SCRIPT, "--host", "127.0.0.1", "--port", "0"] + list(args),
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
+    line = process.stderr.readline().decode()
+    port = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+    assert port, line
+    return process, int(port.group(1)), line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_server_cleanly(signum):
+    process, port, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY})
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+        began = time.monotonic()
+        process.send_signal(signum)
+        assert process.wait(timeout=5) == 0
+        assert time.monotonic() - began < 1.0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_startup_log_masks_the_key():
+    process, _, line = start_script(env={"FINSTEP_API_KEY": ENV_KEY})
+    process.terminate()
+    process.wait(timeout=5)
+    assert ENV_KEY not in line and "key ****abcd" in line
+
+
+def test_demo_mode_streams_without_a_key():
+    process, port, _ = start_script("--demo")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "finstep-proxy", "messages": [{"role": "user", "content": "你好"}], "stream": True}),
+            {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payloads = sse_payloads(response.read())
+        assert response.status == 200 and payloads[-1] == "[DONE]"
+        assert "你好" in joined(payloads) and joined(payloads, "reasoning_content")
+    finally:
+        process.terminate()
+        process.wait(timeout=5)
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"PORT": "abc"}, "PORT (--port)"),
+    ({"FINSTEP_REASONING": "maybe"}, "FINSTEP_REASONING (--reasoning)"),
+])
+def test_bad_setting_exits_2_with_one_line(env, named):
+    environment = dict(os.environ, **env)
+    result = subprocess.run([sys.executable, SCRIPT], env=environment, capture_output=True, timeout=10)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and named in lines[0]
+
+
+def test_help_documents_every_variable():
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, timeout=10)
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    for _, env, flag, _, _ in cf.SETTINGS:
+        assert env in text and flag in text
+    assert "--demo" in text
