@@ -635,19 +635,20 @@ class UpstreamCall:
             raise self.timeout_error() from None
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (socket.timeout, TimeoutError)):
-                raise self.timeout_error() from None
+                raise ProxyError(504, "The upstream did not accept the connection within %g seconds"
+                                 % self.connect_timeout, code="upstream_connect_timeout") from None
             raise ProxyError(502, "Cannot reach the upstream: %s" % (exc.reason,),
                              code="upstream_unreachable") from None
         except (OSError, http.client.HTTPException) as exc:
             raise ProxyError(502, "The upstream closed the connection before answering (%s)"
                              % (exc.__class__.__name__,), code="upstream_unreachable") from None
         self.status = self.response.status
-        content_type = self.response.headers.get("Content-Type", "")
-        if "json" in content_type.lower():
+        content_type = self.response.headers.get("Content-Type", "").lower()
+        if "json" in content_type or "html" in content_type:  # an error page, not an event stream
             detail = self.response.read(4096)
             message = upstream_error_message(detail, "no message")
-            raise ProxyError(502, "The upstream answered with JSON instead of an event stream: %s"
-                             % message, code="upstream_not_streaming")
+            raise ProxyError(502, "The upstream answered %s instead of an event stream: %s"
+                             % (content_type.split(";")[0], message), code="upstream_not_streaming")
 
     def timeout_error(self) -> ProxyError:
         return ProxyError(504, "The upstream sent nothing for %g seconds" % self.read_timeout,
@@ -718,6 +719,9 @@ def upstream_status_error(status: int, detail: bytes, retry_after: Optional[str]
 
 # --- HTTP handler --------------------------------------------------------------
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 class ClientGone(Exception):
     """The client closed its connection; nobody is left to answer."""
 
@@ -759,7 +763,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def log_summary(self) -> None:
         upstream = self.upstream
-        path = self.path.split("?", 1)[0][:200]
+        path = _CONTROL.sub("?", self.path.split("?", 1)[0][:200])
         # Container health checks would drown the log: a healthy /health is a debug line.
         level = logging.DEBUG if path == "/health" and self.status == 200 else logging.INFO
         log.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0],

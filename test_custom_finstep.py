@@ -577,7 +577,9 @@ def test_every_event_is_flushed_at_once(proxy, upstream):
     received = b""
     for expected, gate in zip([b'"content":"one"', b'"reasoning_content":"two"', b'"content":"three"'], gates):
         while expected not in received:  # the upstream is held until the client has this one
-            received += response.read1(65536)
+            piece = response.read1(65536)  # the connection's 5 s timeout bounds the wait
+            assert piece, "the stream ended before %r arrived" % expected
+            received += piece
         gate.set()
     received += response.read()
     assert sse_payloads(received)[-1] == "[DONE]"
@@ -669,8 +671,14 @@ def test_silence_mid_stream_times_out_as_an_error_event(make_proxy, upstream):
     assert_stream_error(body, "upstream_timeout", "timeout_error")
 
 
+def test_upstream_200_with_an_html_page_is_502(proxy, upstream):
+    upstream.reply(b"<html>maintenance</html>", content_type="text/html", framing="length")
+    status, _, body = proxy.chat(stream=True)
+    assert_error(status, body, 502, "upstream_not_streaming")
+
+
 def test_stream_with_no_events_at_all_is_an_error(proxy, upstream):
-    upstream.reply(b"<html>maintenance</html>\n", content_type="text/html")
+    upstream.reply(b"maintenance\n", b"data: {}\n", content_type="text/plain")
     _, _, body = proxy.chat(stream=True)
     assert_stream_error(body, "upstream_empty")
 
@@ -845,6 +853,33 @@ def test_silent_upstream_before_headers_is_504(make_proxy, upstream, stream):
     upstream.reply(*answer_events("late"), before_head=1.0)
     status, _, body = make_proxy(timeout=0.2).chat(stream=stream)
     assert_error(status, body, 504, "upstream_timeout", "timeout_error")
+
+
+def test_connect_timeout_is_504(make_proxy):
+    # A listening socket whose backlog is full never completes the handshake.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+        try:
+            proxy = make_proxy(upstream_url="http://127.0.0.1:%d/x" % full.getsockname()[1], connect_timeout=0.3)
+            status, _, body = proxy.chat()
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert_error(status, body, 504, "upstream_connect_timeout")
+
+
+def test_log_line_escapes_control_characters(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /x\x1b[31mred HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 404 ")
+    wait_for_log(caplog, "GET /x")
+    assert all("\x1b" not in r.getMessage() for r in caplog.records)
 
 
 def test_upstream_closing_before_answering_is_502(proxy, upstream):
@@ -1038,16 +1073,23 @@ def test_cors_header_on_every_response(proxy, upstream):
 
 # --- Logs -----------------------------------------------------------------------------------
 
+def wait_for_log(caplog, text):
+    """The first log message containing text; the summary line is written just after the response."""
+    deadline = time.monotonic() + 2
+    while True:
+        for record in caplog.records:
+            if text in record.getMessage():
+                return record.getMessage()
+        assert time.monotonic() < deadline, text
+        time.sleep(0.01)
+
+
 def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
     caplog.set_level(logging.INFO, logger="custom_finstep")
     proxy = make_proxy(api_key=None)
     upstream.reply(*answer_events("a", "b"))
     proxy.chat(stream=True, headers={"Authorization": "Bearer AI-ONE-secretsecret1234"})
-    deadline = time.monotonic() + 2
-    while not any("POST /v1/chat/completions" in r.getMessage() for r in caplog.records):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    line = next(r.getMessage() for r in caplog.records if "POST /v1/chat/completions" in r.getMessage())
+    line = wait_for_log(caplog, "POST /v1/chat/completions")
     assert " 200 " in line and "upstream=200" in line and "chunks=2" in line and "ms" in line
     assert "key=****1234" in line
     assert all("secretsecret" not in r.getMessage() for r in caplog.records)
