@@ -27,14 +27,19 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_MODELS     --models      finstep-proxy  comma-separated ids listed by /v1/models
     FINSTEP_TIMEOUT    --timeout     300      seconds the upstream may stay silent (connect timeout 10 s)
     FINSTEP_MAX_BODY   --max-body    8388608  largest request body in bytes
+    FINSTEP_SESSIONS   --sessions    auto     auto: continue upstream sessions exactly; fold: never continue
+    FINSTEP_SESSION_CACHE --session-cache 10000  conversations remembered for continuation (24 h at most)
+    FINSTEP_MAX_QUERY  --max-query   20000    longest folded query in characters (oldest turns dropped first)
     LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
 """
 
 __version__ = "1.0.0"
 
 import argparse
+import collections
 import dataclasses
 import functools
+import hashlib
 import http.client
 import json
 import logging
@@ -70,6 +75,7 @@ log = logging.getLogger("custom_finstep")
 
 DEFAULT_UPSTREAM = "https://product-backend.finstep.cn/chat/api/chat/v2/completion"
 REASONING_MODES = ("reasoning", "think", "content", "drop")
+SESSION_MODES = ("auto", "fold")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -88,11 +94,15 @@ class Config:
     models: Tuple[str, ...] = ("finstep-proxy",)
     timeout: float = 300.0
     max_body: int = 8388608
+    sessions: str = "auto"
+    session_cache: int = 10000
+    max_query: int = 20000
     log_level: str = "INFO"
     demo: bool = False
     # Not user settings: fixed by the product, shrunk by the tests.
     connect_timeout: float = 10.0
     client_timeout: float = 10.0  # a client must send its request head and body within this
+    session_ttl: float = 86400.0  # a remembered conversation is forgotten after this
 
 
 def _text(raw: str) -> str:
@@ -180,6 +190,13 @@ SETTINGS = (
      "seconds the upstream may stay silent before the request fails (default 300)"),
     ("max_body", "FINSTEP_MAX_BODY", "--max-body", _positive_int,
      "largest request body in bytes (default 8388608)"),
+    ("sessions", "FINSTEP_SESSIONS", "--sessions", _choice(SESSION_MODES),
+     "auto: continue the upstream session when the history matches an earlier answer, else fold the "
+     "history into the query; fold: always a new session with the folded history (default auto)"),
+    ("session_cache", "FINSTEP_SESSION_CACHE", "--session-cache", _positive_int,
+     "conversations remembered in memory for continuation, least recently used evicted (default 10000)"),
+    ("max_query", "FINSTEP_MAX_QUERY", "--max-query", _positive_int,
+     "longest folded query in characters; the oldest turns are dropped first (default 20000)"),
     ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
      "DEBUG, INFO, WARNING or ERROR (default INFO)"),
 )
@@ -264,10 +281,17 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     user: Optional[str]
+    session_id: Optional[str] = None  # the client's own conversation id, from the body
 
     @property
-    def query(self) -> str:
-        return next(text for role, text in reversed(self.messages) if role == "user")
+    def history(self) -> Tuple[Tuple[str, str], ...]:
+        """The messages up to and including the last user message."""
+        last = max(index for index, (role, _) in enumerate(self.messages) if role == "user")
+        return self.messages[:last + 1]
+
+    @property
+    def question(self) -> str:
+        return self.history[-1][1]
 
     @property
     def title(self) -> str:
@@ -336,10 +360,13 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _invalid("'stream_options' must be an object", "stream_options")
+    session_id = payload.get("session_id")
+    if session_id is not None and not (isinstance(session_id, str) and session_id.strip()):
+        raise _invalid("'session_id' must be a non-empty string", "session_id")
     user = payload.get("user")
     return ChatRequest(model=model, messages=tuple(messages), stream=bool(stream),
                        include_usage=bool(options and options.get("include_usage") is True),
-                       user=user if isinstance(user, str) else None)
+                       user=user if isinstance(user, str) else None, session_id=session_id)
 
 
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
@@ -535,6 +562,145 @@ def route_for(path: str) -> Optional[Dict[str, str]]:
     if path == "/health":
         return {"GET": "health"}
     return None
+
+
+# --- Conversations: continue the upstream session exactly, or fold -------------
+
+# Finstep keeps a conversation's history per sessionId and takes one new query a
+# turn; OpenAI clients resend the whole history each turn. After an answer, the
+# conversation as the client will send it back is remembered (as a fingerprint)
+# with its sessionId. A request whose earlier history matches continues that
+# session with only its new question; any other request starts a new session
+# whose query carries the history folded into text, so nothing is lost or repeated.
+
+NEW, CONTINUED, FOLDED, EXPLICIT = "new", "continued", "folded", "explicit"
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.S)
+_ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def transcript(messages: Sequence[Tuple[str, str]]) -> Tuple[Tuple[str, str], ...]:
+    """Messages as they count for a conversation: system, user and assistant text, trimmed,
+    assistant <think> blocks removed (clients strip them), empty messages left out."""
+    out = []
+    for role, text in messages:
+        role = "system" if role == "developer" else role
+        if role not in _ROLE_LABELS:
+            continue
+        if role == "assistant":
+            text = _THINK_BLOCK.sub("", text)
+        text = text.strip()
+        if text:
+            out.append((role, text))
+    return tuple(out)
+
+
+def conversation_fingerprint(key: str, user: Optional[str], turns: Sequence[Tuple[str, str]]) -> str:
+    """A digest of a conversation, keyed by upstream key and `user`, so callers never share one."""
+    material = json.dumps([key, user, list(turns)], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+
+def explicit_session_id(key: str, client_id: str) -> str:
+    """The upstream sessionId of a client-chosen conversation id: stable across restarts and
+    replicas, and different for every upstream key."""
+    return hashlib.sha256(("%s\n%s" % (key, client_id)).encode("utf-8")).hexdigest()[:32]
+
+
+def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
+    """One query carrying a conversation: system text first, then each turn with its role
+    label, ending with the last user message. Over `limit` characters, the oldest turns
+    go first; the system text and the last user message always stay."""
+    if len(turns) < 2:
+        return turns[-1][1] if turns else ""
+    system = "\n\n".join(text for role, text in turns[:-1] if role == "system")
+    head = ["System: " + system] if system else []
+    tail = ["User: " + turns[-1][1]]
+    middle = ["%s: %s" % (_ROLE_LABELS[role], text) for role, text in turns[:-1] if role != "system"]
+    roles = [role for role, _ in turns[:-1] if role != "system"]
+    size = sum(len(part) + 2 for part in head + middle + tail) - 2
+    start = 0
+    while size > limit and start < len(middle):
+        # Drop a whole turn: a user message with the answers that follow it.
+        size -= len(middle[start]) + 2
+        start += 1
+        while start < len(middle) and roles[start] != "user":
+            size -= len(middle[start]) + 2
+            start += 1
+    return "\n\n".join(head + middle[start:] + tail)
+
+
+class SessionStore:
+    """Remembered conversations: fingerprint -> upstream sessionId, in memory, thread-safe,
+    at most `max_entries` (least recently used evicted), each for at most `ttl` seconds."""
+
+    def __init__(self, max_entries: int, ttl: float, clock=time.monotonic):
+        self.max_entries, self.ttl, self.clock = max_entries, ttl, clock
+        self._entries = collections.OrderedDict()  # fingerprint -> (session id, stored at)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, fingerprint: str, consume: bool = False) -> Optional[str]:
+        """The sessionId remembered for a fingerprint; `consume` forgets it (single use)."""
+        with self._lock:
+            entry = self._entries.pop(fingerprint, None)
+            if entry is None or self.clock() - entry[1] > self.ttl:
+                return None
+            if not consume:
+                self._entries[fingerprint] = entry
+            return entry[0]
+
+    def put(self, fingerprint: str, session_id: str) -> None:
+        with self._lock:
+            now = self.clock()
+            self._entries.pop(fingerprint, None)
+            self._entries[fingerprint] = (session_id, now)
+            entries = self._entries
+            while entries and (len(entries) > self.max_entries
+                               or now - next(iter(entries.values()))[1] > self.ttl):
+                entries.popitem(last=False)
+
+
+@dataclasses.dataclass
+class Turn:
+    """How one request reaches the upstream, and what to remember once it is answered."""
+    session_id: str
+    query: str
+    path: str  # new, continued, folded or explicit
+    remember_as: Optional[Tuple[str, Optional[str], Tuple[Tuple[str, str], ...]]] = None  # key, user, turns
+    explicit_mark: Optional[str] = None
+
+
+def plan_turn(store: SessionStore, mode: str, max_query: int, key: str, chat: ChatRequest,
+              client_session: Optional[str]) -> Turn:
+    """Decide the upstream sessionId and query of a request (rules in the README)."""
+    turns = transcript(chat.history)  # ends with the last user message, which has text
+    if mode == "fold":
+        return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED if len(turns) > 1 else NEW)
+    if client_session is not None:
+        session_id = explicit_session_id(key, client_session)
+        mark = "explicit:" + session_id
+        seen = store.get(mark) is not None
+        return Turn(session_id, chat.question if seen else fold_query(turns, max_query), EXPLICIT,
+                    explicit_mark=None if seen else mark)
+    remember = (key, chat.user, turns)
+    if len(turns) == 1:
+        return Turn(uuid.uuid4().hex, chat.question, NEW, remember)
+    session_id = store.get(conversation_fingerprint(key, chat.user, turns[:-1]), consume=True)
+    if session_id is not None:
+        return Turn(session_id, chat.question, CONTINUED, remember)
+    return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED, remember)
+
+
+def remember_turn(store: SessionStore, turn: Turn, answer_content: str) -> None:
+    """After a complete answer: remember the conversation as the client will send it next."""
+    if turn.explicit_mark is not None:
+        store.put(turn.explicit_mark, turn.session_id)
+    if turn.remember_as is not None:
+        key, user, turns = turn.remember_as
+        turns = turns + transcript([("assistant", answer_content)])
+        store.put(conversation_fingerprint(key, user, turns), turn.session_id)
 
 
 # --- Upstream I/O ------------------------------------------------------------
@@ -840,16 +1006,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not key:
             raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
                                   "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
-        self.note = " key=" + mask_key(key)
-        body = build_upstream_body(config.user_id, uuid.uuid4().hex, chat.query, chat.title)
+        client_session = (self.headers.get("X-Session-Id") or "").strip() or chat.session_id
+        turn = plan_turn(self.server.sessions, config.sessions, config.max_query, key, chat, client_session)
+        self.note = " key=%s session=%s" % (mask_key(key), turn.path)
+        body = build_upstream_body(config.user_id, turn.session_id, turn.query, chat.title)
         self.upstream = UpstreamCall(config.upstream_url, key, body, config.connect_timeout,
                                      config.timeout, self.server.proxies, self.server.ssl_context)
         try:
             self.upstream.open()
             if chat.stream:
-                self.stream_answer(chat)
+                self.stream_answer(chat, turn)
             else:
-                self.send_answer(chat)
+                self.send_answer(chat, turn)
         finally:
             self.upstream.close()
 
@@ -885,7 +1053,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if upstream.events_seen == 0:
             raise ProxyError(502, "The upstream stream carried no Finstep events", code="upstream_empty")
 
-    def stream_answer(self, chat: ChatRequest) -> None:
+    def stream_answer(self, chat: ChatRequest, turn: Turn) -> None:
         formatter = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
         answer = AnswerRouter(self.server.config.reasoning)
         self.start_sse()
@@ -896,25 +1064,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.chunks += len(deltas)
                 self.write_chunk(b"".join([delta(field, text) for field, text in deltas]))
         closing = answer.finish()
+        self.answer_complete(turn, answer)
         tail = [formatter.delta("content", closing)] if closing else []
         tail.append(formatter.chunk({}, "stop"))
         if chat.include_usage:
-            tail.append(formatter.usage(self.usage(chat, answer)))
+            tail.append(formatter.usage(self.usage(turn, answer)))
         tail.append(SSE_DONE)
         self.write_chunk(b"".join(tail))
         self.end_sse()
 
-    def send_answer(self, chat: ChatRequest) -> None:
+    def send_answer(self, chat: ChatRequest, turn: Turn) -> None:
         answer = AnswerRouter(self.server.config.reasoning)
         for deltas in self.relay(answer):
             self.chunks += len(deltas)
         answer.finish()
+        self.answer_complete(turn, answer)
         self.send_json(200, build_completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model,
-                                             answer, self.usage(chat, answer)))
+                                             answer, self.usage(turn, answer)))
+
+    def answer_complete(self, turn: Turn, answer: AnswerRouter) -> None:
+        # Remembered before the client sees the end, so its next turn can never arrive first.
+        remember_turn(self.server.sessions, turn, "".join(answer.content))
 
     @staticmethod
-    def usage(chat: ChatRequest, answer: AnswerRouter) -> dict:
-        return estimate_usage(chat.query, "".join(answer.reasoning) + "".join(answer.content))
+    def usage(turn: Turn, answer: AnswerRouter) -> dict:
+        return estimate_usage(turn.query, "".join(answer.reasoning) + "".join(answer.content))
 
     # -- request bodies
 
@@ -1065,6 +1239,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.started = int(time.time())
         self.proxies = urllib.request.getproxies()
+        self.sessions = SessionStore(config.session_cache, config.session_ttl)
         self.ssl_context = ssl.create_default_context()
         if ":" in config.host:
             self.address_family = socket.AF_INET6

@@ -51,6 +51,9 @@ def test_defaults_without_environment():
     ({"FINSTEP_TIMEOUT": "2.5"}, "timeout", 2.5),
     ({"FINSTEP_MAX_BODY": "1024"}, "max_body", 1024),
     ({"LOG_LEVEL": "debug"}, "log_level", "DEBUG"),
+    ({"FINSTEP_SESSIONS": "Fold"}, "sessions", "fold"),
+    ({"FINSTEP_SESSION_CACHE": "5"}, "session_cache", 5),
+    ({"FINSTEP_MAX_QUERY": "100"}, "max_query", 100),
     ({"PORT": ""}, "port", 4001),  # empty counts as unset
 ])
 def test_environment_values_are_converted(env, field, expected):
@@ -74,6 +77,9 @@ def test_flags_override_environment():
     ({"FINSTEP_API_URL": "ftp://x"}, [], "FINSTEP_API_URL (--upstream) must be an http"),
     ({"FINSTEP_MODELS": " , "}, [], "FINSTEP_MODELS (--models) must list"),
     ({"LOG_LEVEL": "loud"}, [], "LOG_LEVEL (--log-level) must be one of"),
+    ({"FINSTEP_SESSIONS": "sometimes"}, [], "FINSTEP_SESSIONS (--sessions) must be one of"),
+    ({"FINSTEP_SESSION_CACHE": "0"}, [], "FINSTEP_SESSION_CACHE (--session-cache) must be a positive"),
+    ({"FINSTEP_MAX_QUERY": "many"}, [], "FINSTEP_MAX_QUERY (--max-query) is not a number"),
     ({"FINSTEP_API_KEY": "has space inside"}, [], "FINSTEP_API_KEY (--api-key) must not contain"),
 ])
 def test_bad_values_name_the_variable(env, argv, named):
@@ -108,7 +114,7 @@ def test_query_is_last_user_message_and_title_the_first():
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "answer"},
         {"role": "user", "content": "second question"}]})
-    assert chat.query == "second question"
+    assert chat.question == "second question"
     assert chat.title == "first question"
     assert chat.model == "m" and chat.stream is False and chat.include_usage is False
 
@@ -116,7 +122,7 @@ def test_query_is_last_user_message_and_title_the_first():
 def test_text_parts_are_joined():
     chat = parse({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
-    assert chat.query == "a\nb"
+    assert chat.question == "a\nb"
 
 
 def test_defaults_model_and_reads_stream_options():
@@ -312,6 +318,99 @@ def test_estimate_usage_totals():
 ])
 def test_route_for(path, routes):
     assert cf.route_for(path) == routes
+
+
+# --- Conversations: pure parts ------------------------------------------------------------
+
+@pytest.mark.parametrize("messages, turns", [
+    ([("user", " q ")], (("user", "q"),)),
+    ([("developer", "d"), ("system", "s")], (("system", "d"), ("system", "s"))),
+    ([("assistant", "<think>\nhmm\n</think>\n\n answer ")], (("assistant", "answer"),)),
+    ([("assistant", ""), ("tool", "result"), ("user", "x")], (("user", "x"),)),
+    ([("user", "<think>kept in user text</think>")], (("user", "<think>kept in user text</think>"),)),
+])
+def test_transcript(messages, turns):
+    assert cf.transcript(messages) == turns
+
+
+def test_fingerprint_depends_on_key_user_and_turns():
+    turns = (("user", "q"), ("assistant", "a"))
+    base = cf.conversation_fingerprint("k", None, turns)
+    assert base == cf.conversation_fingerprint("k", None, turns)
+    assert base != cf.conversation_fingerprint("k2", None, turns)
+    assert base != cf.conversation_fingerprint("k", "u", turns)
+    assert base != cf.conversation_fingerprint("k", None, turns[:1])
+
+
+def test_explicit_session_id_is_stable_hex_and_per_key():
+    sid = cf.explicit_session_id("k", "conv-1")
+    assert re.fullmatch(r"[0-9a-f]{32}", sid) and sid == cf.explicit_session_id("k", "conv-1")
+    assert sid != cf.explicit_session_id("k2", "conv-1") and sid != cf.explicit_session_id("k", "conv-2")
+
+
+@pytest.mark.parametrize("turns, query", [
+    ((("user", "only"),), "only"),
+    ((("system", "be brief"), ("user", "q")), "System: be brief\n\nUser: q"),
+    ((("system", "s1"), ("user", "q1"), ("assistant", "a1"), ("system", "s2"), ("user", "q2")),
+     "System: s1\n\ns2\n\nUser: q1\n\nAssistant: a1\n\nUser: q2"),
+])
+def test_fold_query(turns, query):
+    assert cf.fold_query(turns, 20000) == query
+
+
+def test_fold_query_drops_oldest_turns_but_keeps_system_and_last():
+    turns = (("system", "S"), ("user", "u1" * 10), ("assistant", "a1" * 10), ("user", "u2"),
+             ("assistant", "a2"), ("user", "last"))
+    full = cf.fold_query(turns, 20000)
+    cut = cf.fold_query(turns, len(full) - 1)
+    assert cut == "System: S\n\nUser: u2\n\nAssistant: a2\n\nUser: last"  # u1 went with its answer
+    assert cf.fold_query(turns, 5) == "System: S\n\nUser: last"  # never below system + last
+    assert len(cf.fold_query(turns, 200)) <= 200
+
+
+def test_session_store_single_use_and_bounds():
+    now = [0.0]
+    store = cf.SessionStore(max_entries=2, ttl=10, clock=lambda: now[0])
+    store.put("a", "sa")
+    assert store.get("a") == "sa" and store.get("a", consume=True) == "sa" and store.get("a") is None
+    store.put("a", "sa")
+    store.put("b", "sb")
+    store.get("a")  # a is now the most recently used
+    store.put("c", "sc")
+    assert len(store) == 2 and store.get("b") is None and store.get("a") == "sa"
+    now[0] = 11
+    assert store.get("c") is None  # expired
+    store.put("d", "sd")
+    assert len(store) == 1  # expired entries are dropped on the way
+
+
+def plan(store, messages, key="k", mode="auto", user=None, client_session=None):
+    chat = cf.ChatRequest(model="m", messages=tuple(messages), stream=False, include_usage=False, user=user)
+    return cf.plan_turn(store, mode, 20000, key, chat, client_session)
+
+
+def test_plan_turn_continues_only_a_remembered_answer():
+    store = cf.SessionStore(100, 3600)
+    first = plan(store, [("user", "q1")])
+    assert first.path == "new" and first.query == "q1"
+    cf.remember_turn(store, first, "<think>x</think>a1 ")
+    second = plan(store, [("user", "q1"), ("assistant", "a1"), ("user", "q2")])
+    assert (second.path, second.session_id, second.query) == ("continued", first.session_id, "q2")
+    again = plan(store, [("user", "q1"), ("assistant", "a1"), ("user", "q2")])
+    assert again.path == "folded" and again.session_id != first.session_id
+    assert again.query == "User: q1\n\nAssistant: a1\n\nUser: q2"
+
+
+def test_plan_turn_fold_mode_and_explicit():
+    store = cf.SessionStore(100, 3600)
+    folded = plan(store, [("system", "s"), ("user", "q")], mode="fold", client_session="c")
+    assert folded.path == "folded" and folded.query == "System: s\n\nUser: q"
+    first = plan(store, [("system", "s"), ("user", "q")], client_session="c")
+    assert first.path == "explicit" and first.query == "System: s\n\nUser: q"
+    assert first.session_id == cf.explicit_session_id("k", "c")
+    cf.remember_turn(store, first, "a")
+    later = plan(store, [("system", "s"), ("user", "q"), ("assistant", "a"), ("user", "q2")], client_session="c")
+    assert (later.path, later.session_id, later.query) == ("explicit", first.session_id, "q2")
 
 
 # --- The fake Finstep upstream --------------------------------------------------------
@@ -745,8 +844,7 @@ def test_non_stream_failure_is_an_error_never_a_partial_answer(make_proxy, upstr
 
 def test_upstream_request_shape(proxy, upstream):
     upstream.reply(*answer_events("x"))
-    proxy.chat(messages=[{"role": "system", "content": "sys"}, {"role": "user", "content": "第一个问题"},
-                         {"role": "assistant", "content": "a"}, {"role": "user", "content": "最后的问题"}])
+    proxy.chat(messages=[{"role": "user", "content": " 第一个问题 "}])
     sent = upstream.received[-1]
     assert sent["path"] == "/chat/api/chat/v2/completion"
     assert sent["headers"]["Authorization"] == ENV_KEY  # raw key, no Bearer
@@ -754,7 +852,8 @@ def test_upstream_request_shape(proxy, upstream):
     assert set(sent["body"]) == {"userId", "sessionId", "query", "sessionTitle"}
     assert sent["body"]["userId"] == "12345679"
     assert re.fullmatch(r"[0-9a-f]{32}", sent["body"]["sessionId"])
-    assert sent["body"]["query"] == "最后的问题" and sent["body"]["sessionTitle"] == "第一个问题"
+    assert sent["body"]["query"] == " 第一个问题 "  # a lone user message goes unchanged
+    assert sent["body"]["sessionTitle"] == "第一个问题"
 
 
 def test_each_request_gets_a_new_session(proxy, upstream):
@@ -789,6 +888,184 @@ def test_image_content_is_refused_before_the_upstream(proxy, upstream):
         {"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "data:x"}}]}])
     assert status == 400 and "Only text content is supported" in json.loads(body)["error"]["message"]
     assert upstream.received == []
+
+
+# --- Conversations end to end ---------------------------------------------------------------
+
+def turn(proxy, upstream, messages, answer="回答", stream=False, headers=None, **extra):
+    """One chat turn: the fake upstream answers `answer`; returns (what the upstream received,
+    the answer content as the client got it)."""
+    upstream.reply(*answer_events(answer, thinking=["想"]))
+    status, _, body = proxy.chat(stream=stream, messages=messages, headers=headers, **extra)
+    assert status == 200, body
+    content = (joined(sse_payloads(body)) if stream
+               else json.loads(body)["choices"][0]["message"]["content"])
+    return upstream.received[-1]["body"], content
+
+
+def msgs(*texts):
+    """Alternating user/assistant messages, starting with the user."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", ["reasoning", "think"])
+def test_second_turn_continues_the_session_with_only_the_new_question(make_proxy, upstream, stream, mode):
+    proxy = make_proxy(reasoning=mode)
+    first, a1 = turn(proxy, upstream, msgs("恒瑞医药怎么样"), "恒瑞医药不错", stream)
+    if mode == "think":
+        assert a1.startswith("<think>")  # sent back as the client received it, block included
+    second, a2 = turn(proxy, upstream, msgs("恒瑞医药怎么样", a1, "那药明康德呢？"), "药明康德也不错", stream)
+    assert second["sessionId"] == first["sessionId"] and second["query"] == "那药明康德呢？"
+    third, _ = turn(proxy, upstream, msgs("恒瑞医药怎么样", a1, "那药明康德呢？", a2, "哪个更好？"), "x", stream)
+    assert third["sessionId"] == first["sessionId"] and third["query"] == "哪个更好？"
+    assert third["sessionTitle"] == "恒瑞医药怎么样"
+
+
+def test_client_that_strips_think_blocks_still_continues(make_proxy, upstream):
+    proxy = make_proxy(reasoning="think")
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    stripped = a1.split("</think>")[1].strip()
+    assert stripped == "a1"
+    second, _ = turn(proxy, upstream, msgs("q1", stripped, "q2"))
+    assert second["sessionId"] == first["sessionId"] and second["query"] == "q2"
+
+
+def test_regenerated_turn_forks_a_new_session_with_the_history_folded(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    regenerated, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert second["sessionId"] == first["sessionId"]
+    assert regenerated["sessionId"] not in (first["sessionId"], second["sessionId"])
+    assert regenerated["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+    assert regenerated["sessionTitle"] == "q1"
+
+
+def test_edited_history_folds(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    edited, _ = turn(proxy, upstream, msgs("q1", a1 + " (edited)", "q2"))
+    assert edited["sessionId"] != first["sessionId"] and edited["query"].startswith("User: q1")
+
+
+def test_new_conversation_with_a_system_prompt_is_folded(proxy, upstream):
+    sent, _ = turn(proxy, upstream, [{"role": "system", "content": "你是分析师"}] + msgs("q1"))
+    assert sent["query"] == "System: 你是分析师\n\nUser: q1"
+    follow, _ = turn(proxy, upstream, [{"role": "system", "content": "你是分析师"}] + msgs("q1", "回答", "q2"))
+    assert follow["sessionId"] == sent["sessionId"] and follow["query"] == "q2"
+
+
+@pytest.mark.parametrize("second_caller", [
+    {"user": "bob"},  # a different `user` field
+    {"headers": {"Authorization": "Bearer other-key-123456"}},  # a different upstream key
+])
+def test_two_callers_with_identical_openings_never_share_a_session(make_proxy, upstream, second_caller):
+    proxy = make_proxy(api_key=None)
+    alice = {"headers": {"Authorization": "Bearer alice-key-123456"}, "user": "alice"}
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1", **alice)
+    caller = dict(alice, **second_caller)
+    other, _ = turn(proxy, upstream, msgs("q1", a1, "q2"), **caller)
+    assert other["sessionId"] != first["sessionId"] and other["query"].startswith("User: q1")
+    own, _ = turn(proxy, upstream, msgs("q1", a1, "q2"), **alice)
+    assert own["sessionId"] == first["sessionId"] and own["query"] == "q2"
+
+
+def test_same_caller_twice_only_one_continues(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    one, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    two, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert [one["sessionId"] == first["sessionId"], two["sessionId"] == first["sessionId"]] == [True, False]
+
+
+def test_proxy_restart_folds(make_proxy, upstream):
+    first, a1 = turn(make_proxy(), upstream, msgs("q1"), "a1")
+    after, _ = turn(make_proxy(), upstream, msgs("q1", a1, "q2"))  # a fresh process memory
+    assert after["sessionId"] != first["sessionId"] and after["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+
+
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_explicit_session_maps_stably(make_proxy, upstream, where):
+    def ask(proxy, messages):
+        extra = ({"headers": {"X-Session-Id": "conv-42"}} if where == "header" else {"session_id": "conv-42"})
+        return turn(proxy, upstream, messages, **extra)[0]
+    history = [{"role": "system", "content": "简短"}] + msgs("q1")
+    proxy = make_proxy()
+    first = ask(proxy, history)
+    assert first["sessionId"] == cf.explicit_session_id(ENV_KEY, "conv-42")
+    assert first["query"] == "System: 简短\n\nUser: q1"  # first sight: the system prompt is not lost
+    second = ask(proxy, history + msgs("x", "a", "q2")[1:])
+    assert second["sessionId"] == first["sessionId"] and second["query"] == "q2"
+    regenerated = ask(proxy, history + msgs("x", "a", "q2")[1:])
+    assert regenerated["sessionId"] == first["sessionId"] and regenerated["query"] == "q2"
+    restarted = ask(make_proxy(), history + msgs("x", "a", "q2")[1:])
+    assert restarted["sessionId"] == first["sessionId"]  # same id, same key: same session after a restart
+    other_key = ask(make_proxy(api_key="another-key-123456"), history)
+    assert other_key["sessionId"] != first["sessionId"]
+
+
+def test_fold_mode_never_continues(make_proxy, upstream):
+    proxy = make_proxy(sessions="fold")
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    assert first["query"] == "q1"
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert second["sessionId"] != first["sessionId"] and second["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cut_answer_leaves_nothing_to_continue(proxy, upstream, stream):
+    upstream.reply(ev("RESPONSING", "text", "a1"), CUT)
+    proxy.chat(stream=stream, messages=msgs("q1"))
+    first = upstream.received[-1]["body"]
+    after, _ = turn(proxy, upstream, msgs("q1", "a1", "q2"))
+    assert after["sessionId"] != first["sessionId"] and after["query"].startswith("User: q1")
+
+
+def test_failed_continuation_is_not_continued_again(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    upstream.reply(ev("RESPONSING", "text", "half"), CUT)
+    proxy.chat(messages=msgs("q1", a1, "q2"))
+    assert upstream.received[-1]["body"]["sessionId"] == first["sessionId"]
+    retry, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert retry["sessionId"] != first["sessionId"]  # the upstream session may hold the cut turn
+
+
+def test_session_cache_bound_holds(make_proxy, upstream):
+    proxy = make_proxy(session_cache=2)
+    openings = [turn(proxy, upstream, msgs("q%d" % i), "a%d" % i) for i in range(3)]
+    assert len(proxy.server.sessions) == 2
+    oldest, _ = turn(proxy, upstream, msgs("q0", openings[0][1], "next"))
+    newest, _ = turn(proxy, upstream, msgs("q2", openings[2][1], "next"))
+    assert oldest["sessionId"] != openings[0][0]["sessionId"]  # evicted: folded
+    assert newest["sessionId"] == openings[2][0]["sessionId"]
+
+
+def test_remembered_conversations_expire(make_proxy, upstream):
+    proxy = make_proxy(session_ttl=0.05)
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    time.sleep(0.1)
+    after, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert after["sessionId"] != first["sessionId"]
+
+
+def test_long_history_folds_within_max_query(make_proxy, upstream):
+    proxy = make_proxy(max_query=300, sessions="fold")
+    history = [{"role": "system", "content": "SYS"}] + msgs(*["turn %d %s" % (i, "x" * 40) for i in range(20)])
+    history.append({"role": "user", "content": "LAST"})
+    sent, _ = turn(proxy, upstream, history)
+    assert len(sent["query"]) <= 300
+    assert sent["query"].startswith("System: SYS\n\nUser: turn") and sent["query"].endswith("User: LAST")
+    assert "turn 19" in sent["query"] and "turn 0 " not in sent["query"]
+
+
+def test_log_line_names_the_session_path(proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    _, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    wait_for_log(caplog, "session=new")
+    turn(proxy, upstream, msgs("q1", a1, "q2"))
+    wait_for_log(caplog, "session=continued")
+    turn(proxy, upstream, msgs("q1", a1, "q2"))
+    wait_for_log(caplog, "session=folded")
+    turn(proxy, upstream, msgs("q1"), headers={"X-Session-Id": "c"})
+    wait_for_log(caplog, "session=explicit")
 
 
 # --- Errors, each with its status --------------------------------------------------------
@@ -1192,3 +1469,10 @@ def test_help_documents_every_variable():
     for _, env, flag, _, _ in cf.SETTINGS:
         assert env in text and flag in text
     assert "--demo" in text
+
+
+def test_readme_documents_every_variable():
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    chinese, english = readme.split("## English", 1)
+    for _, env, flag, _, _ in cf.SETTINGS:
+        assert "`%s`" % env in chinese and "`%s`" % flag in chinese and env in english, env
