@@ -18,7 +18,8 @@ Endpoints:
     OPTIONS on every path                     # CORS preflight
 
 Environment (each has a command-line flag that overrides it; empty = unset):
-    FINSTEP_API_KEY    --api-key     unset    upstream key; unset = the client's Bearer key is passed through
+    FINSTEP_API_KEY    --api-key     unset    upstream key(s), comma-separated; unset = the client's key is passed through
+    PROXY_API_KEY      --proxy-key   unset    key(s) clients must present (Bearer or x-api-key); needs FINSTEP_API_KEY
     FINSTEP_API_URL    --upstream    https://product-backend.finstep.cn/chat/api/chat/v2/completion
     HOST               --host        0.0.0.0  listen address
     PORT               --port        4001     listen port
@@ -30,7 +31,11 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_SESSIONS   --sessions    auto     auto: continue upstream sessions exactly; fold: never continue
     FINSTEP_SESSION_CACHE --session-cache 10000  conversations remembered for continuation (24 h at most)
     FINSTEP_MAX_QUERY  --max-query   20000    longest folded query in characters (oldest turns dropped first)
+    FINSTEP_HEARTBEAT  --heartbeat   15       longest silence a streaming client sees (SSE comment keep-alives)
+    FINSTEP_MAX_STREAMS --max-streams 256     concurrent upstream requests; above it 503 with Retry-After
+    FINSTEP_DRAIN_SECONDS --drain-seconds 8   on SIGTERM, how long streams in flight may finish
     LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
+    LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
 """
 
 __version__ = "1.0.0"
@@ -38,14 +43,18 @@ __version__ = "1.0.0"
 import argparse
 import collections
 import dataclasses
+import email.utils
 import functools
 import hashlib
 import http.client
 import json
+import hmac
 import logging
 import math
 import os
 import re
+import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -77,6 +86,7 @@ DEFAULT_UPSTREAM = "https://product-backend.finstep.cn/chat/api/chat/v2/completi
 REASONING_MODES = ("reasoning", "think", "content", "drop")
 SESSION_MODES = ("auto", "fold")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -85,7 +95,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    api_key: Optional[str] = None
+    api_keys: Tuple[str, ...] = ()
+    proxy_keys: Tuple[str, ...] = ()
     upstream_url: str = DEFAULT_UPSTREAM
     host: str = "0.0.0.0"
     port: int = 4001
@@ -97,7 +108,11 @@ class Config:
     sessions: str = "auto"
     session_cache: int = 10000
     max_query: int = 20000
+    heartbeat: float = 15.0
+    max_streams: int = 256
+    drain_seconds: float = 8.0
     log_level: str = "INFO"
+    log_format: str = "text"
     demo: bool = False
     # Not user settings: fixed by the product, shrunk by the tests.
     connect_timeout: float = 10.0
@@ -112,11 +127,13 @@ def _text(raw: str) -> str:
     return value
 
 
-def _key(raw: str) -> str:
-    value = _text(raw)
-    if any(ord(c) < 33 or ord(c) == 127 for c in value):
+def _keys(raw: str) -> Tuple[str, ...]:
+    keys = tuple(part.strip() for part in raw.split(","))
+    if not all(keys):
+        raise ValueError("must be one key or several separated by commas, none empty")
+    if any(ord(c) < 33 or ord(c) == 127 for key in keys for c in key):
         raise ValueError("must not contain spaces or control characters")
-    return value
+    return keys
 
 
 def _number(raw: str, kind=int):
@@ -174,8 +191,12 @@ def _models(raw: str) -> Tuple[str, ...]:
 # (field, environment variable, flag, converter, help). The table drives both
 # --help and load_config, so the two can never disagree.
 SETTINGS = (
-    ("api_key", "FINSTEP_API_KEY", "--api-key", _key,
-     "upstream Finstep key; when unset, the client's 'Authorization: Bearer <key>' is passed through"),
+    ("api_keys", "FINSTEP_API_KEY", "--api-key", _keys,
+     "upstream Finstep key, or several separated by commas (new conversations rotate over them); "
+     "when unset, the client's 'Authorization: Bearer <key>' is passed through"),
+    ("proxy_keys", "PROXY_API_KEY", "--proxy-key", _keys,
+     "key(s) clients must present as 'Authorization: Bearer <key>' or x-api-key (comma-separated); "
+     "requires FINSTEP_API_KEY"),
     ("upstream_url", "FINSTEP_API_URL", "--upstream", _url,
      "upstream endpoint (default %s)" % DEFAULT_UPSTREAM),
     ("host", "HOST", "--host", _text, "listen address (default 0.0.0.0)"),
@@ -197,8 +218,16 @@ SETTINGS = (
      "conversations remembered in memory for continuation, least recently used evicted (default 10000)"),
     ("max_query", "FINSTEP_MAX_QUERY", "--max-query", _positive_int,
      "longest folded query in characters; the oldest turns are dropped first (default 20000)"),
+    ("heartbeat", "FINSTEP_HEARTBEAT", "--heartbeat", _positive_float,
+     "longest silence in seconds a streaming client sees; ': keep-alive' comments fill it (default 15)"),
+    ("max_streams", "FINSTEP_MAX_STREAMS", "--max-streams", _positive_int,
+     "concurrent upstream requests; above it clients get 503 with Retry-After (default 256)"),
+    ("drain_seconds", "FINSTEP_DRAIN_SECONDS", "--drain-seconds", _positive_float,
+     "on SIGTERM, seconds streams in flight may take to finish (default 8)"),
     ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
      "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    ("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
+     "text, or json for one JSON object per line (default text)"),
 )
 
 
@@ -230,8 +259,11 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
         try:
             values[field] = convert(raw)
         except ValueError as exc:
-            shown = "" if field == "api_key" else ", got %r" % raw
+            shown = "" if field.endswith("_keys") else ", got %r" % raw
             raise ConfigError("%s (%s) %s%s" % (env, flag, exc, shown)) from None
+    if values.get("proxy_keys") and not values.get("api_keys"):
+        raise ConfigError("PROXY_API_KEY (--proxy-key) is set but FINSTEP_API_KEY (--api-key) is not: "
+                          "with PROXY_API_KEY, clients' keys are never sent upstream, so no request could work")
     return Config(**values)
 
 
@@ -561,6 +593,8 @@ def route_for(path: str) -> Optional[Dict[str, str]]:
         return {"GET": "retrieve_model"}
     if path == "/health":
         return {"GET": "health"}
+    if path == "/metrics":
+        return {"GET": "metrics"}
     return None
 
 
@@ -630,19 +664,19 @@ def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
 
 
 class SessionStore:
-    """Remembered conversations: fingerprint -> upstream sessionId, in memory, thread-safe,
-    at most `max_entries` (least recently used evicted), each for at most `ttl` seconds."""
+    """Remembered conversations: fingerprint -> (upstream sessionId, upstream key), in memory,
+    thread-safe, at most `max_entries` (least recently used evicted), each for at most `ttl` s."""
 
     def __init__(self, max_entries: int, ttl: float, clock=time.monotonic):
         self.max_entries, self.ttl, self.clock = max_entries, ttl, clock
-        self._entries = collections.OrderedDict()  # fingerprint -> (session id, stored at)
+        self._entries = collections.OrderedDict()  # fingerprint -> (value, stored at)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, fingerprint: str, consume: bool = False) -> Optional[str]:
-        """The sessionId remembered for a fingerprint; `consume` forgets it (single use)."""
+    def get(self, fingerprint: str, consume: bool = False) -> Optional[Tuple[str, str]]:
+        """The (sessionId, key) remembered for a fingerprint; `consume` forgets it (single use)."""
         with self._lock:
             entry = self._entries.pop(fingerprint, None)
             if entry is None or self.clock() - entry[1] > self.ttl:
@@ -651,11 +685,11 @@ class SessionStore:
                 self._entries[fingerprint] = entry
             return entry[0]
 
-    def put(self, fingerprint: str, session_id: str) -> None:
+    def put(self, fingerprint: str, value: Tuple[str, str]) -> None:
         with self._lock:
             now = self.clock()
             self._entries.pop(fingerprint, None)
-            self._entries[fingerprint] = (session_id, now)
+            self._entries[fingerprint] = (value, now)
             entries = self._entries
             while entries and (len(entries) > self.max_entries
                                or now - next(iter(entries.values()))[1] > self.ttl):
@@ -668,39 +702,84 @@ class Turn:
     session_id: str
     query: str
     path: str  # new, continued, folded or explicit
-    remember_as: Optional[Tuple[str, Optional[str], Tuple[Tuple[str, str], ...]]] = None  # key, user, turns
+    key: Optional[str] = None  # the upstream key the session belongs to; None: any key may start it
+    remember_as: Optional[Tuple[str, Optional[str], Tuple[Tuple[str, str], ...]]] = None  # caller, user, turns
     explicit_mark: Optional[str] = None
 
 
-def plan_turn(store: SessionStore, mode: str, max_query: int, key: str, chat: ChatRequest,
-              client_session: Optional[str]) -> Turn:
-    """Decide the upstream sessionId and query of a request (rules in the README)."""
+def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, keys: Sequence[str],
+              chat: ChatRequest, client_session: Optional[str]) -> Turn:
+    """Decide the upstream sessionId, query and key of a request (rules in the README).
+
+    `caller` tells callers apart (their proxy or pass-through key); `keys` are the upstream
+    keys this request may use."""
     turns = transcript(chat.history)  # ends with the last user message, which has text
     if mode == "fold":
         return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED if len(turns) > 1 else NEW)
     if client_session is not None:
+        # The id picks its key by a stable hash, so every replica and restart agrees on both.
+        key = keys[int(hashlib.sha256(client_session.encode("utf-8")).hexdigest(), 16) % len(keys)]
         session_id = explicit_session_id(key, client_session)
         mark = "explicit:" + session_id
         seen = store.get(mark) is not None
-        return Turn(session_id, chat.question if seen else fold_query(turns, max_query), EXPLICIT,
+        return Turn(session_id, chat.question if seen else fold_query(turns, max_query), EXPLICIT, key,
                     explicit_mark=None if seen else mark)
-    remember = (key, chat.user, turns)
+    remember = (caller, chat.user, turns)
     if len(turns) == 1:
-        return Turn(uuid.uuid4().hex, chat.question, NEW, remember)
-    session_id = store.get(conversation_fingerprint(key, chat.user, turns[:-1]), consume=True)
-    if session_id is not None:
-        return Turn(session_id, chat.question, CONTINUED, remember)
-    return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED, remember)
+        return Turn(uuid.uuid4().hex, chat.question, NEW, remember_as=remember)
+    entry = store.get(conversation_fingerprint(caller, chat.user, turns[:-1]), consume=True)
+    if entry is not None:
+        return Turn(entry[0], chat.question, CONTINUED, entry[1], remember)
+    return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED, remember_as=remember)
 
 
-def remember_turn(store: SessionStore, turn: Turn, answer_content: str) -> None:
+def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str) -> None:
     """After a complete answer: remember the conversation as the client will send it next."""
     if turn.explicit_mark is not None:
-        store.put(turn.explicit_mark, turn.session_id)
+        store.put(turn.explicit_mark, (turn.session_id, key))
     if turn.remember_as is not None:
-        key, user, turns = turn.remember_as
+        caller, user, turns = turn.remember_as
         turns = turns + transcript([("assistant", answer_content)])
-        store.put(conversation_fingerprint(key, user, turns), turn.session_id)
+        store.put(conversation_fingerprint(caller, user, turns), (turn.session_id, key))
+
+
+class KeyPool:
+    """The upstream keys: new conversations rotate over them; a key refused by the upstream
+    (401/403/429) cools down and is passed over until it recovers."""
+
+    def __init__(self, keys: Sequence[str], clock=time.monotonic):
+        self.keys, self.clock = tuple(keys), clock
+        self._next = 0
+        self._cooling = {}  # type: Dict[str, float]
+        self._lock = threading.Lock()
+
+    def order(self) -> List[str]:
+        """The keys to try for a new conversation, each once: those not cooling down, in
+        round-robin order; when all are cooling down, only the one that recovers soonest."""
+        with self._lock:
+            start, self._next = self._next, (self._next + 1) % len(self.keys)
+            now, cooling = self.clock(), self._cooling
+            rotated = self.keys[start:] + self.keys[:start]
+            ready = [key for key in rotated if cooling.get(key, 0.0) <= now]
+            return ready or [min(rotated, key=cooling.__getitem__)]
+
+    def cool_down(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self._cooling[key] = self.clock() + seconds
+
+
+def retry_after_seconds(value: Optional[str], default: float = 60.0) -> float:
+    """Seconds from a Retry-After header (delay-seconds or an HTTP date), else the default."""
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    return default
 
 
 # --- Upstream I/O ------------------------------------------------------------
@@ -883,9 +962,214 @@ def upstream_status_error(status: int, detail: bytes, retry_after: Optional[str]
                       code="upstream_http_%d" % status)
 
 
+# --- Metrics and logs ------------------------------------------------------------
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+OUTCOMES = ("ok", "auth", "rate_limited", "upstream_error", "timeout", "client_gone", "shutdown")
+
+
+class Histogram:
+    def __init__(self):
+        self.counts = [0] * len(_BUCKETS)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for index, bound in enumerate(_BUCKETS):
+            if seconds <= bound:
+                self.counts[index] += 1
+                break
+        self.total += seconds
+        self.count += 1
+
+    def render(self, name: str) -> List[str]:
+        lines, running = [], 0
+        for bound, count in zip(_BUCKETS, self.counts):
+            running += count
+            lines.append('%s_bucket{le="%g"} %d' % (name, bound, running))
+        lines += ['%s_bucket{le="+Inf"} %d' % (name, self.count), "%s_sum %.6f" % (name, self.total),
+                  "%s_count %d" % (name, self.count)]
+        return lines
+
+
+class Metrics:
+    """Counters and histograms for GET /metrics, in Prometheus' text format."""
+
+    def __init__(self):
+        self.requests = collections.Counter()  # (path, status) -> count
+        self.outcomes = collections.Counter()
+        self.first_byte = Histogram()
+        self.duration = Histogram()
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(path, status)] += 1
+            self.duration.observe(seconds)
+
+    def upstream(self, outcome: str, first_byte: Optional[float]) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            if first_byte is not None:
+                self.first_byte.observe(first_byte)
+
+    def render(self) -> str:
+        with self.lock:
+            lines = ["# HELP finstep_proxy_requests_total Requests answered, by path and status.",
+                     "# TYPE finstep_proxy_requests_total counter"]
+            lines += ['finstep_proxy_requests_total{path="%s",status="%d"} %d' % (path, status, count)
+                      for (path, status), count in sorted(self.requests.items())]
+            lines += ["# HELP finstep_proxy_upstream_results_total Upstream requests, by outcome.",
+                      "# TYPE finstep_proxy_upstream_results_total counter"]
+            lines += ['finstep_proxy_upstream_results_total{outcome="%s"} %d' % (outcome, self.outcomes[outcome])
+                      for outcome in OUTCOMES]
+            lines += ["# HELP finstep_proxy_streams_in_flight Upstream requests in progress.",
+                      "# TYPE finstep_proxy_streams_in_flight gauge",
+                      "finstep_proxy_streams_in_flight %d" % self.in_flight,
+                      "# HELP finstep_proxy_upstream_first_byte_seconds Time to the upstream's response head.",
+                      "# TYPE finstep_proxy_upstream_first_byte_seconds histogram"]
+            lines += self.first_byte.render("finstep_proxy_upstream_first_byte_seconds")
+            lines += ["# HELP finstep_proxy_request_duration_seconds Time to answer a request in full.",
+                      "# TYPE finstep_proxy_request_duration_seconds histogram"]
+            lines += self.duration.render("finstep_proxy_request_duration_seconds")
+        return "\n".join(lines) + "\n"
+
+
+def outcome_of(error: Optional[ProxyError]) -> str:
+    """The metrics outcome of an upstream request that ended with `error` (None: success)."""
+    if error is None:
+        return "ok"
+    if error.code == "server_shutting_down":
+        return "shutdown"
+    return {401: "auth", 429: "rate_limited", 504: "timeout"}.get(error.status, "upstream_error")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, request_id, message, and the request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+
+
+# --- The watchdog: heartbeats, departed clients, slow request heads ----------------
+
+class Watchdog:
+    """One thread for the whole server. It notices a client that closed its connection the
+    moment it happens (epoll), also while the upstream is silent, and aborts that request's
+    upstream call; it sends SSE keep-alives to streams that would otherwise be silent for
+    `heartbeat` seconds; and it drops connections whose request is not in by its deadline."""
+
+    def __init__(self, heartbeat: float):
+        self.tick = min(0.25, heartbeat / 4)
+        self.heartbeat_due = heartbeat - self.tick  # checked every tick: never later than heartbeat
+        self.selector = selectors.DefaultSelector()
+        self.active = set()  # handlers with a chat request in progress
+        self.deadlines = {}  # handler -> monotonic time its request must be in by
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="watchdog", daemon=True)
+        self.thread.start()
+
+    def set_deadline(self, handler, when: Optional[float]) -> None:
+        with self.lock:
+            if when is None:
+                self.deadlines.pop(handler, None)
+            else:
+                self.deadlines[handler] = when
+
+    def watch(self, handler) -> None:
+        with self.lock:
+            self.active.add(handler)
+            try:
+                self.selector.register(handler.connection, selectors.EVENT_READ, handler)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def forget(self, handler) -> None:
+        with self.lock:
+            self.deadlines.pop(handler, None)
+            if handler in self.active:
+                self.active.discard(handler)
+                self._unregister(handler)
+
+    def _unregister(self, handler) -> None:
+        try:
+            self.selector.unregister(handler.connection)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                ready = self.selector.select(self.tick) if self.selector.get_map() else \
+                    self.stopped.wait(self.tick) and []
+            except (OSError, ValueError):  # a socket closed while registered: look again
+                ready = []
+            for key, _ in ready or ():
+                self.check_client(key.data)
+            now = time.monotonic()
+            with self.lock:
+                streams = [h for h in self.active if h.stream_open and now - h.last_write >= self.heartbeat_due]
+                late = [h for h, when in self.deadlines.items() if when <= now]
+                for handler in late:
+                    del self.deadlines[handler]
+            for handler in streams:
+                handler.heartbeat()
+            for handler in late:
+                handler.drop()
+
+    def check_client(self, handler) -> None:
+        """The client's socket is readable: either it left (EOF or reset) or it sent more."""
+        try:
+            gone = not handler.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            gone = True
+        with self.lock:
+            self._unregister(handler)  # either way, nothing more to learn from this socket
+        if gone:
+            handler.client_left()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(1.0)
+        self.selector.close()
+
+
+def socket_writable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 # --- HTTP handler --------------------------------------------------------------
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 class ClientGone(Exception):
@@ -907,6 +1191,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.config.client_timeout
         super().setup()
+        self.write_lock = threading.Lock()
 
     def handle(self) -> None:
         try:
@@ -915,33 +1200,89 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.debug("connection from %s ended: %s", self.client_address[0], exc.__class__.__name__)
 
     def handle_one_request(self) -> None:
-        self.started = time.monotonic()
+        self.started = self.last_write = time.monotonic()
         self.status = None  # type: Optional[int]
-        self.sse_started = False
+        self.request_id = uuid.uuid4().hex[:16]
+        self.sse_started = self.chunked = self.stream_open = self.client_gone = self.stopping = False
         self.upstream = None  # type: Optional[UpstreamCall]
+        self.first_byte = None  # type: Optional[float]
         self.chunks = 0
         self.note = ""
+        watchdog = self.server.watchdog
+        # A request (head and body) must be in within client_timeout: slow senders are dropped.
+        watchdog.set_deadline(self, self.started + self.server.config.client_timeout)
         try:
             super().handle_one_request()
         finally:
+            watchdog.forget(self)
             if self.status is not None:
                 self.log_summary()
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        given = (self.headers.get("X-Request-Id") or "").strip()
+        if _REQUEST_ID.fullmatch(given):
+            self.request_id = given
+        return True
+
+    def log(self, level: int, message: str, *args, fields: Optional[dict] = None) -> None:
+        log.log(level, message, *args, extra={"request_id": self.request_id, "fields": fields or {}})
+
     def log_summary(self) -> None:
-        upstream = self.upstream
         path = _CONTROL.sub("?", self.path.split("?", 1)[0][:200])
+        seconds = time.monotonic() - self.started
+        upstream_status = self.upstream.status if self.upstream else None
+        routes = route_for(path.rstrip("/") or "/")
+        self.server.metrics.request(path if routes else "other", self.status, seconds)
         # Container health checks would drown the log: a healthy /health is a debug line.
         level = logging.DEBUG if path == "/health" and self.status == 200 else logging.INFO
-        log.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0],
-                self.command, path, self.status,
-                (time.monotonic() - self.started) * 1000, upstream.status if upstream else "-",
-                self.chunks, self.note)
+        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command,
+                 path, self.status, seconds * 1000, upstream_status or "-", self.chunks, self.note,
+                 fields={"client": self.client_address[0], "method": self.command, "path": path,
+                         "status": self.status, "duration_ms": round(seconds * 1000, 1),
+                         "upstream_status": upstream_status, "chunks": self.chunks, "note": self.note.strip()})
 
     def log_request(self, code="-", size="-") -> None:
         self.status = int(code)  # the summary line is written once the request is over
 
     def log_message(self, format: str, *args) -> None:
-        log.info("%s %s", self.client_address[0], format % args)
+        self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
+
+    # -- called by the watchdog, from its thread
+
+    def heartbeat(self) -> None:
+        """Send `: keep-alive` (and the response head first, if it is still held)."""
+        if not self.write_lock.acquire(blocking=False):
+            return  # a write is under way: the client is getting bytes anyway
+        try:
+            if self.stream_open and socket_writable(self.connection):
+                self.start_sse_locked()
+                self.write_locked(b": keep-alive\n\n")
+        except ClientGone:
+            self.client_left()
+        finally:
+            self.write_lock.release()
+
+    def client_left(self) -> None:
+        self.client_gone = True
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.abort()
+
+    def drop(self) -> None:
+        self.log(logging.INFO, "%s dropped: request not received within %gs", self.client_address[0],
+                 self.server.config.client_timeout)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def stop_for_shutdown(self) -> None:
+        self.stopping = True
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.abort()
 
     # -- routing
 
@@ -951,11 +1292,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
 
     def do_OPTIONS(self) -> None:
+        self.server.watchdog.set_deadline(self, None)
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         requested = self.headers.get("Access-Control-Request-Headers")
         self.send_header("Access-Control-Allow-Headers",
-                         requested or "Authorization, Content-Type, X-Api-Key, X-Request-Id")
+                         requested or "Authorization, Content-Type, X-Api-Key, X-Request-Id, X-Session-Id")
         self.send_header("Access-Control-Max-Age", "86400")
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -966,6 +1308,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             try:
                 routes = route_for(path)
+                if path != "/health":
+                    self.check_proxy_key()
                 if routes is None:
                     raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]),
                                      code="unknown_url")
@@ -976,15 +1320,40 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                      code="method_not_allowed", headers={"Allow": allowed})
                 getattr(self, name)(path)
             except ProxyError as exc:
+                if self.client_gone:
+                    raise ClientGone() from None
+                if self.stopping:
+                    exc = ProxyError(503, "The proxy is shutting down; retry", code="server_shutting_down")
                 self.fail(exc)
         except ClientGone:
             self.close_connection = True
-            self.note = " client left"
+            self.note += " client left"
+            if self.status is None:
+                self.status = 499  # as nginx logs a client that closed before its answer
+
+    def check_proxy_key(self) -> None:
+        allowed = self.server.config.proxy_keys
+        if not allowed:
+            return
+        presented = (client_key(self.headers) or "").encode("utf-8")
+        if not any(hmac.compare_digest(presented, key.encode("utf-8")) for key in allowed):
+            self.close_connection = True  # the body, if any, is left unread
+            raise ProxyError(401, "Invalid or missing API key for this proxy: send "
+                                  "'Authorization: Bearer <PROXY_API_KEY>'", code="invalid_api_key")
 
     # -- endpoints
 
     def health(self, path: str) -> None:
         self.send_json(200, {"status": "ok"})
+
+    def metrics(self, path: str) -> None:
+        data = self.server.metrics.render().encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def list_models(self, path: str) -> None:
         self.send_json(200, {"object": "list", "data": [self.model_card(m) for m in self.server.config.models]})
@@ -1000,26 +1369,79 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep"}
 
     def chat_completions(self, path: str) -> None:
-        config = self.server.config
+        config, server = self.server.config, self.server
         chat = parse_chat_request(self.read_body(), config.models[0])
-        key = config.api_key or client_key(self.headers)
-        if not key:
-            raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
-                                  "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
+        if server.draining:
+            self.close_connection = True
+            raise ProxyError(503, "The proxy is shutting down; retry", code="server_shutting_down",
+                             headers={"Retry-After": "1"})
+        if config.api_keys:
+            keys, caller = config.api_keys, (client_key(self.headers) or "") if config.proxy_keys else ""
+        else:
+            caller = client_key(self.headers)
+            if not caller:
+                raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
+                                      "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
+            keys = (caller,)
         client_session = (self.headers.get("X-Session-Id") or "").strip() or chat.session_id
-        turn = plan_turn(self.server.sessions, config.sessions, config.max_query, key, chat, client_session)
-        self.note = " key=%s session=%s" % (mask_key(key), turn.path)
-        body = build_upstream_body(config.user_id, turn.session_id, turn.query, chat.title)
-        self.upstream = UpstreamCall(config.upstream_url, key, body, config.connect_timeout,
-                                     config.timeout, self.server.proxies, self.server.ssl_context)
+        turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, keys, chat, client_session)
+        self.note = " session=" + turn.path
+        if not server.begin_stream():
+            raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
+                             code="server_busy", headers={"Retry-After": "1"})
+        self.stream_open = chat.stream
+        server.watchdog.watch(self)
+        if turn.key is not None:  # the session belongs to the key that created it
+            candidates = [turn.key]
+        else:
+            candidates = server.key_pool.order() if server.key_pool else list(keys)
+        error = None
         try:
-            self.upstream.open()
+            key = self.open_upstream(turn, candidates, chat.title)
             if chat.stream:
-                self.stream_answer(chat, turn)
+                self.stream_answer(chat, turn, key)
             else:
-                self.send_answer(chat, turn)
+                self.send_answer(chat, turn, key)
+        except ProxyError as exc:
+            error = exc
+            raise
+        except ClientGone:
+            error = ProxyError(499, "client left", code="client_gone")
+            raise
         finally:
-            self.upstream.close()
+            server.end_stream()
+            if self.upstream is not None:
+                self.upstream.close()
+                server.metrics.upstream("client_gone" if self.client_gone else
+                                        "shutdown" if self.stopping else outcome_of(error), self.first_byte)
+
+    def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> str:
+        """Open the upstream with the first key that works: a key refused with 401/403/429
+        cools down and the next is tried, each once. Returns the key in use."""
+        config, pool = self.server.config, self.server.key_pool
+        body = build_upstream_body(config.user_id, turn.session_id, turn.query, title)
+        error = None
+        for key in keys:
+            self.upstream = UpstreamCall(config.upstream_url, key, body, config.connect_timeout,
+                                         config.timeout, self.server.proxies, self.server.ssl_context)
+            if self.client_gone:
+                raise ClientGone()
+            began = time.monotonic()
+            try:
+                self.upstream.open()
+            except ProxyError as exc:
+                if self.upstream.status not in (401, 403, 429) or pool is None:
+                    raise
+                seconds = retry_after_seconds(exc.headers.get("Retry-After"))
+                pool.cool_down(key, seconds)
+                self.log(logging.WARNING, "upstream key %s refused (HTTP %d): cooling down %gs",
+                         mask_key(key), self.upstream.status, seconds)
+                error = exc
+                continue
+            self.first_byte = time.monotonic() - began
+            self.note += " key=" + mask_key(key)
+            return key
+        raise error
 
     # -- answers
 
@@ -1048,15 +1470,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              % exc, code="upstream_disconnected") from None
         finally:
             if answer.unfamiliar_types:
-                log.debug("answer text of unfamiliar type(s) %s treated as answer",
-                          sorted(answer.unfamiliar_types))
+                self.log(logging.DEBUG, "answer text of unfamiliar type(s) %s treated as answer",
+                         sorted(answer.unfamiliar_types))
         if upstream.events_seen == 0:
             raise ProxyError(502, "The upstream stream carried no Finstep events", code="upstream_empty")
 
-    def stream_answer(self, chat: ChatRequest, turn: Turn) -> None:
+    def stream_answer(self, chat: ChatRequest, turn: Turn, key: str) -> None:
         formatter = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
         answer = AnswerRouter(self.server.config.reasoning)
-        self.start_sse()
+        with self.write_lock:
+            self.start_sse_locked()
         self.write_chunk(formatter.chunk({"role": "assistant", "content": ""}))
         delta = formatter.delta
         for deltas in self.relay(answer):
@@ -1064,27 +1487,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.chunks += len(deltas)
                 self.write_chunk(b"".join([delta(field, text) for field, text in deltas]))
         closing = answer.finish()
-        self.answer_complete(turn, answer)
+        self.answer_complete(turn, key, answer)
         tail = [formatter.delta("content", closing)] if closing else []
         tail.append(formatter.chunk({}, "stop"))
         if chat.include_usage:
             tail.append(formatter.usage(self.usage(turn, answer)))
         tail.append(SSE_DONE)
-        self.write_chunk(b"".join(tail))
-        self.end_sse()
+        self.end_sse(b"".join(tail))
 
-    def send_answer(self, chat: ChatRequest, turn: Turn) -> None:
+    def send_answer(self, chat: ChatRequest, turn: Turn, key: str) -> None:
         answer = AnswerRouter(self.server.config.reasoning)
         for deltas in self.relay(answer):
             self.chunks += len(deltas)
         answer.finish()
-        self.answer_complete(turn, answer)
+        self.answer_complete(turn, key, answer)
         self.send_json(200, build_completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model,
                                              answer, self.usage(turn, answer)))
 
-    def answer_complete(self, turn: Turn, answer: AnswerRouter) -> None:
+    def answer_complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
         # Remembered before the client sees the end, so its next turn can never arrive first.
-        remember_turn(self.server.sessions, turn, "".join(answer.content))
+        remember_turn(self.server.sessions, turn, key, "".join(answer.content))
 
     @staticmethod
     def usage(turn: Turn, answer: AnswerRouter) -> dict:
@@ -1117,17 +1539,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def read_body(self) -> bytes:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self.read_chunked_body(self.server.config.max_body)
-        size = self.declared_length()
-        if size is None:
-            self.close_connection = True
-            raise ProxyError(411, "A request body with Content-Length is required", code="length_required")
-        return self.read_exactly(size)
+            body = self.read_chunked_body(self.server.config.max_body)
+        else:
+            size = self.declared_length()
+            if size is None:
+                self.close_connection = True
+                raise ProxyError(411, "A request body with Content-Length is required", code="length_required")
+            body = self.read_exactly(size)
+        self.server.watchdog.set_deadline(self, None)
+        return body
 
     def read_exactly(self, size: int) -> bytes:
         try:
             body = self.rfile.read(size)
-        except (socket.timeout, TimeoutError):
+        except (socket.timeout, TimeoutError, ConnectionError):
             body = None
         if body is None or len(body) < size:
             self.close_connection = True
@@ -1139,7 +1564,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         while True:
             try:
                 line = self.rfile.readline(1026)
-            except (socket.timeout, TimeoutError):
+            except (socket.timeout, TimeoutError, ConnectionError):
                 line = b""
             if not line:
                 self.close_connection = True
@@ -1163,11 +1588,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             parts.append(self.read_exactly(size))
             self.read_exactly(2)
 
-    # -- responses; every error answer goes through fail()
+    # -- responses. Writes to a stream hold write_lock: the watchdog writes keep-alives too.
 
     def end_headers(self) -> None:
         for name, value in self.cors_headers:
             self.send_header(name, value)
+        self.send_header("X-Request-Id", self.request_id)
         super().end_headers()
 
     def send_json(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
@@ -1183,7 +1609,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def start_sse(self) -> None:
+    def start_sse_locked(self) -> None:
+        """Send the event-stream response head, once."""
+        if self.sse_started:
+            return
+        self.sse_started = True
         self.chunked = self.request_version == "HTTP/1.1"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -1194,33 +1624,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             self.close_connection = True
             self.send_header("Connection", "close")
-        self.end_headers()
-        self.sse_started = True
-
-    def write_chunk(self, data: bytes) -> None:
-        """Send bytes to the client at once, as one HTTP chunk."""
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+            self.end_headers()
         except (ConnectionError, socket.timeout, TimeoutError, ValueError):
             raise ClientGone() from None
 
-    def end_sse(self) -> None:
+    def write_locked(self, data: bytes, last: bool = False) -> None:
+        """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk)."""
         if self.chunked:
-            try:
-                self.wfile.write(b"0\r\n\r\n")
-            except (ConnectionError, socket.timeout, TimeoutError, ValueError):
-                raise ClientGone() from None
+            data = b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+        try:
+            self.wfile.write(data)
+        except (ConnectionError, socket.timeout, TimeoutError, ValueError):
+            raise ClientGone() from None
+        self.last_write = time.monotonic()
+
+    def write_chunk(self, data: bytes) -> None:
+        with self.write_lock:
+            self.write_locked(data)
+
+    def end_sse(self, data: bytes) -> None:
+        with self.write_lock:
+            self.stream_open = False
+            self.write_locked(data, last=True)
 
     def fail(self, error: ProxyError) -> None:
         """Answer a failure: a JSON error before the stream began, an SSE error event after."""
         self.note += " error=%s" % (error.code or error.type)
-        if not self.sse_started:
-            self.send_json(error.status, error.body(), error.headers)
-            return
-        log.warning("%s stream failed after start: %s", self.client_address[0], error.message)
+        with self.write_lock:
+            self.stream_open = False
+            if not self.sse_started:
+                self.send_json(error.status, error.body(), error.headers)
+                return
+        self.log(logging.WARNING, "%s stream failed after start: %s", self.client_address[0], error.message)
         payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
-        self.write_chunk(format_sse(payload) + SSE_DONE)
-        self.end_sse()
+        self.end_sse(format_sse(payload) + SSE_DONE)
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own failures (bad request line, oversized headers, ...) as JSON errors."""
@@ -1239,16 +1677,51 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.started = int(time.time())
         self.proxies = urllib.request.getproxies()
-        self.sessions = SessionStore(config.session_cache, config.session_ttl)
         self.ssl_context = ssl.create_default_context()
+        self.sessions = SessionStore(config.session_cache, config.session_ttl)
+        self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
+        self.metrics = Metrics()
+        self.draining = False
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
+        self.watchdog = Watchdog(config.heartbeat)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def begin_stream(self) -> bool:
+        """Take one of the FINSTEP_MAX_STREAMS upstream slots, if one is free."""
+        with self.metrics.lock:
+            if self.metrics.in_flight >= self.config.max_streams:
+                return False
+            self.metrics.in_flight += 1
+            return True
+
+    def end_stream(self) -> None:
+        with self.metrics.lock:
+            self.metrics.in_flight -= 1
+
+    def drain(self, seconds: float) -> None:
+        """Let requests in flight finish for up to `seconds`, then end the rest with an error."""
+        self.draining = True
+        deadline = time.monotonic() + seconds
+        while self.watchdog.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        left = list(self.watchdog.active)
+        for handler in left:
+            handler.stop_for_shutdown()
+        deadline = time.monotonic() + 1.0
+        while self.watchdog.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if left:
+            log.warning("closed %d request(s) still in progress after %gs", len(left), seconds)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watchdog.stop()
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error serving %s", client_address[0])
@@ -1302,11 +1775,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except SystemExit as exc:  # argparse: --help, --version, an unknown flag
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(config)
     if config.demo:
         demo = start_demo_upstream()
-        config = dataclasses.replace(config, api_key=config.api_key or "demo-key",
+        config = dataclasses.replace(config, api_keys=config.api_keys or ("demo-key",),
                                      upstream_url="http://127.0.0.1:%d/demo" % demo.server_address[1])
     try:
         server = ProxyServer(config)
@@ -1314,18 +1786,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return 1
     stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            os._exit(0)  # a second signal: the operator wants out now
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
     worker.start()
-    log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s",
+    log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s, sessions=%s",
              __version__, config.host, server.server_address[1], " (demo)" if config.demo else "",
-             config.upstream_url, mask_key(config.api_key) if config.api_key else "from each client",
-             config.reasoning)
+             config.upstream_url, ", ".join(map(mask_key, config.api_keys)) or "from each client",
+             config.reasoning, config.sessions)
+    loopback = config.host in ("localhost", "::1") or config.host.startswith("127.")
+    if config.api_keys and not config.proxy_keys and not loopback and not config.demo:
+        log.warning("listening on %s with FINSTEP_API_KEY and no PROXY_API_KEY: anyone who reaches this "
+                    "port spends your Finstep key; set PROXY_API_KEY", config.host)
     while not stop.wait(1.0):
         pass
-    log.info("stopping")
+    log.info("stopping: requests in flight have %gs to finish", config.drain_seconds)
     server.shutdown()
+    server.socket.close()  # refuse new connections while draining
+    server.drain(config.drain_seconds)
     server.server_close()
     worker.join()
     return 0

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -36,11 +37,17 @@ def test_defaults_without_environment():
     assert config.port == 4001 and config.host == "0.0.0.0"
     assert config.upstream_url == "https://product-backend.finstep.cn/chat/api/chat/v2/completion"
     assert config.reasoning == "reasoning" and config.models == ("finstep-proxy",)
-    assert config.timeout == 300 and config.max_body == 8388608 and config.api_key is None
+    assert config.timeout == 300 and config.max_body == 8388608 and config.api_keys == ()
 
 
 @pytest.mark.parametrize("env, field, expected", [
-    ({"FINSTEP_API_KEY": "AI-ONE-abc"}, "api_key", "AI-ONE-abc"),
+    ({"FINSTEP_API_KEY": "AI-ONE-abc"}, "api_keys", ("AI-ONE-abc",)),
+    ({"FINSTEP_API_KEY": "k1, k2"}, "api_keys", ("k1", "k2")),
+    ({"FINSTEP_API_KEY": "k1", "PROXY_API_KEY": "p1,p2"}, "proxy_keys", ("p1", "p2")),
+    ({"FINSTEP_HEARTBEAT": "0.5"}, "heartbeat", 0.5),
+    ({"FINSTEP_MAX_STREAMS": "3"}, "max_streams", 3),
+    ({"FINSTEP_DRAIN_SECONDS": "2"}, "drain_seconds", 2.0),
+    ({"LOG_FORMAT": "JSON"}, "log_format", "json"),
     ({"FINSTEP_API_URL": "http://127.0.0.1:9/x"}, "upstream_url", "http://127.0.0.1:9/x"),
     ({"HOST": "127.0.0.1"}, "host", "127.0.0.1"),
     ({"PORT": "8080"}, "port", 8080),
@@ -63,7 +70,7 @@ def test_environment_values_are_converted(env, field, expected):
 def test_flags_override_environment():
     config = cf.load_config({"PORT": "1", "FINSTEP_REASONING": "drop", "FINSTEP_API_KEY": "a"},
                             ["--port", "2", "--reasoning", "content", "--api-key", "b", "--demo"])
-    assert (config.port, config.reasoning, config.api_key, config.demo) == (2, "content", "b", True)
+    assert (config.port, config.reasoning, config.api_keys, config.demo) == (2, "content", ("b",), True)
 
 
 @pytest.mark.parametrize("env, argv, named", [
@@ -81,6 +88,11 @@ def test_flags_override_environment():
     ({"FINSTEP_SESSION_CACHE": "0"}, [], "FINSTEP_SESSION_CACHE (--session-cache) must be a positive"),
     ({"FINSTEP_MAX_QUERY": "many"}, [], "FINSTEP_MAX_QUERY (--max-query) is not a number"),
     ({"FINSTEP_API_KEY": "has space inside"}, [], "FINSTEP_API_KEY (--api-key) must not contain"),
+    ({"FINSTEP_API_KEY": "k1,,k2"}, [], "FINSTEP_API_KEY (--api-key) must be one key or several"),
+    ({"PROXY_API_KEY": "p"}, [], "PROXY_API_KEY (--proxy-key) is set but FINSTEP_API_KEY"),
+    ({"FINSTEP_HEARTBEAT": "0"}, [], "FINSTEP_HEARTBEAT (--heartbeat) must be a positive"),
+    ({"FINSTEP_MAX_STREAMS": "0"}, [], "FINSTEP_MAX_STREAMS (--max-streams) must be a positive"),
+    ({"LOG_FORMAT": "xml"}, [], "LOG_FORMAT (--log-format) must be one of"),
 ])
 def test_bad_values_name_the_variable(env, argv, named):
     with pytest.raises(cf.ConfigError) as caught:
@@ -371,29 +383,30 @@ def test_fold_query_drops_oldest_turns_but_keeps_system_and_last():
 def test_session_store_single_use_and_bounds():
     now = [0.0]
     store = cf.SessionStore(max_entries=2, ttl=10, clock=lambda: now[0])
-    store.put("a", "sa")
-    assert store.get("a") == "sa" and store.get("a", consume=True) == "sa" and store.get("a") is None
-    store.put("a", "sa")
-    store.put("b", "sb")
+    store.put("a", ("sa", "k"))
+    assert store.get("a") == ("sa", "k") and store.get("a", consume=True) == ("sa", "k")
+    assert store.get("a") is None
+    store.put("a", ("sa", "k"))
+    store.put("b", ("sb", "k"))
     store.get("a")  # a is now the most recently used
-    store.put("c", "sc")
-    assert len(store) == 2 and store.get("b") is None and store.get("a") == "sa"
+    store.put("c", ("sc", "k"))
+    assert len(store) == 2 and store.get("b") is None and store.get("a") == ("sa", "k")
     now[0] = 11
     assert store.get("c") is None  # expired
-    store.put("d", "sd")
+    store.put("d", ("sd", "k"))
     assert len(store) == 1  # expired entries are dropped on the way
 
 
 def plan(store, messages, key="k", mode="auto", user=None, client_session=None):
     chat = cf.ChatRequest(model="m", messages=tuple(messages), stream=False, include_usage=False, user=user)
-    return cf.plan_turn(store, mode, 20000, key, chat, client_session)
+    return cf.plan_turn(store, mode, 20000, key, (key,), chat, client_session)
 
 
 def test_plan_turn_continues_only_a_remembered_answer():
     store = cf.SessionStore(100, 3600)
     first = plan(store, [("user", "q1")])
     assert first.path == "new" and first.query == "q1"
-    cf.remember_turn(store, first, "<think>x</think>a1 ")
+    cf.remember_turn(store, first, "k", "<think>x</think>a1 ")
     second = plan(store, [("user", "q1"), ("assistant", "a1"), ("user", "q2")])
     assert (second.path, second.session_id, second.query) == ("continued", first.session_id, "q2")
     again = plan(store, [("user", "q1"), ("assistant", "a1"), ("user", "q2")])
@@ -408,7 +421,7 @@ def test_plan_turn_fold_mode_and_explicit():
     first = plan(store, [("system", "s"), ("user", "q")], client_session="c")
     assert first.path == "explicit" and first.query == "System: s\n\nUser: q"
     assert first.session_id == cf.explicit_session_id("k", "c")
-    cf.remember_turn(store, first, "a")
+    cf.remember_turn(store, first, "k", "a")
     later = plan(store, [("system", "s"), ("user", "q"), ("assistant", "a"), ("user", "q2")], client_session="c")
     assert (later.path, later.session_id, later.query) == ("explicit", first.session_id, "q2")
 
@@ -433,6 +446,7 @@ def answer_events(*texts, thinking=()):
 
 
 CUT = object()  # close the connection where it stands, without ending the response
+HOLD = object()  # stay silent until the proxy closes the connection (recorded in `closed_at`)
 
 
 @dataclasses.dataclass
@@ -484,6 +498,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 if step is CUT:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                if step is HOLD:
+                    self.wfile.flush()
+                    self.hold_until_closed()
+                    return
                 if not isinstance(step, bytes):
                     wait_step(step)
                 elif reply.framing == "chunked":
@@ -495,6 +513,19 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         except (ConnectionError, OSError):
             upstream.client_left.set()
 
+    def hold_until_closed(self):
+        deadline = time.monotonic() + 5
+        self.connection.settimeout(0.01)
+        while time.monotonic() < deadline:
+            try:
+                if not self.connection.recv(1):
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        self.server.upstream.closed_at.append(time.monotonic())
+
     def log_message(self, format, *args):
         pass
 
@@ -504,6 +535,7 @@ class FakeUpstream:
         self.received = []
         self.replies = []
         self.client_left = threading.Event()
+        self.closed_at = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
         self.server.daemon_threads = True
         self.server.upstream = self
@@ -564,7 +596,7 @@ def make_proxy(upstream):
     started = []
 
     def make(**overrides):
-        settings = dict(api_key=ENV_KEY, upstream_url=upstream.url, host="127.0.0.1", port=0,
+        settings = dict(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="127.0.0.1", port=0,
                         timeout=2.0, client_timeout=1.0)
         settings.update(overrides)
         proxy = Proxy(cf.Config(**settings))
@@ -873,12 +905,12 @@ def test_env_key_wins_over_the_client_key(proxy, upstream):
 
 
 def test_client_key_is_passed_through_without_bearer(make_proxy, upstream):
-    make_proxy(api_key=None).chat(headers={"Authorization": "Bearer AI-ONE-client"})
+    make_proxy(api_keys=()).chat(headers={"Authorization": "Bearer AI-ONE-client"})
     assert upstream.received[-1]["headers"]["Authorization"] == "AI-ONE-client"
 
 
 def test_no_key_anywhere_is_401(make_proxy, upstream):
-    status, _, body = make_proxy(api_key=None).chat()
+    status, _, body = make_proxy(api_keys=()).chat()
     assert status == 401 and json.loads(body)["error"]["code"] == "missing_api_key"
     assert upstream.received == []
 
@@ -959,7 +991,7 @@ def test_new_conversation_with_a_system_prompt_is_folded(proxy, upstream):
     {"headers": {"Authorization": "Bearer other-key-123456"}},  # a different upstream key
 ])
 def test_two_callers_with_identical_openings_never_share_a_session(make_proxy, upstream, second_caller):
-    proxy = make_proxy(api_key=None)
+    proxy = make_proxy(api_keys=())
     alice = {"headers": {"Authorization": "Bearer alice-key-123456"}, "user": "alice"}
     first, a1 = turn(proxy, upstream, msgs("q1"), "a1", **alice)
     caller = dict(alice, **second_caller)
@@ -998,7 +1030,7 @@ def test_explicit_session_maps_stably(make_proxy, upstream, where):
     assert regenerated["sessionId"] == first["sessionId"] and regenerated["query"] == "q2"
     restarted = ask(make_proxy(), history + msgs("x", "a", "q2")[1:])
     assert restarted["sessionId"] == first["sessionId"]  # same id, same key: same session after a restart
-    other_key = ask(make_proxy(api_key="another-key-123456"), history)
+    other_key = ask(make_proxy(api_keys=("another-key-123456",)), history)
     assert other_key["sessionId"] != first["sessionId"]
 
 
@@ -1363,7 +1395,7 @@ def wait_for_log(caplog, text):
 
 def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
     caplog.set_level(logging.INFO, logger="custom_finstep")
-    proxy = make_proxy(api_key=None)
+    proxy = make_proxy(api_keys=())
     upstream.reply(*answer_events("a", "b"))
     proxy.chat(stream=True, headers={"Authorization": "Bearer AI-ONE-secretsecret1234"})
     line = wait_for_log(caplog, "POST /v1/chat/completions")
@@ -1377,6 +1409,382 @@ def test_unfamiliar_type_is_logged_at_debug(proxy, upstream, caplog):
     upstream.reply(ev("RESPONSING", "card", "x"), ev("RESPONSING", "card", "y"), ev("DONE"))
     proxy.chat()
     assert sum("unfamiliar type" in r.getMessage() and "card" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- Production hardening ----------------------------------------------------------------------
+
+PROXY_KEY = "proxy-key-abcdef123456"
+
+
+def bearer(key):
+    return {"Authorization": "Bearer " + key}
+
+
+def test_proxy_key_is_required_except_for_health_and_options(make_proxy, upstream):
+    proxy = make_proxy(proxy_keys=(PROXY_KEY, "second-proxy-key-0000"))
+    for headers in ({}, bearer("wrong"), bearer(PROXY_KEY[:-1])):
+        status, _, body = proxy.chat(headers=headers)
+        assert_error(status, body, 401, "invalid_api_key")
+        assert_error(*proxy.request("GET", "/v1/models", headers=headers)[::2], 401)
+        assert_error(*proxy.request("GET", "/metrics", headers=headers)[::2], 401)
+    assert upstream.received == []
+    assert proxy.request("GET", "/health")[0] == 200
+    assert proxy.request("OPTIONS", "/v1/chat/completions")[0] == 204
+    assert proxy.chat(headers=bearer(PROXY_KEY))[0] == 200
+    assert proxy.chat(headers={"x-api-key": "second-proxy-key-0000"})[0] == 200
+    assert [r["headers"]["Authorization"] for r in upstream.received] == [ENV_KEY, ENV_KEY]
+
+
+def test_open_relay_warning_at_start_up():
+    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY}, host="0.0.0.0")
+    process.terminate()
+    _, err = process.communicate(timeout=5)
+    assert b"no PROXY_API_KEY" in err
+    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "PROXY_API_KEY": PROXY_KEY}, host="0.0.0.0")
+    process.terminate()
+    _, err = process.communicate(timeout=5)
+    assert b"no PROXY_API_KEY" not in err
+
+
+KEYS = ("upstream-key-1-aaaa", "upstream-key-2-bbbb", "upstream-key-3-cccc")
+
+
+def sent_keys(upstream):
+    return [r["headers"]["Authorization"] for r in upstream.received]
+
+
+def test_new_conversations_rotate_over_the_keys(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for i in range(6):
+        proxy.chat(messages=msgs("question %d" % i))
+    assert sent_keys(upstream) == list(KEYS) * 2
+
+
+def test_continued_session_keeps_its_key(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    proxy.chat(messages=msgs("other"))  # moves the rotation on
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert second["sessionId"] == first["sessionId"]
+    assert sent_keys(upstream)[2] == sent_keys(upstream)[0]
+
+
+def test_explicit_session_always_uses_the_same_key(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for _ in range(3):
+        proxy.chat(headers={"X-Session-Id": "conv-7"})
+    assert len(set(sent_keys(upstream))) == 1
+    assert len({r["body"]["sessionId"] for r in upstream.received}) == 1
+
+
+@pytest.mark.parametrize("status, headers", [(401, {}), (403, {}), (429, {"Retry-After": "30"})])
+def test_refused_key_fails_over_and_cools_down(make_proxy, upstream, status, headers):
+    proxy = make_proxy(api_keys=KEYS)
+    upstream.reply(b"no", status=status, framing="length", headers=headers)
+    status_seen, _, body = proxy.chat(stream=True)
+    assert status_seen == 200 and joined(sse_payloads(body)) == "默认回答"
+    assert sent_keys(upstream) == [KEYS[0], KEYS[1]]
+    for i in range(4):
+        proxy.chat(messages=msgs("again %d" % i))
+    assert KEYS[0] not in sent_keys(upstream)[2:]  # cooling down
+
+
+def test_every_key_refused_gives_the_error_after_one_try_each(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for _ in KEYS:
+        upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "5"})
+    status, headers, body = proxy.chat()
+    assert_error(status, body, 429, "rate_limit_exceeded")
+    assert sorted(sent_keys(upstream)) == sorted(KEYS) and headers["Retry-After"] == "5"
+
+
+def test_when_all_keys_cool_down_the_soonest_is_tried(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for seconds in ("300", "100", "200"):
+        upstream.reply(b"x", status=429, framing="length", headers={"Retry-After": seconds})
+    proxy.chat()
+    del upstream.received[:]
+    assert proxy.chat()[0] == 200
+    assert sent_keys(upstream) == [KEYS[1]]
+
+
+def test_key_pool_order():
+    now = [0.0]
+    pool = cf.KeyPool(("a", "b", "c"), clock=lambda: now[0])
+    assert [pool.order() for _ in range(3)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    pool.cool_down("b", 10)
+    pool.cool_down("a", 5)
+    assert pool.order() == ["c"]
+    pool.cool_down("c", 20)
+    assert pool.order() == ["a"]
+    now[0] = 6
+    assert "a" in pool.order() and "b" not in pool.order()
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 60), ("", 60), ("7", 7), ("soon", 60),
+                                            ("Wed, 21 Oct 2015 07:28:00 GMT", 0)])
+def test_retry_after_seconds(value, seconds):
+    assert cf.retry_after_seconds(value) == seconds
+
+
+def read_stream_events(response, until=b"data: [DONE]"):
+    """Read a streaming response as it arrives; returns (arrival time, raw event) pairs."""
+    received, events = b"", []
+    while until not in received:
+        piece = response.read1(65536)
+        assert piece, "the stream ended early: %r" % received[-200:]
+        received += piece
+        while b"\n\n" in received:
+            event, received = received.split(b"\n\n", 1)
+            events.append((time.monotonic(), event))
+            if event == until:
+                received = until
+    return events
+
+
+def open_stream(proxy, payload=None, headers=None):
+    conn = proxy.connect()
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        payload or {"stream": True, "messages": [{"role": "user", "content": "q"}]}),
+        dict({"Content-Type": "application/json"}, **(headers or {})))
+    return conn, conn.getresponse()
+
+
+def test_heartbeats_while_the_upstream_is_silent_before_its_headers(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=0.1)
+    upstream.reply(*answer_events("答"), before_head=0.45)
+    began = time.monotonic()
+    conn, response = open_stream(proxy)
+    assert response.status == 200 and time.monotonic() - began < 0.3  # head sent with the first heartbeat
+    events = read_stream_events(response)
+    kinds = [e for _, e in events]
+    assert kinds[0] == b": keep-alive" and kinds.count(b": keep-alive") >= 3
+    first_data = next(i for i, e in enumerate(kinds) if e.startswith(b"data:"))
+    assert all(e == b": keep-alive" for e in kinds[:first_data])
+    times = [began] + [t for t, _ in events]
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.2  # no silence longer than a heartbeat + slack
+    assert joined(sse_payloads(b"\n\n".join(e for e in kinds if e.startswith(b"data:")) + b"\n\n")) == "答"
+    conn.close()
+
+
+def test_heartbeats_while_the_upstream_is_silent_after_its_headers(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=0.1)
+    upstream.reply(ev("THINKING"), 0.45, *answer_events("答"))
+    conn, response = open_stream(proxy)
+    kinds = [e for _, e in read_stream_events(response)]
+    role = next(i for i, e in enumerate(kinds) if b'"role"' in e)
+    answer = next(i for i, e in enumerate(kinds) if b'"content":"' in e and b'"role"' not in e)
+    assert kinds[role + 1:answer].count(b": keep-alive") >= 3
+    conn.close()
+
+
+def test_quick_upstream_error_keeps_its_status_despite_heartbeats(make_proxy, upstream):
+    upstream.reply(b"bad key", status=401, framing="length")
+    status, _, body = make_proxy(heartbeat=0.2).chat(stream=True)
+    assert_error(status, body, 401)
+
+
+def test_upstream_error_after_the_head_went_out_is_an_error_event(make_proxy, upstream):
+    upstream.reply(b"down", status=503, framing="length", before_head=0.3)
+    status, _, body = make_proxy(heartbeat=0.1).chat(stream=True)
+    assert status == 200
+    events = body.decode().split("\n\n")
+    assert events[0] == ": keep-alive"
+    data = [e for e in events if e.startswith("data: ")]
+    assert json.loads(data[0][6:])["error"]["code"] == "upstream_http_503" and data[1] == "data: [DONE]"
+
+
+def test_non_streaming_requests_get_no_heartbeats(make_proxy, upstream):
+    upstream.reply(*answer_events("答"), before_head=0.3)
+    status, _, body = make_proxy(heartbeat=0.1).chat(stream=False)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "答"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("phase", ["before_head", "after_head"])
+def test_client_leaving_closes_the_upstream_within_a_second(make_proxy, upstream, caplog, stream, phase):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(heartbeat=30)
+    if phase == "after_head":
+        upstream.reply(ev("THINKING"), HOLD)
+    else:
+        upstream.reply(HOLD, framing="close")  # headers flushed late by the HOLD itself
+    conn, sock = None, socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    body = json.dumps({"stream": stream, "messages": [{"role": "user", "content": "q"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    deadline = time.monotonic() + 2
+    while not upstream.received:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    left = time.monotonic()
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not upstream.closed_at:
+        assert time.monotonic() < deadline, "the upstream connection was never closed"
+        time.sleep(0.01)
+    assert upstream.closed_at[0] - left < 1.0
+    line = wait_for_log(caplog, "client left")
+    assert "POST /v1/chat/completions" in line
+    assert not [r for r in caplog.records if r.exc_info]
+    metrics = proxy.request("GET", "/metrics")[2].decode()
+    assert 'finstep_proxy_upstream_results_total{outcome="client_gone"} 1' in metrics
+
+
+def test_requests_above_the_stream_cap_get_503(make_proxy, upstream):
+    proxy = make_proxy(max_streams=1)
+    release = threading.Event()
+    upstream.reply(ev("RESPONSING", "text", "a"), release, ev("DONE"))
+    conn, response = open_stream(proxy)
+    assert b'"role"' in response.read1(65536)
+    status, headers, body = proxy.chat()
+    assert_error(status, body, 503, "server_busy")
+    assert headers["Retry-After"] == "1"
+    release.set()
+    response.read()
+    conn.close()
+    assert proxy.chat()[0] == 200
+
+
+def test_slowloris_is_dropped_while_others_are_served(make_proxy, upstream):
+    proxy = make_proxy(client_timeout=0.4)
+    slow = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    began = time.monotonic()
+    dropped = None
+    for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n":
+        try:
+            slow.sendall(bytes([byte]))  # each byte well within the per-read timeout
+        except OSError:
+            dropped = time.monotonic()
+            break
+        assert proxy.request("GET", "/health")[0] == 200  # others are served meanwhile
+        time.sleep(0.03)
+        readable, _, _ = select.select([slow], [], [], 0)
+        if readable and not slow.recv(65536):
+            dropped = time.monotonic()
+            break
+    slow.close()
+    assert dropped is not None and dropped - began < 1.0
+
+
+def test_metrics_count_what_happened(make_proxy, upstream):
+    proxy = make_proxy()
+    upstream.reply(*answer_events("ok"))
+    proxy.chat()
+    upstream.reply(b"slow", status=429, framing="length")
+    proxy.chat()
+    upstream.reply(b"down", status=500, framing="length")
+    proxy.chat(stream=True)
+    proxy.request("GET", "/nowhere")
+    proxy.request("GET", "/health")
+    status, headers, body = proxy.request("GET", "/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for line in ['finstep_proxy_requests_total{path="/v1/chat/completions",status="200"} 1',
+                 'finstep_proxy_requests_total{path="/v1/chat/completions",status="429"} 1',
+                 'finstep_proxy_requests_total{path="/v1/chat/completions",status="502"} 1',
+                 'finstep_proxy_requests_total{path="other",status="404"} 1',
+                 'finstep_proxy_requests_total{path="/health",status="200"} 1',
+                 'finstep_proxy_upstream_results_total{outcome="ok"} 1',
+                 'finstep_proxy_upstream_results_total{outcome="rate_limited"} 1',
+                 'finstep_proxy_upstream_results_total{outcome="upstream_error"} 1',
+                 'finstep_proxy_upstream_results_total{outcome="timeout"} 0',
+                 "finstep_proxy_streams_in_flight 0",
+                 'finstep_proxy_upstream_first_byte_seconds_bucket{le="+Inf"} 1',
+                 "finstep_proxy_upstream_first_byte_seconds_count 1",
+                 "finstep_proxy_request_duration_seconds_count 5"]:
+        assert line in text.splitlines(), line
+
+
+def test_streams_in_flight_gauge(make_proxy, upstream):
+    proxy = make_proxy()
+    release = threading.Event()
+    upstream.reply(ev("RESPONSING", "text", "a"), release, ev("DONE"))
+    conn, response = open_stream(proxy)
+    response.read1(65536)
+    assert "finstep_proxy_streams_in_flight 1" in proxy.request("GET", "/metrics")[2].decode()
+    release.set()
+    response.read()
+    conn.close()
+
+
+def test_request_id_is_echoed_or_generated_and_logged(proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    _, headers, _ = proxy.chat(headers={"X-Request-Id": "trace-abc.123"})
+    assert headers["X-Request-Id"] == "trace-abc.123"
+    record = None
+    deadline = time.monotonic() + 2
+    while record is None:
+        record = next((r for r in caplog.records if getattr(r, "request_id", None) == "trace-abc.123"), None)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert "POST /v1/chat/completions" in record.getMessage()
+    generated = proxy.request("GET", "/health")[1]["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", generated)
+    hostile = proxy.request("GET", "/health", headers={"X-Request-Id": "bad id\twith spaces"})[1]
+    assert re.fullmatch(r"[0-9a-f]{16}", hostile["X-Request-Id"])
+
+
+def test_json_log_format(upstream):
+    process, port, first = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "FINSTEP_API_URL": upstream.url,
+                                             "LOG_FORMAT": "json"})
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "q"}]}),
+                     {"X-Request-Id": "json-1"})
+        assert conn.getresponse().status == 200
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=5)
+    entries = [json.loads(line) for line in [first] + err.decode().splitlines() if line.strip()]
+    summary = next(e for e in entries if e.get("request_id") == "json-1")
+    assert summary["status"] == 200 and summary["path"] == "/v1/chat/completions" and summary["level"] == "INFO"
+    assert ENV_KEY not in first + err.decode()
+
+
+def stream_through_script(upstream, *args, env=None):
+    process, port, _ = start_script(*args, env=dict({"FINSTEP_API_KEY": ENV_KEY,
+                                                     "FINSTEP_API_URL": upstream.url}, **(env or {})))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert b'"role"' in response.read1(65536)
+    return process, port, response
+
+
+def test_sigterm_lets_a_stream_in_flight_finish(upstream):
+    upstream.reply(ev("RESPONSING", "text", "慢"), 1.0, ev("RESPONSING", "text", "答"), ev("DONE"))
+    process, port, response = stream_through_script(upstream)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.4)  # the accept loop notices within its 0.2 s poll interval
+    with pytest.raises(OSError):  # no new connections while draining
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    rest = response.read()
+    assert rest.endswith(b"data: [DONE]\n\n") and '"content":"答"' in rest.decode()
+    assert process.wait(timeout=5) == 0
+
+
+def test_sigterm_closes_streams_left_after_the_drain_with_an_error(upstream):
+    upstream.reply(ev("RESPONSING", "text", "a"), 3.0, ev("DONE"))
+    process, _, response = stream_through_script(upstream, env={"FINSTEP_DRAIN_SECONDS": "0.3"})
+    began = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    rest = response.read()
+    assert b'"code":"server_shutting_down"' in rest and rest.endswith(b"data: [DONE]\n\n")
+    assert process.wait(timeout=5) == 0 and time.monotonic() - began < 2.0
+
+
+def test_second_signal_exits_at_once(upstream):
+    upstream.reply(ev("RESPONSING", "text", "a"), 3.0, ev("DONE"))
+    process, _, _ = stream_through_script(upstream, env={"FINSTEP_DRAIN_SECONDS": "30"})
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    began = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=5)
+    assert time.monotonic() - began < 1.0
 
 
 # --- The script as a process ------------------------------------------------------------------
@@ -1399,13 +1807,14 @@ def test_imports_only_the_standard_library():
     assert "urllib" in modules and "http" in modules  # the check really saw the imports
 
 
-def start_script(*args, env=None):
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FINSTEP_", "PORT", "HOST"))}
+def start_script(*args, env=None, host="127.0.0.1"):
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("FINSTEP_", "PROXY_", "LOG_", "PORT", "HOST"))}
     environment.update(env or {})
-    process = subprocess.Popen([sys.executable, SCRIPT, "--host", "127.0.0.1", "--port", "0"] + list(args),
+    process = subprocess.Popen([sys.executable, SCRIPT, "--host", host, "--port", "0"] + list(args),
                                stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
     line = process.stderr.readline().decode()
-    port = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+    port = re.search(r"listening on http://[0-9.]+:(\d+)", line)
     assert port, line
     return process, int(port.group(1)), line
 
