@@ -1040,8 +1040,6 @@ def outcome_of(error: Optional[ProxyError]) -> str:
     """The metrics outcome of an upstream request that ended with `error` (None: success)."""
     if error is None:
         return "ok"
-    if error.code == "server_shutting_down":
-        return "shutdown"
     return {401: "auth", 429: "rate_limited", 504: "timeout"}.get(error.status, "upstream_error")
 
 
@@ -1152,7 +1150,7 @@ class Watchdog:
         with self.lock:
             self._unregister(handler)  # either way, nothing more to learn from this socket
         if gone:
-            handler.client_left()
+            handler.interrupt("client_gone")
 
     def stop(self) -> None:
         self.stopped.set()
@@ -1203,7 +1201,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = self.last_write = time.monotonic()
         self.status = None  # type: Optional[int]
         self.request_id = uuid.uuid4().hex[:16]
-        self.sse_started = self.chunked = self.stream_open = self.client_gone = self.stopping = False
+        self.sse_started = self.chunked = self.stream_open = False
+        self.interrupted = None  # type: Optional[str]
         self.upstream = None  # type: Optional[UpstreamCall]
         self.first_byte = None  # type: Optional[float]
         self.chunks = 0
@@ -1260,12 +1259,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.start_sse_locked()
                 self.write_locked(b": keep-alive\n\n")
         except ClientGone:
-            self.client_left()
+            self.interrupt("client_gone")
         finally:
             self.write_lock.release()
 
-    def client_left(self) -> None:
-        self.client_gone = True
+    def interrupt(self, reason: str) -> None:
+        """End this request from another thread, for `reason` ("client_gone" or "shutdown"):
+        shutting its upstream socket wakes the handler thread, which then stops."""
+        self.interrupted = reason
         upstream = self.upstream
         if upstream is not None:
             upstream.abort()
@@ -1277,12 +1278,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-
-    def stop_for_shutdown(self) -> None:
-        self.stopping = True
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.abort()
 
     # -- routing
 
@@ -1320,9 +1315,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                      code="method_not_allowed", headers={"Allow": allowed})
                 getattr(self, name)(path)
             except ProxyError as exc:
-                if self.client_gone:
+                if self.interrupted == "client_gone":
                     raise ClientGone() from None
-                if self.stopping:
+                if self.interrupted == "shutdown":
                     exc = ProxyError(503, "The proxy is shutting down; retry", code="server_shutting_down")
                 self.fail(exc)
         except ClientGone:
@@ -1406,14 +1401,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             error = exc
             raise
         except ClientGone:
-            error = ProxyError(499, "client left", code="client_gone")
+            self.interrupted = "client_gone"
             raise
         finally:
             server.end_stream()
             if self.upstream is not None:
                 self.upstream.close()
-                server.metrics.upstream("client_gone" if self.client_gone else
-                                        "shutdown" if self.stopping else outcome_of(error), self.first_byte)
+                server.metrics.upstream(self.interrupted or outcome_of(error), self.first_byte)
 
     def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> str:
         """Open the upstream with the first key that works: a key refused with 401/403/429
@@ -1424,8 +1418,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for key in keys:
             self.upstream = UpstreamCall(config.upstream_url, key, body, config.connect_timeout,
                                          config.timeout, self.server.proxies, self.server.ssl_context)
-            if self.client_gone:
-                raise ClientGone()
+            if self.interrupted:  # interrupted before this call existed: it ends at once
+                self.upstream.abort()
             began = time.monotonic()
             try:
                 self.upstream.open()
@@ -1712,7 +1706,7 @@ class ProxyServer(ThreadingHTTPServer):
             time.sleep(0.02)
         left = list(self.watchdog.active)
         for handler in left:
-            handler.stop_for_shutdown()
+            handler.interrupt("shutdown")
         deadline = time.monotonic() + 1.0
         while self.watchdog.active and time.monotonic() < deadline:
             time.sleep(0.01)
