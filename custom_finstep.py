@@ -1084,6 +1084,8 @@ class Watchdog:
         self.tick = min(0.25, heartbeat / 4)
         self.heartbeat_due = heartbeat - self.tick  # checked every tick: never later than heartbeat
         self.selector = selectors.DefaultSelector()
+        self.waker, self._wake = socket.socketpair()  # stop() writes to it to end a select at once
+        self.selector.register(self.waker, selectors.EVENT_READ, None)
         self.active = set()  # handlers with a chat request in progress
         self.deadlines = {}  # handler -> monotonic time its request must be in by
         self.lock = threading.Lock()
@@ -1122,12 +1124,12 @@ class Watchdog:
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                ready = self.selector.select(self.tick) if self.selector.get_map() else \
-                    self.stopped.wait(self.tick) and []
+                ready = self.selector.select(self.tick)
             except (OSError, ValueError):  # a socket closed while registered: look again
                 ready = []
-            for key, _ in ready or ():
-                self.check_client(key.data)
+            for key, _ in ready:
+                if key.data is not None:
+                    self.check_client(key.data)
             now = time.monotonic()
             with self.lock:
                 streams = [h for h in self.active if h.stream_open and now - h.last_write >= self.heartbeat_due]
@@ -1154,8 +1156,11 @@ class Watchdog:
 
     def stop(self) -> None:
         self.stopped.set()
+        self._wake.send(b"x")
         self.thread.join(1.0)
         self.selector.close()
+        self.waker.close()
+        self._wake.close()
 
 
 def socket_writable(sock: socket.socket) -> bool:
@@ -1390,13 +1395,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             candidates = [turn.key]
         else:
             candidates = server.key_pool.order() if server.key_pool else list(keys)
-        error = None
+        error, outcome = None, None
         try:
             key = self.open_upstream(turn, candidates, chat.title)
             if chat.stream:
                 self.stream_answer(chat, turn, key)
             else:
                 self.send_answer(chat, turn, key)
+            outcome = "ok"  # even if the client hangs up right after its last byte
         except ProxyError as exc:
             error = exc
             raise
@@ -1404,10 +1410,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.interrupted = "client_gone"
             raise
         finally:
-            server.end_stream()
             if self.upstream is not None:
                 self.upstream.close()
-                server.metrics.upstream(self.interrupted or outcome_of(error), self.first_byte)
+                server.metrics.upstream(outcome or self.interrupted or outcome_of(error), self.first_byte)
+            server.end_stream()
 
     def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> str:
         """Open the upstream with the first key that works: a key refused with 401/403/429

@@ -1697,6 +1697,25 @@ def test_metrics_count_what_happened(make_proxy, upstream):
         assert line in text.splitlines(), line
 
 
+def test_client_closing_right_after_the_end_counts_as_ok(proxy, upstream, monkeypatch):
+    close = cf.UpstreamCall.close
+
+    def slow_close(call):  # widen the window in which the watchdog sees the client close
+        time.sleep(0.05)
+        close(call)
+    monkeypatch.setattr(cf.UpstreamCall, "close", slow_close)
+    for _ in range(5):
+        upstream.reply(*answer_events("x"))
+        status, _, body = proxy.chat(stream=True)  # closes its connection as soon as it has read
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    deadline = time.monotonic() + 2
+    while "finstep_proxy_streams_in_flight 0" not in proxy.request("GET", "/metrics")[2].decode():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    metrics = proxy.request("GET", "/metrics")[2].decode()
+    assert 'finstep_proxy_upstream_results_total{outcome="ok"} 5' in metrics
+
+
 def test_streams_in_flight_gauge(make_proxy, upstream):
     proxy = make_proxy()
     release = threading.Event()
