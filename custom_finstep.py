@@ -43,6 +43,7 @@ __version__ = "1.0.0"
 import argparse
 import collections
 import dataclasses
+import datetime
 import email.utils
 import functools
 import hashlib
@@ -1054,7 +1055,8 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, request_id, message, and the request's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname,
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry = {"time": moment.isoformat(timespec="milliseconds"), "level": record.levelname,
                  "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:

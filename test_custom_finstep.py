@@ -1759,6 +1759,7 @@ def test_json_log_format(upstream):
     entries = [json.loads(line) for line in [first] + err.decode().splitlines() if line.strip()]
     summary = next(e for e in entries if e.get("request_id") == "json-1")
     assert summary["status"] == 200 and summary["path"] == "/v1/chat/completions" and summary["level"] == "INFO"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", summary["time"])
     assert ENV_KEY not in first + err.decode()
 
 
