@@ -1673,7 +1673,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128
+    request_queue_size = 1024  # a burst of connections waits in the kernel instead of retrying SYNs
 
     def __init__(self, config: Config, handler=ProxyHandler):
         self.config = config

@@ -1,0 +1,346 @@
+"""Benchmark: what custom_finstep.py adds on top of the upstream it forwards.
+
+One command, standard library only, traffic on 127.0.0.1 only, stops by itself:
+
+    python bench/bench_proxy.py                      # full run (about two minutes on 2 cores)
+    python bench/bench_proxy.py --quick              # a few seconds: proves the benchmark works
+    python bench/bench_proxy.py --json results.json  # also write the figures as JSON
+    python bench/bench_proxy.py --compare http://127.0.0.1:4000/v1 --upstream-port 9100
+                                                     # a third column: any OpenAI-compatible
+                                                     # endpoint pointed at the fake upstream
+
+It starts a fake Finstep upstream and the proxy as separate processes and measures
+every workload twice in the same run, interleaved: through the proxy, and read
+directly from the fake upstream (the floor). The fake upstream answers a query
+"bench n=<chunks> every=<seconds>" with that many `RESPONSING` events, each its own
+HTTP chunk written the moment it is due, each text being its send time (time.time()).
+"""
+
+import argparse
+import json
+import os
+import re
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROXY_SCRIPT = os.path.join(os.path.dirname(HERE), "custom_finstep.py")
+STAMP = re.compile(rb"(\d{10}\.\d{6})")
+
+
+# --- The fake upstream (runs in its own process) ------------------------------------
+
+class FakeFinstep(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        query = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"]
+        fields = dict(part.split("=") for part in query.split()[1:])
+        count, every = int(fields["n"]), float(fields["every"])
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream;charset=UTF-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        send = self.connection.sendall
+        for line in (b'data:{"status": "THINKING"}\n', b'data:{"status": "MSG_START"}\n'):
+            send(b"%x\r\n%s\r\n" % (len(line), line))
+        start = time.monotonic()
+        for index in range(count):
+            if every:
+                delay = start + index * every - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            line = b'data:{"status": "RESPONSING", "type": "text", "text": "%.6f"}\n' % time.time()
+            send(b"%x\r\n%s\r\n" % (len(line), line))
+        tail = b'data:{"status": "MSG_DONE"}\ndata:{"status": "DONE"}\n'
+        send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_upstream(port: int) -> None:
+    ThreadingHTTPServer.request_queue_size = 2048
+    ThreadingHTTPServer.daemon_threads = True
+    server = ThreadingHTTPServer(("127.0.0.1", port), FakeFinstep)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+# --- Targets: the same workload read through the proxy, directly, or elsewhere ----------
+
+class Target:
+    """An endpoint to stream from: `request(query)` is the raw HTTP request for a query;
+    `is_answer(event)` tells an answer event from the others."""
+
+    def __init__(self, name: str, port: int, path: str, body, answer_marker: bytes, headers: str = ""):
+        self.name, self.port, self.path, self.body, self.answer_marker = name, port, path, body, answer_marker
+        self.headers = headers
+
+    def request(self, query: str) -> bytes:
+        body = json.dumps(self.body(query)).encode()
+        return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%s"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (self.path.encode(), self.headers.encode(), len(body), body))
+
+
+def direct_target(port: int) -> Target:
+    return Target("direct", port, "/completion",
+                  lambda q: {"userId": "1", "sessionId": "0" * 32, "query": q, "sessionTitle": "bench"},
+                  b'"RESPONSING"')
+
+
+def openai_target(name: str, port: int, path: str, key: str = "bench") -> Target:
+    return Target(name, port, path,
+                  lambda q: {"model": "finstep-proxy", "stream": True, "messages": [{"role": "user", "content": q}]},
+                  b'"content":"1', "Authorization: Bearer %s\r\n" % key)
+
+
+def stream_once(target: Target, query: str, timeout: float = 30.0):
+    """Stream one answer over a raw socket: (seconds to the first answer event, answer events,
+    seconds in all). Counting markers in raw bytes keeps the client out of the measurement."""
+    began = time.perf_counter()
+    first, events, tail = None, 0, b""
+    with socket.create_connection(("127.0.0.1", target.port), timeout=timeout) as sock:
+        sock.sendall(target.request(query))
+        marker = target.answer_marker
+        while True:
+            data = sock.recv(262144)
+            if not data:
+                break
+            found = (tail + data).count(marker)
+            if found and first is None:
+                first = time.perf_counter() - began
+            events += found
+            tail = data[-len(marker) + 1:]
+    return first, events, time.perf_counter() - began
+
+
+def stream_many(target: Target, query: str, count: int, timeout: float):
+    """`count` simultaneous streams on one selector thread: (completed streams, per-chunk delays
+    in seconds from the upstream's send stamp to arrival here)."""
+    selector = selectors.DefaultSelector()
+    pending = {}
+    request = target.request(query)
+    for _ in range(count):
+        # Connect without blocking: a slow accept must never stop this loop reading the others.
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", target.port))
+        selector.register(sock, selectors.EVENT_WRITE)
+        pending[sock] = [b"", False]
+    delays, completed = [], 0
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for key, events in selector.select(0.5):
+            sock = key.fileobj
+            if events & selectors.EVENT_WRITE:
+                sock.sendall(request)  # a small request fits the empty send buffer at once
+                selector.modify(sock, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(262144)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            now = time.time()
+            state = pending[sock]
+            if data:
+                buffer = state[0] + data
+                lines = buffer.split(b"\n")
+                state[0] = lines.pop()
+                for line in lines:
+                    if target.answer_marker in line:
+                        stamp = STAMP.search(line)
+                        if stamp:
+                            delays.append(now - float(stamp.group(1)))
+                    elif b"[DONE]" in line or b'"DONE"' in line:
+                        state[1] = True
+                continue
+            completed += state[1]
+            selector.unregister(sock)
+            sock.close()
+            del pending[sock]
+    for sock in pending:
+        sock.close()
+    selector.close()
+    return completed, delays
+
+
+# --- Processes ------------------------------------------------------------------------------
+
+def wait_for_port(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.001)
+    raise RuntimeError("port %d never opened" % port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_upstream(port: int):
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(port)],
+                               stdout=subprocess.PIPE)
+    port = int(process.stdout.readline())
+    return process, port
+
+
+def start_proxy(upstream_port: int):
+    """The proxy as a user runs it; returns (process, port, seconds from start to listening)."""
+    port = free_port()
+    environment = dict(os.environ, FINSTEP_API_KEY="bench-key", FINSTEP_API_URL="http://127.0.0.1:%d/completion"
+                       % upstream_port, HOST="127.0.0.1", PORT=str(port), FINSTEP_MAX_STREAMS="4000",
+                       LOG_LEVEL="WARNING")
+    began = time.monotonic()
+    process = subprocess.Popen([sys.executable, PROXY_SCRIPT], env=environment, stderr=subprocess.DEVNULL)
+    wait_for_port(port, began + 10)
+    return process, port, time.monotonic() - began
+
+
+def memory_kb(pid: int, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, from /proc."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def percentile(values, fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+# --- Workloads --------------------------------------------------------------------------------
+
+def time_to_first_token(targets, requests: int):
+    firsts = {t.name: [] for t in targets}
+    for _ in range(requests):
+        for target in targets:  # interleaved, so drift hits every column alike
+            first, events, _ = stream_once(target, "bench n=1 every=0")
+            assert events == 1, (target.name, events)
+            firsts[target.name].append(first)
+    return {name: {"p50_ms": percentile(v, 0.5) * 1000, "p99_ms": percentile(v, 0.99) * 1000}
+            for name, v in firsts.items()}
+
+
+def forwarding_rate(targets, chunks: int, rounds: int):
+    rates = {t.name: [] for t in targets}
+    for _ in range(rounds):
+        for target in targets:
+            _, events, seconds = stream_once(target, "bench n=%d every=0" % chunks, timeout=120)
+            assert events == chunks, (target.name, events)
+            rates[target.name].append(chunks / seconds)
+    return {name: {"chunks_per_s": max(v)} for name, v in rates.items()}
+
+
+def concurrency(targets, streams: int, chunks: int, every: float):
+    out = {}
+    for target in targets:
+        completed, delays = stream_many(target, "bench n=%d every=%g" % (chunks, every), streams,
+                                        timeout=chunks * every + 30)
+        out[target.name] = {"completed": completed, "streams": streams, "chunks": len(delays),
+                            "delay_p50_ms": percentile(delays, 0.5) * 1000,
+                            "delay_p99_ms": percentile(delays, 0.99) * 1000}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds: small workloads")
+    parser.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    parser.add_argument("--compare", metavar="URL", help="another OpenAI-compatible base URL (…/v1)")
+    parser.add_argument("--compare-key", default="bench", help="API key for --compare")
+    parser.add_argument("--upstream-port", type=int, default=0, help="fixed port for the fake upstream")
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_upstream is not None:
+        serve_upstream(args.serve_upstream)
+        return 0
+    sizes = dict(ttft=20, chunks=2000, rounds=1, streams=20, stream_chunks=5, every=0.02, many=50,
+                 many_chunks=3, many_every=0.1) if args.quick else \
+        dict(ttft=300, chunks=20000, rounds=3, streams=200, stream_chunks=20, every=0.1, many=1000,
+             many_chunks=10, many_every=1.0)
+    upstream, upstream_port = start_upstream(args.upstream_port)
+    proxy = None
+    try:
+        wait_for_port(upstream_port, time.monotonic() + 10)
+        proxy, proxy_port, startup = start_proxy(upstream_port)
+        idle_kb = memory_kb(proxy.pid, "VmRSS")
+        targets = [openai_target("proxy", proxy_port, "/v1/chat/completions"), direct_target(upstream_port)]
+        if args.compare:
+            match = re.match(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/.*)?$", args.compare.rstrip("/"))
+            if not match:
+                parser.error("--compare must be http://127.0.0.1:PORT/... (loopback only)")
+            targets.append(openai_target("compare", int(match.group(1)),
+                                         (match.group(2) or "") + "/chat/completions", args.compare_key))
+        results = {"machine": {"python": sys.version.split()[0], "cores": os.cpu_count(),
+                               "platform": sys.platform, "date": time.strftime("%Y-%m-%d")},
+                   "quick": args.quick}
+        print("time to first token: %d sequential streams each..." % sizes["ttft"], flush=True)
+        results["ttft"] = time_to_first_token(targets, sizes["ttft"])
+        print("forwarding rate: one stream of %d chunks..." % sizes["chunks"], flush=True)
+        results["rate"] = forwarding_rate(targets, sizes["chunks"], sizes["rounds"])
+        print("concurrency: %d streams x %d chunks every %gs..." % (sizes["streams"], sizes["stream_chunks"],
+                                                                   sizes["every"]), flush=True)
+        results["concurrency"] = concurrency(targets, sizes["streams"], sizes["stream_chunks"], sizes["every"])
+        print("many open streams: %d slow streams..." % sizes["many"], flush=True)
+        results["many"] = concurrency(targets[:1], sizes["many"], sizes["many_chunks"], sizes["many_every"])
+        results["many"]["proxy"]["peak_rss_mb"] = memory_kb(proxy.pid, "VmHWM") / 1024
+        results["footprint"] = {"idle_rss_mb": idle_kb / 1024, "startup_ms": startup * 1000}
+    finally:
+        for process in (proxy, upstream):
+            if process is not None:
+                process.kill()
+                process.wait()
+    report(results, [t.name for t in targets])
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+    many = results["many"]["proxy"]
+    complete = all(c["completed"] == c["streams"] for c in results["concurrency"].values()) \
+        and many["completed"] == many["streams"]
+    return 0 if complete else 1
+
+
+def report(results, names) -> None:
+    ttft, rate, conc = results["ttft"], results["rate"], results["concurrency"]
+    many, foot = results["many"]["proxy"], results["footprint"]
+    rows = [("time to first token p50 (ms)", [ttft[n]["p50_ms"] for n in names]),
+            ("time to first token p99 (ms)", [ttft[n]["p99_ms"] for n in names]),
+            ("forwarding rate, one stream (chunks/s)", [rate[n]["chunks_per_s"] for n in names]),
+            ("concurrent streams completed", ["%d/%d" % (conc[n]["completed"], conc[n]["streams"]) for n in names]),
+            ("per-chunk delay p50 (ms)", [conc[n]["delay_p50_ms"] for n in names]),
+            ("per-chunk delay p99 (ms)", [conc[n]["delay_p99_ms"] for n in names])]
+    width = max(len(r[0]) for r in rows) + 2
+    print("\n" + "figure".ljust(width) + "".join(n.rjust(14) for n in names) + "added by proxy".rjust(16))
+    for label, values in rows:
+        cells = "".join((v if isinstance(v, str) else "%.2f" % v if v < 1000 else "%.0f" % v).rjust(14)
+                        for v in values)
+        added = ""
+        if label.endswith("(ms)"):
+            added = "%+.2f" % (values[0] - values[1])
+        print(label.ljust(width) + cells + added.rjust(16))
+    print("\nmany open streams: %d/%d completed, proxy peak RSS %.1f MB" % (many["completed"], many["streams"],
+                                                                      many["peak_rss_mb"]))
+    print("footprint: idle RSS %.1f MB, start to listening %.0f ms" % (foot["idle_rss_mb"], foot["startup_ms"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
