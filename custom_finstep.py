@@ -584,6 +584,16 @@ class ChunkFormatter:
                            "created": self.created, "model": self.model, "choices": [], "usage": usage})
 
 
+def metrics_path(path: str) -> str:
+    """A request path as a metrics label: known routes as themselves, the model-id route as a
+    template, anything else as "other", so clients cannot multiply the series."""
+    path = path.rstrip("/") or "/"
+    routes = route_for(path)
+    if routes is None:
+        return "other"
+    return path.split("/models/", 1)[0] + "/models/{id}" if "retrieve_model" in routes.values() else path
+
+
 def route_for(path: str) -> Optional[Dict[str, str]]:
     """The handler method names by HTTP method for a path, or None for an unknown path."""
     if path in ("/v1/chat/completions", "/chat/completions"):
@@ -785,6 +795,14 @@ def retry_after_seconds(value: Optional[str], default: float = 60.0) -> float:
 
 # --- Upstream I/O ------------------------------------------------------------
 
+def shut(sock: socket.socket) -> None:
+    """Shut a socket both ways. Unlike close(), this wakes a read blocked on it in another thread."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class UpstreamBroken(Exception):
     """The upstream stream ended before its response was complete."""
 
@@ -847,21 +865,14 @@ class UpstreamCall:
             self._sock = sock
             aborted = self._aborted
         if aborted:
-            self._shut(sock)
+            shut(sock)
 
     def abort(self) -> None:
         with self._lock:
             self._aborted = True
             sock = self._sock
         if sock is not None:
-            self._shut(sock)
-
-    @staticmethod
-    def _shut(sock: socket.socket) -> None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+            shut(sock)
 
     def open(self) -> None:
         """Send the request and wait for the response head; raises ProxyError on any failure."""
@@ -1181,6 +1192,11 @@ class ClientGone(Exception):
     """The client closed its connection; nobody is left to answer."""
 
 
+def shutting_down() -> ProxyError:
+    return ProxyError(503, "The proxy is shutting down; retry", code="server_shutting_down",
+                      headers={"Retry-After": "1"})
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "custom_finstep/" + __version__
@@ -1239,8 +1255,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = _CONTROL.sub("?", self.path.split("?", 1)[0][:200])
         seconds = time.monotonic() - self.started
         upstream_status = self.upstream.status if self.upstream else None
-        routes = route_for(path.rstrip("/") or "/")
-        self.server.metrics.request(path if routes else "other", self.status, seconds)
+        self.server.metrics.request(metrics_path(path), self.status, seconds)
         # Container health checks would drown the log: a healthy /health is a debug line.
         level = logging.DEBUG if path == "/health" and self.status == 200 else logging.INFO
         self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command,
@@ -1281,10 +1296,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def drop(self) -> None:
         self.log(logging.INFO, "%s dropped: request not received within %gs", self.client_address[0],
                  self.server.config.client_timeout)
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut(self.connection)
 
     # -- routing
 
@@ -1325,7 +1337,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 if self.interrupted == "client_gone":
                     raise ClientGone() from None
                 if self.interrupted == "shutdown":
-                    exc = ProxyError(503, "The proxy is shutting down; retry", code="server_shutting_down")
+                    exc = shutting_down()
                 self.fail(exc)
         except ClientGone:
             self.close_connection = True
@@ -1375,8 +1387,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         chat = parse_chat_request(self.read_body(), config.models[0])
         if server.draining:
             self.close_connection = True
-            raise ProxyError(503, "The proxy is shutting down; retry", code="server_shutting_down",
-                             headers={"Retry-After": "1"})
+            raise shutting_down()
         if config.api_keys:
             keys, caller = config.api_keys, (client_key(self.headers) or "") if config.proxy_keys else ""
         else:

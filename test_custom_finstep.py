@@ -332,6 +332,14 @@ def test_route_for(path, routes):
     assert cf.route_for(path) == routes
 
 
+@pytest.mark.parametrize("path, label", [
+    ("/v1/chat/completions", "/v1/chat/completions"), ("/health/", "/health"), ("/metrics", "/metrics"),
+    ("/v1/models/abc", "/v1/models/{id}"), ("/models/x/y", "/models/{id}"), ("/random", "other"),
+])
+def test_metrics_path(path, label):
+    assert cf.metrics_path(path) == label
+
+
 # --- Conversations: pure parts ------------------------------------------------------------
 
 @pytest.mark.parametrize("messages, turns", [
