@@ -1224,7 +1224,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = self.last_write = time.monotonic()
         self.status = None  # type: Optional[int]
         self.request_id = uuid.uuid4().hex[:16]
-        self.sse_started = self.chunked = self.stream_open = False
+        self.sse_started = self.chunked = self.stream_open = self.slot_held = False
         self.interrupted = None  # type: Optional[str]
         self.upstream = None  # type: Optional[UpstreamCall]
         self.first_byte = None  # type: Optional[float]
@@ -1402,20 +1402,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not server.begin_stream():
             raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
                              code="server_busy", headers={"Retry-After": "1"})
-        self.stream_open = chat.stream
+        self.slot_held, self.stream_open = True, chat.stream
         server.watchdog.watch(self)
         if turn.key is not None:  # the session belongs to the key that created it
             candidates = [turn.key]
         else:
             candidates = server.key_pool.order() if server.key_pool else list(keys)
-        error, outcome = None, None
+        error = None
         try:
             key = self.open_upstream(turn, candidates, chat.title)
             if chat.stream:
                 self.stream_answer(chat, turn, key)
             else:
                 self.send_answer(chat, turn, key)
-            outcome = "ok"  # even if the client hangs up right after its last byte
         except ProxyError as exc:
             error = exc
             raise
@@ -1423,10 +1422,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.interrupted = "client_gone"
             raise
         finally:
-            if self.upstream is not None:
-                self.upstream.close()
-                server.metrics.upstream(outcome or self.interrupted or outcome_of(error), self.first_byte)
-            server.end_stream()
+            self.release_upstream(self.interrupted or outcome_of(error))
+
+    def release_upstream(self, outcome: str) -> None:
+        """Close the upstream call, record its outcome and free its slot, once. A complete
+        answer does this before its last bytes go out, so a client's next request never
+        finds the slot still taken, nor a hang-up right after the end counted as a failure."""
+        if not self.slot_held:
+            return
+        self.slot_held = False
+        if self.upstream is not None:
+            self.upstream.close()
+            self.server.metrics.upstream(outcome, self.first_byte)
+        self.server.end_stream()
 
     def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> str:
         """Open the upstream with the first key that works: a key refused with 401/403/429
@@ -1518,8 +1526,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                              answer, self.usage(turn, answer)))
 
     def answer_complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
-        # Remembered before the client sees the end, so its next turn can never arrive first.
+        # Done before the client sees the end, so its next request can never arrive first.
         remember_turn(self.server.sessions, turn, key, "".join(answer.content))
+        self.release_upstream("ok")
 
     @staticmethod
     def usage(turn: Turn, answer: AnswerRouter) -> dict:

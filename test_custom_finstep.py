@@ -1445,12 +1445,10 @@ def test_proxy_key_is_required_except_for_health_and_options(make_proxy, upstrea
 
 def test_open_relay_warning_at_start_up():
     process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY}, host="0.0.0.0")
-    process.terminate()
-    _, err = process.communicate(timeout=5)
+    err = stop_script(process)
     assert b"no PROXY_API_KEY" in err
     process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "PROXY_API_KEY": PROXY_KEY}, host="0.0.0.0")
-    process.terminate()
-    _, err = process.communicate(timeout=5)
+    err = stop_script(process)
     assert b"no PROXY_API_KEY" not in err
 
 
@@ -1762,8 +1760,7 @@ def test_json_log_format(upstream):
                      {"X-Request-Id": "json-1"})
         assert conn.getresponse().status == 200
     finally:
-        process.terminate()
-        _, err = process.communicate(timeout=5)
+        err = stop_script(process)
     entries = [json.loads(line) for line in [first] + err.decode().splitlines() if line.strip()]
     summary = next(e for e in entries if e.get("request_id") == "json-1")
     assert summary["status"] == 200 and summary["path"] == "/v1/chat/completions" and summary["level"] == "INFO"
@@ -1845,6 +1842,15 @@ def start_script(*args, env=None, host="127.0.0.1"):
     port = re.search(r"listening on http://[0-9.]+:(\d+)", line)
     assert port, line
     return process, int(port.group(1)), line
+
+
+def stop_script(process):
+    """SIGTERM the script and return the rest of its stderr. (Not communicate(): it would miss
+    what start_script's readline already buffered.)"""
+    process.terminate()
+    rest = process.stderr.read()
+    process.wait(timeout=5)
+    return rest
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
