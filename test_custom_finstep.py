@@ -1914,6 +1914,14 @@ def test_help_documents_every_variable():
     assert "--demo" in text
 
 
+def test_runs_as_a_module_as_the_docker_image_does():
+    dockerfile = open(os.path.join(HERE, "Dockerfile"), encoding="utf-8").read()
+    assert 'CMD ["python", "-m", "custom_finstep"]' in dockerfile
+    result = subprocess.run([sys.executable, "-m", "custom_finstep", "--version"], cwd=HERE,
+                            capture_output=True, timeout=10)
+    assert result.returncode == 0 and cf.__version__ in result.stdout.decode()
+
+
 def test_readme_documents_every_variable():
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     chinese, english = readme.split("## English", 1)

@@ -21,11 +21,11 @@ import json
 import os
 import re
 import selectors
+import shutil
 import socket
-import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -201,16 +201,35 @@ def start_upstream(port: int):
     return process, port
 
 
-def start_proxy(upstream_port: int):
-    """The proxy as a user runs it; returns (process, port, seconds from start to listening)."""
+def start_proxy(upstream_port: int, command=None, cwd=None):
+    """The proxy as a user runs it (`python custom_finstep.py` unless `command` says otherwise);
+    returns (process, port, seconds from start to listening)."""
     port = free_port()
     environment = dict(os.environ, FINSTEP_API_KEY="bench-key", FINSTEP_API_URL="http://127.0.0.1:%d/completion"
                        % upstream_port, HOST="127.0.0.1", PORT=str(port), FINSTEP_MAX_STREAMS="4000",
                        LOG_LEVEL="WARNING")
     began = time.monotonic()
-    process = subprocess.Popen([sys.executable, PROXY_SCRIPT], env=environment, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command or [sys.executable, PROXY_SCRIPT], env=environment,
+                               stderr=subprocess.DEVNULL, cwd=cwd)
     wait_for_port(port, began + 10)
     return process, port, time.monotonic() - began
+
+
+def footprint(upstream_port: int):
+    """Idle memory and start-up time of both ways to run the proxy: as a script, and as the
+    Docker image does, `python -m custom_finstep` from bytecode compiled at build time."""
+    out = {}
+    with tempfile.TemporaryDirectory() as image:  # laid out as the image is: the script and its bytecode
+        shutil.copy(PROXY_SCRIPT, image)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", image], check=True)
+        for name, command in (("script", [sys.executable, PROXY_SCRIPT]),
+                              ("module", [sys.executable, "-m", "custom_finstep"])):
+            process, _, startup = start_proxy(upstream_port, command, cwd=image)
+            time.sleep(0.3)  # settled, idle
+            out[name] = {"idle_rss_mb": memory_kb(process.pid, "VmRSS") / 1024, "startup_ms": startup * 1000}
+            process.kill()
+            process.wait()
+    return out
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -281,8 +300,8 @@ def main(argv=None) -> int:
     proxy = None
     try:
         wait_for_port(upstream_port, time.monotonic() + 10)
-        proxy, proxy_port, startup = start_proxy(upstream_port)
-        idle_kb = memory_kb(proxy.pid, "VmRSS")
+        results_footprint = footprint(upstream_port)
+        proxy, proxy_port, _ = start_proxy(upstream_port)
         targets = [openai_target("proxy", proxy_port, "/v1/chat/completions"), direct_target(upstream_port)]
         if args.compare:
             match = re.match(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/.*)?$", args.compare.rstrip("/"))
@@ -303,7 +322,7 @@ def main(argv=None) -> int:
         print("many open streams: %d slow streams..." % sizes["many"], flush=True)
         results["many"] = concurrency(targets[:2], sizes["many"], sizes["many_chunks"], sizes["many_every"])
         results["many"]["proxy"]["peak_rss_mb"] = memory_kb(proxy.pid, "VmHWM") / 1024
-        results["footprint"] = {"idle_rss_mb": idle_kb / 1024, "startup_ms": startup * 1000}
+        results["footprint"] = results_footprint
     finally:
         for process in (proxy, upstream):
             if process is not None:
@@ -339,7 +358,9 @@ def report(results, names) -> None:
     direct = results["many"]["direct"]
     print("\nmany open streams: %d/%d completed through the proxy (%d/%d direct), proxy peak RSS %.1f MB"
           % (many["completed"], many["streams"], direct["completed"], direct["streams"], many["peak_rss_mb"]))
-    print("footprint: idle RSS %.1f MB, start to listening %.0f ms" % (foot["idle_rss_mb"], foot["startup_ms"]))
+    for name, label in (("script", "python custom_finstep.py"), ("module", "python -m custom_finstep (Docker)")):
+        print("footprint, %s: idle RSS %.1f MB, start to listening %.0f ms"
+              % (label, foot[name]["idle_rss_mb"], foot[name]["startup_ms"]))
 
 
 if __name__ == "__main__":
