@@ -16,6 +16,7 @@ Endpoints:
     POST /v1/chat/completions, POST /chat/completions
     GET  /v1/models, /models, /v1/models/{id}, /models/{id}
     GET  /health                              # no upstream call
+    GET  /metrics                             # Prometheus text format
     OPTIONS on every path                     # CORS preflight
 
 Environment (each has a command-line flag that overrides it; empty = unset):
@@ -48,9 +49,9 @@ import datetime
 import email.utils
 import functools
 import hashlib
+import hmac
 import http.client
 import json
-import hmac
 import logging
 import math
 import os
@@ -804,6 +805,9 @@ def shut(sock: socket.socket) -> None:
         pass
 
 
+MAX_UPSTREAM_LINE = 8 * 1024 * 1024  # an upstream that never ends its line cannot fill our memory
+
+
 class UpstreamBroken(Exception):
     """The upstream stream ended before its response was complete."""
 
@@ -927,6 +931,8 @@ class UpstreamCall:
                     break
                 lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
                 pending = lines.pop()
+                if len(pending) > MAX_UPSTREAM_LINE:
+                    raise UpstreamBroken("a line longer than %d bytes" % MAX_UPSTREAM_LINE)
                 batch = []
                 for line in lines:
                     event = parse_upstream_event(line)
@@ -1271,6 +1277,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
 
+    def log_error(self, format: str, *args) -> None:
+        # http.server reports only read timeouts here (send_error is ours): idle keep-alives, mostly.
+        self.log(logging.DEBUG, "%s %s", self.client_address[0], format % args)
+
     # -- called by the watchdog, from its thread
 
     def heartbeat(self) -> None:
@@ -1295,7 +1305,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             upstream.abort()
 
     def drop(self) -> None:
-        self.log(logging.INFO, "%s dropped: request not received within %gs", self.client_address[0],
+        # Mostly idle keep-alive connections, so a debug line; a slowloris sender ends here too.
+        self.log(logging.DEBUG, "%s closed: no complete request within %gs", self.client_address[0],
                  self.server.config.client_timeout)
         shut(self.connection)
 

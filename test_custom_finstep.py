@@ -757,6 +757,13 @@ def test_many_events_in_one_read_each_become_a_chunk(proxy, upstream):
     assert [d["content"] for d in deltas(payloads)[1:-1]] == [str(i) for i in range(50)]
 
 
+def test_endless_upstream_line_is_a_broken_stream(proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf, "MAX_UPSTREAM_LINE", 1000)
+    upstream.reply(ev("RESPONSING", "text", "ok"), *[b"x" * 300] * 5, ev("DONE"))
+    _, _, body = proxy.chat(stream=True)
+    assert joined(assert_stream_error(body, "upstream_disconnected")) == "ok"
+
+
 def test_text_after_done_is_not_forwarded(proxy, upstream):
     upstream.reply(ev("RESPONSING", "text", "kept"), ev("DONE"), ev("RESPONSING", "text", "ignored"))
     _, _, body = proxy.chat(stream=True)
