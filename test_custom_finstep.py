@@ -12,9 +12,11 @@ import re
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -133,8 +135,8 @@ def test_query_is_last_user_message_and_title_the_first():
 
 def test_text_parts_are_joined():
     chat = parse({"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
-    assert chat.question == "a\nb"
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}, "c"]}]})
+    assert chat.question == "a\nb\nc"
 
 
 def test_defaults_model_and_reads_stream_options():
@@ -162,6 +164,12 @@ def test_defaults_model_and_reads_stream_options():
      "messages[0].content[0]"),
     (b'{"messages": [{"role": "user", "content": "x"}], "model": 3}', "'model' must be a string", "model"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "'stream' must be", "stream"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "'stream_options' must be",
+     "stream_options"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "session_id": ""}', "'session_id' must be",
+     "session_id"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "session_id": 5}', "'session_id' must be",
+     "session_id"),
 ])
 def test_bad_requests_are_refused_with_400(body, message, param):
     with pytest.raises(cf.ProxyError) as caught:
@@ -1115,6 +1123,127 @@ def test_log_line_names_the_session_path(proxy, upstream, caplog):
     wait_for_log(caplog, "session=explicit")
 
 
+# A self-signed certificate for 127.0.0.1 (valid until 2126), only for the TLS upstream test.
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIDHDCCAgSgAwIBAgIUaYtQKNca3fZOsvfysVSFcGYyyawwDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyNDE4NDg1NVoYDzIxMjYx
+MDMxMTg0ODU1WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQCzdBgWqiKHFoNSi/dwtXs5FS9mU5em+q1pSefHYXA6
+0JWtJoZ4JCQo5OdA/Gn/6CXf4xawlBa+uVZRaRqESSthAdIVdA28XpOfaTQH/6pJ
+YBr7b572DOzqr4ah5Xikk9JM6OMMHophaAtV0KG9tWas7d+/9kXoLrI2Kfaa7XGU
+xd8Zj7szaIiDFib2HBNVIRG7iw7/aoP99F0TEOUgbJU5BbIK7MikIWo2Fng4N1SQ
+SYav0YF49lQP3agQm4FenTSubr/vNL8acN4l4SZjRzudFC5LA0OHIHGDI9Gui7F3
+tbBU0nVJkvZE7ZwcmA/c8k8pcZb/ullmCWb/hI+gcXj9AgMBAAGjZDBiMB0GA1Ud
+DgQWBBTS4SN98+f7ihCpeiON5UfHIAZ14TAfBgNVHSMEGDAWgBTS4SN98+f7ihCp
+eiON5UfHIAZ14TAPBgNVHRMBAf8EBTADAQH/MA8GA1UdEQQIMAaHBH8AAAEwDQYJ
+KoZIhvcNAQELBQADggEBAFnp7BfqpPwHpXZTkEUs0iHXdUUhMfOnC8z4yETFE8ZU
+DevkJFYas37WCy7OKb2jwEEvAvLkiZLhA7E8RYj0a2lGoNtwBZa8/K+K2+wRjVJG
+JITvZ6xeBIk9l3oTswH5pRFEctqzO4+AxhEPRy5cS84ZBZ8I71mrQuyj3m/HVGvf
+0kcW6fQPEeT7QVCLPC/Kcwkp/s11J2UbgaejBgGz1exIcDrA4vJyudYlbSAdFnA9
+lS/c97VSy4ydZog5PCLhbsd6a9uaSiw5WDUaTwdMCfDazYGPmaAhkmDxKxFOTRop
+6juUyaOU5hpW4A65aS6gs9gOM8i0CNliUYBsslVTSSA=
+-----END CERTIFICATE-----"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCzdBgWqiKHFoNS
+i/dwtXs5FS9mU5em+q1pSefHYXA60JWtJoZ4JCQo5OdA/Gn/6CXf4xawlBa+uVZR
+aRqESSthAdIVdA28XpOfaTQH/6pJYBr7b572DOzqr4ah5Xikk9JM6OMMHophaAtV
+0KG9tWas7d+/9kXoLrI2Kfaa7XGUxd8Zj7szaIiDFib2HBNVIRG7iw7/aoP99F0T
+EOUgbJU5BbIK7MikIWo2Fng4N1SQSYav0YF49lQP3agQm4FenTSubr/vNL8acN4l
+4SZjRzudFC5LA0OHIHGDI9Gui7F3tbBU0nVJkvZE7ZwcmA/c8k8pcZb/ullmCWb/
+hI+gcXj9AgMBAAECggEADoX+zRbH5Jb12eBqDj0h0+TbCTUKuQDgt/y7PW+tXZU0
+B+duSpriMk0USjYjfgqTxiLi2zeg/56QVdZjxwEE+bzj+8iAtBYTbHtfMqaGaZnV
+lTPbcZ5qLjQ2eTPRJ8Cu7HqMpZZzLJ73C+LutCPSQ3yc9zQ/RCNDWQ7cXn2JC7k0
+5dY/s6bqiilSj+nXNCcZxrHCciNHtabLyz1V0vqSf31EGQvMwvss0lYrRS0ZG4hX
+PgRkDJjYgW4MevEVdDHxfUgw5Zyo4orCGzDznWTau8YyShDsFbY3RlClKNCuA4RZ
+kUGYhwnYk2JBPopcErzbWVMywrvvGTpqiF2iZooPAQKBgQD2QoyOV+sRiPiYUd5A
+oAevLp/Yj7SXUKUQx4kp+JN8p9qM9N3zBie9SmWA3pQmQni/oLDNtou9bl/gg6aK
+uoeJkz54hriPkTDsgiHW16AvCTs9/gFiolktC1S5PtGSYwYKePpvNkVmp4ymSpit
+DFetk1bxrHsl40KUEC6aNi5l6QKBgQC6jRxkXhENIIqaKmZonskr08t+1upZIf3B
+lBEjx68hWTEmU3TgfMWO7FG1jDOsiTVsA15h2oGCcUuvLVDXfwu9rXLHtQ42hl7+
+3eeGdHZkMn/WavhQjKGSoeZ7Nq9d0QAaMpGpwt/rpVnJYLB9mPUTlKE0rUbV0dvh
+FlOCJhbJ9QKBgQDfYkTQBo6UrHQc7/61DrWJwrh7IPiHXj8ttmMFMJjRNg45WRJQ
+ll/MBMWInd8zyY5w/doD8ThXkNzl82ZKZ6P1Nx0vBb47dVA06mK52YVTxYL43AXz
+rCNKigHDvGks6iibrVw3L7rKwOgEHJzcNNr/+CyhM33OQ5Wsa/VqLAXwqQKBgQCe
+HhS+jWxub/KKkP2UF2Hzn+SPcaHYQpNOjC2q4glyfqLGFV6vF5JrfaoT8u2pg/Kf
+xoss7YNwCI9Zv1MSFEDjWCw9URzm4iWKaJNgxz3B13u7RZeKzmf0XP152fPx1L/9
+dHc6KE6a8N+VbDqregXfvs6UU3oCqYlw0vedDKOsMQKBgHa2HxrWCF49pZcjE0h/
+iLF4zWDTJx0KcMsD9VsAi++ojYB392yNnLqGTgqaJ0sUutbFE6wT6yQ3uzNqUs9g
+tzJexe+CvAjiJDynBGL7USmAvk8UQwsV8yuwDEmkUQAJMlctLYmOozUnZy5G92G0
+is9ECfaRpV92wMlfiU7ON00n
+-----END PRIVATE KEY-----"""
+
+
+@pytest.fixture
+def tls_upstream():
+    """The fake upstream behind TLS, as the real Finstep is."""
+    fake = FakeUpstream()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as folder:
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        with open(cert, "w") as out:
+            out.write(TEST_CERT)
+        with open(key, "w") as out:
+            out.write(TEST_KEY)
+        context.load_cert_chain(cert, key)
+    fake.server.socket = context.wrap_socket(fake.server.socket, server_side=True)
+    fake.url = fake.url.replace("http://", "https://")
+    yield fake
+    fake.close()
+
+
+def tls_proxy(tls_upstream, **overrides):
+    proxy = Proxy(cf.Config(**dict(dict(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1",
+                                        port=0, timeout=2.0, client_timeout=1.0), **overrides)))
+    assert proxy.server.ssl_context is not None  # an https upstream gets a TLS context
+    proxy.server.ssl_context = ssl.create_default_context(cadata=TEST_CERT)  # trust the test certificate
+    return proxy
+
+
+def test_https_upstream_streams(tls_upstream):
+    proxy = tls_proxy(tls_upstream)
+    try:
+        tls_upstream.reply(*answer_events("加密", "通道", thinking=["想"]))
+        status, _, body = proxy.chat(stream=True)
+        assert status == 200 and joined(sse_payloads(body)) == "加密通道"
+        assert tls_upstream.received[-1]["headers"]["Authorization"] == ENV_KEY
+    finally:
+        proxy.close()
+
+
+def test_https_upstream_with_an_untrusted_certificate_is_502(tls_upstream):
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1", port=0))
+    try:
+        status, _, body = proxy.chat()
+        error = assert_error(status, body, 502, "upstream_unreachable")
+        assert "CERTIFICATE_VERIFY_FAILED" in error["message"]
+    finally:
+        proxy.close()
+
+
+def test_https_upstream_is_closed_when_the_client_leaves(tls_upstream):
+    proxy = tls_proxy(tls_upstream)
+    try:
+        tls_upstream.reply(ev("THINKING"), HOLD)
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        assert b"200 OK" in sock.recv(65536)
+        left = time.monotonic()
+        sock.close()
+        deadline = time.monotonic() + 3
+        while not tls_upstream.closed_at:
+            assert time.monotonic() < deadline, "the upstream connection was never closed"
+            time.sleep(0.01)
+        assert tls_upstream.closed_at[0] - left < 1.0
+    finally:
+        proxy.close()
+
+
+def test_no_tls_context_for_an_http_upstream(proxy):
+    assert proxy.server.ssl_context is None
+
+
 # --- Errors, each with its status --------------------------------------------------------
 
 def assert_error(status, body, expected_status, code=None, type_=None):
@@ -1243,6 +1372,45 @@ def test_body_over_the_limit_with_expect_continue_is_413_at_once(make_proxy):
                      b"Expect: 100-continue\r\n\r\n")
         answer = recv_all(sock)
     assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+
+
+def test_expect_continue_within_the_limit_is_served(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n" % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")  # as curl waits for before its body
+        sock.sendall(body)
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[-1]["body"]["query"] == "x" * 2000
+
+
+def test_malformed_chunked_request_body_is_400(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"zz\r\n{}\r\n0\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Malformed chunked" in answer
+
+
+def test_requests_while_draining_get_503(proxy, upstream):
+    proxy.server.draining = True
+    status, headers, body = proxy.chat()
+    assert_error(status, body, 503, "server_shutting_down")
+    assert headers["Retry-After"] == "1" and upstream.received == []
+
+
+def test_ipv6_listen_address(upstream):
+    server = cf.ProxyServer(cf.Config(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="::1", port=0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    try:
+        conn = http.client.HTTPConnection("::1", server.server_address[1], timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_chunked_request_body_is_accepted(proxy, upstream):
