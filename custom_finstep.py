@@ -831,18 +831,32 @@ class _UpstreamHTTPSConnection(_UpstreamConnection, http.client.HTTPSConnection)
 
 
 class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
-    def __init__(self, call, context):
+    """Opens connections of the classes above for the UpstreamCall riding on each Request,
+    so one opener serves every request and thread."""
+
+    def __init__(self, context: Optional[ssl.SSLContext]):
         super().__init__()
-        self.call, self.context = call, context
+        self.context = context
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_UpstreamConnection, call=self.call), req)
+        return self.do_open(functools.partial(_UpstreamConnection, call=req.upstream_call), req)
 
     def https_open(self, req):
-        return self.do_open(functools.partial(_UpstreamHTTPSConnection, call=self.call), req,
+        return self.do_open(functools.partial(_UpstreamHTTPSConnection, call=req.upstream_call), req,
                             context=self.context)
 
     http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
+
+
+def build_upstream_opener(proxies: Mapping[str, str], context: Optional[ssl.SSLContext]):
+    """The urllib opener for every upstream call: proxies from the environment, our
+    connections, and HTTPError for any status outside 2xx. Built once: it holds no
+    per-request state."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(proxies), _UpstreamConnector(context),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
 
 
 class UpstreamCall:
@@ -851,13 +865,14 @@ class UpstreamCall:
     `abort()` may be called from any thread: it shuts the socket, which wakes a
     read blocked in the owning thread."""
 
-    def __init__(self, url: str, key: str, body: bytes, connect_timeout: float, read_timeout: float,
-                 proxies: Optional[Mapping[str, str]] = None, context: Optional[ssl.SSLContext] = None):
+    def __init__(self, opener: urllib.request.OpenerDirector, url: str, key: str, body: bytes,
+                 connect_timeout: float, read_timeout: float):
         self.request = urllib.request.Request(url, data=body, method="POST", headers={
             "Content-Type": "application/json", "Authorization": key,
             "Accept": "text/event-stream", "User-Agent": "custom_finstep/" + __version__})
+        self.request.upstream_call = self
+        self.opener = opener
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.proxies, self.context = proxies, context
         self.response = None  # type: Optional[http.client.HTTPResponse]
         self.status = None  # type: Optional[int]
         self.events_seen = 0
@@ -881,13 +896,8 @@ class UpstreamCall:
 
     def open(self) -> None:
         """Send the request and wait for the response head; raises ProxyError on any failure."""
-        opener = urllib.request.OpenerDirector()
-        for handler in (urllib.request.ProxyHandler(self.proxies or {}),
-                        _UpstreamConnector(self, self.context),
-                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
-            opener.add_handler(handler)
         try:
-            self.response = opener.open(self.request, timeout=self.connect_timeout)
+            self.response = self.opener.open(self.request, timeout=self.connect_timeout)
         except urllib.error.HTTPError as exc:
             self.status = exc.code
             with exc:
@@ -1220,6 +1230,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.timeout = self.server.config.client_timeout
         super().setup()
         self.write_lock = threading.Lock()
+        # Each event is one small write: Nagle's algorithm would hold it until the client
+        # acknowledged the previous one, 40 ms or more on a real network.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle(self) -> None:
         try:
@@ -1455,8 +1468,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = build_upstream_body(config.user_id, turn.session_id, turn.query, title)
         error = None
         for key in keys:
-            self.upstream = UpstreamCall(config.upstream_url, key, body, config.connect_timeout,
-                                         config.timeout, self.server.proxies, self.server.ssl_context)
+            self.upstream = UpstreamCall(self.server.upstream_opener, config.upstream_url, key, body,
+                                         config.connect_timeout, config.timeout)
             if self.interrupted:  # interrupted before this call existed: it ends at once
                 self.upstream.abort()
             began = time.monotonic()
@@ -1710,10 +1723,10 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, config: Config, handler=ProxyHandler):
         self.config = config
         self.started = int(time.time())
-        self.proxies = urllib.request.getproxies()
         # Loading the CA bundle costs about 1.3 MB: only an https upstream needs it.
         https = config.upstream_url.lower().startswith("https:")
         self.ssl_context = ssl.create_default_context() if https else None
+        self.upstream_opener = build_upstream_opener(urllib.request.getproxies(), self.ssl_context)
         self.sessions = SessionStore(config.session_cache, config.session_ttl)
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
         self.metrics = Metrics()

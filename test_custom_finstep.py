@@ -697,6 +697,18 @@ def test_stream_reasoning_modes(make_proxy, upstream, mode, content, reasoning):
     assert joined(payloads) == content and joined(payloads, "reasoning_content") == reasoning
 
 
+def test_client_sockets_send_without_nagle_delay(proxy, monkeypatch):
+    seen = []
+    health = cf.ProxyHandler.health
+
+    def recording_health(handler, path):
+        seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        health(handler, path)
+    monkeypatch.setattr(cf.ProxyHandler, "health", recording_health)
+    assert proxy.request("GET", "/health")[0] == 200
+    assert seen and seen[0] != 0
+
+
 def test_head_and_role_chunk_arrive_before_any_answer(proxy, upstream):
     release = threading.Event()
     upstream.reply(ev("THINKING"), release, *answer_events("late"))
@@ -1195,7 +1207,8 @@ def tls_proxy(tls_upstream, **overrides):
     proxy = Proxy(cf.Config(**dict(dict(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1",
                                         port=0, timeout=2.0, client_timeout=1.0), **overrides)))
     assert proxy.server.ssl_context is not None  # an https upstream gets a TLS context
-    proxy.server.ssl_context = ssl.create_default_context(cadata=TEST_CERT)  # trust the test certificate
+    context = ssl.create_default_context(cadata=TEST_CERT)  # trust the test certificate
+    proxy.server.upstream_opener = cf.build_upstream_opener({}, context)
     return proxy
 
 
