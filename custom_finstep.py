@@ -876,6 +876,7 @@ class UpstreamCall:
         self.response = None  # type: Optional[http.client.HTTPResponse]
         self.status = None  # type: Optional[int]
         self.events_seen = 0
+        self.last_skipped = b""  # the last `data:` line that was no event: an error, perhaps
         self._sock = None
         self._aborted = False
         self._lock = threading.Lock()
@@ -948,8 +949,10 @@ class UpstreamCall:
                     event = parse_upstream_event(line)
                     if event is not None:
                         batch.append(event)
-                    elif debug and line.strip(b"\r"):
-                        log.debug("skipped upstream line: %r", line[:200])
+                    elif line.startswith(b"data:"):
+                        self.last_skipped = line[5:4101]
+                        if debug:
+                            log.debug("skipped upstream line: %r", line[:200])
                 if batch:
                     self.events_seen += len(batch)
                     yield batch
@@ -1519,7 +1522,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.log(logging.DEBUG, "answer text of unfamiliar type(s) %s treated as answer",
                          sorted(answer.unfamiliar_types))
         if upstream.events_seen == 0:
-            raise ProxyError(502, "The upstream stream carried no Finstep events", code="upstream_empty")
+            said = upstream_error_message(upstream.last_skipped, "")
+            raise ProxyError(502, "The upstream stream carried no Finstep events" + (": " + said if said else ""),
+                             code="upstream_empty")
 
     def stream_answer(self, chat: ChatRequest, turn: Turn, key: str) -> None:
         formatter = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)

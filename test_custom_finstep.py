@@ -849,6 +849,13 @@ def test_stream_with_no_events_at_all_is_an_error(proxy, upstream):
     assert_stream_error(body, "upstream_empty")
 
 
+def test_error_payload_in_an_event_stream_reaches_the_client(proxy, upstream):
+    upstream.reply(b'data:{"code": 401, "msg": "token expired"}\n')
+    _, _, body = proxy.chat(stream=True)
+    payloads = assert_stream_error(body, "upstream_empty")
+    assert "token expired" in payloads[-2]["error"]["message"]
+
+
 def test_openai_sdk_style_client_sees_error_not_stop_after_cut(proxy, upstream):
     upstream.reply(ev("RESPONSING", "text", "x"), CUT)
     _, _, body = proxy.chat(stream=True)
