@@ -330,7 +330,7 @@ class ChatRequest:
 
     @property
     def title(self) -> str:
-        return session_title(next(text for role, text in self.messages if role == "user"))
+        return session_title(next(text for role, text in self.messages if role == "user" and text.strip()))
 
 
 def _invalid(message: str, param: Optional[str]) -> ProxyError:

@@ -133,6 +133,11 @@ def test_query_is_last_user_message_and_title_the_first():
     assert chat.model == "m" and chat.stream is False and chat.include_usage is False
 
 
+def test_title_skips_user_messages_without_text():
+    chat = parse({"messages": [{"role": "user", "content": ""}, {"role": "user", "content": "real question"}]})
+    assert chat.title == "real question"
+
+
 def test_text_parts_are_joined():
     chat = parse({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}, "c"]}]})
