@@ -805,6 +805,50 @@ def shut(sock: socket.socket) -> None:
         pass
 
 
+class ChunkedDecoder:
+    """HTTP/1.1 chunked transfer coding, decoded as bytes arrive. feed() returns the payload
+    bytes the data completes; `done` turns true at the last (zero-size) chunk; framing
+    that breaks the rules raises ValueError."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.left = 0  # payload bytes still due in the current chunk
+        self.crlf = False  # the CRLF that ends a chunk's payload is due
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self.buffer + data if self.buffer else data
+        out, position, end = [], 0, len(buffer)
+        while position < end and not self.done:
+            if self.left:
+                take = min(self.left, end - position)
+                out.append(buffer[position:position + take])
+                position += take
+                self.left -= take
+                self.crlf = not self.left
+            elif self.crlf:
+                if end - position < 2:
+                    break
+                if buffer[position:position + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                position += 2
+                self.crlf = False
+            else:
+                newline = buffer.find(b"\n", position)
+                if newline < 0:
+                    if end - position > 1024:
+                        raise ValueError("chunk size line too long")
+                    break
+                size = int(buffer[position:newline].split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("negative chunk size")
+                position = newline + 1
+                self.left = size
+                self.done = size == 0  # trailer fields, if any, are of no interest
+        self.buffer = buffer[position:]
+        return b"".join(out)
+
+
 MAX_UPSTREAM_LINE = 8 * 1024 * 1024  # an upstream that never ends its line cannot fill our memory
 
 
@@ -927,17 +971,36 @@ class UpstreamCall:
         return ProxyError(504, "The upstream sent nothing for %g seconds" % self.read_timeout,
                           code="upstream_timeout")
 
-    def events(self) -> Iterator[List[UpstreamEvent]]:
-        """The parsed events of each read, as soon as a read returns.
+    def body_reader(self):
+        """A function returning the body bytes that have arrived (b"" at its end), never
+        waiting for more than one read. A chunked body is decoded here rather than by
+        http.client, whose read1 hands over at most one chunk a call and whose readline
+        reports a body cut before its last chunk as an ordinary end: this way every event
+        already received leaves in one write, and a cut is always an error."""
+        response = self.response
+        if not response.chunked:
+            return functools.partial(response.read1, 65536)  # Content-Length or close-delimited
+        raw_read1, decoder = response.fp.read1, ChunkedDecoder()
 
-        read1 hands over whatever has arrived without waiting for more, and unlike
-        readline it reports a chunked body cut before its last chunk (IncompleteRead)."""
-        read1 = self.response.read1
+        def read() -> bytes:
+            while not decoder.done:
+                data = raw_read1(65536)
+                if not data:
+                    raise UpstreamBroken("IncompleteRead")
+                payload = decoder.feed(data)
+                if payload:
+                    return payload
+            return b""
+        return read
+
+    def events(self) -> Iterator[List[UpstreamEvent]]:
+        """The parsed events of each read, as soon as a read returns."""
         pending = b""
         debug = log.isEnabledFor(logging.DEBUG)
         try:
+            read = self.body_reader()
             while True:
-                data = read1(65536)
+                data = read()
                 if not data:
                     break
                 lines = (pending + data).split(b"\n") if pending else data.split(b"\n")

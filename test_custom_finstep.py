@@ -245,6 +245,35 @@ def test_parse_upstream_event(line, event):
     assert cf.parse_upstream_event(line) == event
 
 
+CHUNKED = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n1\r\n!\r\n0\r\nTrailer: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("cut", range(len(CHUNKED) + 1))
+def test_chunked_decoder_any_split(cut):
+    decoder = cf.ChunkedDecoder()
+    first = decoder.feed(CHUNKED[:cut])
+    assert first == b"hello, world!"[:len(first)]  # never more than what arrived
+    assert first + decoder.feed(CHUNKED[cut:]) == b"hello, world!" and decoder.done
+
+
+def test_chunked_decoder_byte_by_byte():
+    decoder = cf.ChunkedDecoder()
+    out = b"".join(decoder.feed(CHUNKED[i:i + 1]) for i in range(len(CHUNKED)))
+    assert out == b"hello, world!" and decoder.done
+
+
+def test_chunked_decoder_not_done_before_the_last_chunk():
+    decoder = cf.ChunkedDecoder()
+    assert decoder.feed(b"3\r\nabc\r\n") == b"abc" and not decoder.done
+    assert decoder.feed(b"0\r\n") == b"" and decoder.done
+
+
+@pytest.mark.parametrize("data", [b"zz\r\nab\r\n", b"-1\r\n", b"2\r\nabXY", b"1" * 2000])
+def test_chunked_decoder_refuses_broken_framing(data):
+    with pytest.raises(ValueError):
+        cf.ChunkedDecoder().feed(data)
+
+
 @pytest.mark.parametrize("payload, message", [
     ({"message": "m"}, "m"), ({"msg": "m2"}, "m2"), ({"error": {"message": "nested"}}, "nested"),
     ({"code": 1}, "fallback"), (b'{"msg": "from bytes"}', "from bytes"), (b"plain text", "plain text"),
@@ -784,9 +813,13 @@ def test_many_events_in_one_read_each_become_a_chunk(proxy, upstream):
 
 def test_endless_upstream_line_is_a_broken_stream(proxy, upstream, monkeypatch):
     monkeypatch.setattr(cf, "MAX_UPSTREAM_LINE", 1000)
-    upstream.reply(ev("RESPONSING", "text", "ok"), *[b"x" * 300] * 5, ev("DONE"))
+    pieces = []
+    for _ in range(5):  # one line, still unfinished, growing read after read
+        pieces += [b"x" * 300, 0.02]
+    upstream.reply(ev("RESPONSING", "text", "ok"), *pieces, 0.3, ev("DONE"))
     _, _, body = proxy.chat(stream=True)
-    assert joined(assert_stream_error(body, "upstream_disconnected")) == "ok"
+    payloads = assert_stream_error(body, "upstream_disconnected")
+    assert joined(payloads) == "ok" and "longer than 1000 bytes" in payloads[-2]["error"]["message"]
 
 
 def test_text_after_done_is_not_forwarded(proxy, upstream):
