@@ -837,6 +837,13 @@ def test_clean_end_without_done_ends_normally(proxy, upstream, framing):
     assert joined(payloads) == "一二" and payloads[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_length_framed_body_ends_at_its_length_even_if_the_connection_stays_open(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "完整"), HOLD, framing="length")  # no DONE, no close
+    _, _, body = proxy.chat(stream=True)
+    payloads = sse_payloads(body)
+    assert joined(payloads) == "完整" and payloads[-2]["choices"][0]["finish_reason"] == "stop"
+
+
 def assert_stream_error(body, code, type_=None):
     payloads = sse_payloads(body)
     assert payloads[-1] == "[DONE]"
