@@ -917,7 +917,7 @@ class UpstreamCall:
             "Content-Type": "application/json", "Authorization": key,
             "Accept": "text/event-stream", "User-Agent": "custom_finstep/" + __version__})
         self.request.upstream_call = self
-        self.opener = opener
+        self.key, self.opener = key, opener
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.response = None  # type: Optional[http.client.HTTPResponse]
         self.status = None  # type: Optional[int]
@@ -1775,6 +1775,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def fail(self, error: ProxyError) -> None:
         """Answer a failure: a JSON error before the stream began, an SSE error event after."""
         self.note += " error=%s" % (error.code or error.type)
+        upstream = self.upstream
+        if upstream is not None and upstream.key in error.message:  # an upstream that echoes the key
+            error.message = error.message.replace(upstream.key, mask_key(upstream.key))
         with self.write_lock:
             self.stream_open = False
             if not self.sse_started:

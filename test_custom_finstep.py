@@ -1339,6 +1339,18 @@ def test_upstream_error_statuses(proxy, upstream, stream, upstream_status, statu
     assert "upstream says no" in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_echoing_the_key_never_shows_it(proxy, upstream, caplog, stream):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    upstream.reply(('{"msg": "invalid key %s"}' % ENV_KEY).encode(), status=401, framing="length",
+                   content_type="application/json")
+    upstream.reply(ev("RESPONSING", "text", "a"), ev("ERROR", message="bad key " + ENV_KEY))
+    for _ in range(2):
+        status, _, body = proxy.chat(stream=stream)
+        assert ENV_KEY not in body.decode() and cf.mask_key(ENV_KEY) in body.decode()
+    assert all(ENV_KEY not in r.getMessage() for r in caplog.records)
+
+
 def test_upstream_429_passes_retry_after(proxy, upstream):
     upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "17"})
     status, headers, _ = proxy.chat(stream=True)
