@@ -512,6 +512,31 @@ class Reply:
     length: int = None  # a Content-Length to declare instead of the real one
 
 
+def wait_until(condition, seconds=2.0, what="the condition"):
+    """Poll until condition() is truthy and return its value; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.01)
+
+
+def post_raw(port, payload):
+    """Send a chat request over a raw socket and return the socket, for tests that hang up."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = json.dumps(payload).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    return sock
+
+
+def assert_upstream_closed_within_a_second(upstream, left):
+    closed = wait_until(lambda: upstream.closed_at, 3, "the upstream connection to close")
+    assert closed[0] - left < 1.0
+
+
 def wait_step(step):
     if isinstance(step, threading.Event):
         assert step.wait(5), "the test never released the upstream"
@@ -1289,18 +1314,11 @@ def test_https_upstream_is_closed_when_the_client_leaves(tls_upstream):
     proxy = tls_proxy(tls_upstream)
     try:
         tls_upstream.reply(ev("THINKING"), HOLD)
-        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
+        sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
         assert b"200 OK" in sock.recv(65536)
         left = time.monotonic()
         sock.close()
-        deadline = time.monotonic() + 3
-        while not tls_upstream.closed_at:
-            assert time.monotonic() < deadline, "the upstream connection was never closed"
-            time.sleep(0.01)
-        assert tls_upstream.closed_at[0] - left < 1.0
+        assert_upstream_closed_within_a_second(tls_upstream, left)
     finally:
         proxy.close()
 
@@ -1644,13 +1662,8 @@ def test_cors_header_on_every_response(proxy, upstream):
 
 def wait_for_log(caplog, text):
     """The first log message containing text; the summary line is written just after the response."""
-    deadline = time.monotonic() + 2
-    while True:
-        for record in caplog.records:
-            if text in record.getMessage():
-                return record.getMessage()
-        assert time.monotonic() < deadline, text
-        time.sleep(0.01)
+    return wait_until(lambda: next((r.getMessage() for r in caplog.records if text in r.getMessage()), None),
+                      what="a log line with " + text)
 
 
 def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
@@ -1867,22 +1880,12 @@ def test_client_leaving_closes_the_upstream_within_a_second(make_proxy, upstream
         upstream.reply(ev("THINKING"), HOLD)
     else:
         upstream.reply(HOLD, framing="close")  # headers flushed late by the HOLD itself
-    conn, sock = None, socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-    body = json.dumps({"stream": stream, "messages": [{"role": "user", "content": "q"}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                 % (len(body), body))
-    deadline = time.monotonic() + 2
-    while not upstream.received:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.1)
+    sock = post_raw(proxy.port, {"stream": stream, "messages": [{"role": "user", "content": "q"}]})
+    wait_until(lambda: upstream.received, what="the upstream request")
+    time.sleep(0.1)  # let the proxy settle into waiting on the silent upstream
     left = time.monotonic()
     sock.close()
-    deadline = time.monotonic() + 3
-    while not upstream.closed_at:
-        assert time.monotonic() < deadline, "the upstream connection was never closed"
-        time.sleep(0.01)
-    assert upstream.closed_at[0] - left < 1.0
+    assert_upstream_closed_within_a_second(upstream, left)
     line = wait_for_log(caplog, "client left")
     assert "POST /v1/chat/completions" in line
     assert not [r for r in caplog.records if r.exc_info]
@@ -1966,10 +1969,8 @@ def test_client_closing_right_after_the_end_counts_as_ok(proxy, upstream, monkey
         upstream.reply(*answer_events("x"))
         status, _, body = proxy.chat(stream=True)  # closes its connection as soon as it has read
         assert status == 200 and body.endswith(b"data: [DONE]\n\n")
-    deadline = time.monotonic() + 2
-    while "finstep_proxy_streams_in_flight 0" not in proxy.request("GET", "/metrics")[2].decode():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: "finstep_proxy_streams_in_flight 0" in proxy.request("GET", "/metrics")[2].decode(),
+               what="no stream in flight")
     metrics = proxy.request("GET", "/metrics")[2].decode()
     assert 'finstep_proxy_upstream_results_total{outcome="ok"} 5' in metrics
 
@@ -1990,12 +1991,9 @@ def test_request_id_is_echoed_or_generated_and_logged(proxy, upstream, caplog):
     caplog.set_level(logging.INFO, logger="custom_finstep")
     _, headers, _ = proxy.chat(headers={"X-Request-Id": "trace-abc.123"})
     assert headers["X-Request-Id"] == "trace-abc.123"
-    record = None
-    deadline = time.monotonic() + 2
-    while record is None:
-        record = next((r for r in caplog.records if getattr(r, "request_id", None) == "trace-abc.123"), None)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    record = wait_until(lambda: next((r for r in caplog.records
+                                      if getattr(r, "request_id", None) == "trace-abc.123"), None),
+                        what="the request's log line")
     assert "POST /v1/chat/completions" in record.getMessage()
     generated = proxy.request("GET", "/health")[1]["X-Request-Id"]
     assert re.fullmatch(r"[0-9a-f]{16}", generated)
