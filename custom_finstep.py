@@ -122,6 +122,11 @@ class Config:
     connect_timeout: float = 10.0
     client_timeout: float = 10.0  # a client must send its request head and body within this
     session_ttl: float = 86400.0  # a remembered conversation is forgotten after this
+    max_connections: int = 0  # open client connections; 0 = 4 x max_streams + 64
+
+    @property
+    def connection_limit(self) -> int:
+        return self.max_connections or 4 * self.max_streams + 64
 
 
 def _text(raw: str) -> str:
@@ -1811,6 +1816,8 @@ class ProxyServer(ThreadingHTTPServer):
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
         self.metrics = Metrics()
         self.draining = False
+        self.connections = 0
+        self.connections_lock = threading.Lock()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
@@ -1820,6 +1827,33 @@ class ProxyServer(ThreadingHTTPServer):
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address) -> None:
+        # Each connection costs a thread: past the limit a connection is refused at once,
+        # so a flood of idle or slow connections cannot exhaust threads or memory.
+        with self.connections_lock:
+            admitted = self.connections < self.config.connection_limit
+            self.connections += admitted
+        if admitted:
+            super().process_request(request, client_address)
+            return
+        body = json.dumps(ProxyError(503, "Too many open connections; retry shortly",
+                                     code="server_busy").body()).encode("utf-8")
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
 
     def begin_stream(self) -> bool:
         """Take one of the FINSTEP_MAX_STREAMS upstream slots, if one is free."""

@@ -1908,6 +1908,25 @@ def test_requests_above_the_stream_cap_get_503(make_proxy, upstream):
     assert proxy.chat()[0] == 200
 
 
+def test_connections_above_the_limit_are_refused_at_once(make_proxy):
+    proxy = make_proxy(max_connections=3, client_timeout=5)
+    idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
+    wait_until(lambda: proxy.server.connections == 3, what="three connections admitted")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as extra:
+        answer = recv_all(extra)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b'"code": "server_busy"' in answer
+    idle.pop().close()
+    wait_until(lambda: proxy.server.connections == 2, what="a connection released")
+    assert proxy.request("GET", "/health")[0] == 200
+    for sock in idle:
+        sock.close()
+
+
+def test_connection_limit_follows_the_stream_cap():
+    assert cf.Config(max_streams=10).connection_limit == 104
+    assert cf.Config(max_streams=10, max_connections=7).connection_limit == 7
+
+
 def test_slowloris_is_dropped_while_others_are_served(make_proxy, upstream):
     proxy = make_proxy(client_timeout=0.4)
     slow = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
