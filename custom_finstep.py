@@ -1411,7 +1411,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
 
     def do_OPTIONS(self) -> None:
-        self.server.watchdog.set_deadline(self, None)
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         requested = self.headers.get("Access-Control-Request-Headers")
@@ -1652,18 +1651,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
+    def body_error(self, status: int, message: str, code: str) -> ProxyError:
+        """An error about the request body: the rest of the body is unread, so the connection
+        cannot carry another request."""
+        self.close_connection = True
+        return ProxyError(status, message, code=code)
+
+    def too_large(self, size: str = "") -> ProxyError:
+        return self.body_error(413, "Request body %sis larger than the limit of %d bytes"
+                               % ("of %s bytes " % size if size else "", self.server.config.max_body),
+                               "request_too_large")
+
     def declared_length(self) -> Optional[int]:
         """The Content-Length, judged against the body limit before any byte of the body is read."""
         length = self.headers.get("Content-Length")
         if length is None:
             return None
         if not length.strip().isdigit():
-            self.close_connection = True
-            raise _invalid("Content-Length is not a number", None)
+            raise self.body_error(400, "Content-Length is not a number", "invalid_request")
         if int(length) > self.server.config.max_body:
-            self.close_connection = True
-            raise ProxyError(413, "Request body of %d bytes is larger than the limit of %d bytes"
-                             % (int(length), self.server.config.max_body), code="request_too_large")
+            raise self.too_large(length.strip())
         return int(length)
 
     def read_body(self) -> bytes:
@@ -1672,11 +1679,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             size = self.declared_length()
             if size is None:
-                self.close_connection = True
-                raise ProxyError(411, "A request body with Content-Length is required", code="length_required")
+                raise self.body_error(411, "A request body with Content-Length is required", "length_required")
             body = self.read_exactly(size)
         self.server.watchdog.set_deadline(self, None)
         return body
+
+    def incomplete_body(self) -> ProxyError:
+        return self.body_error(408, "The request body did not arrive in full", "request_timeout")
 
     def read_exactly(self, size: int) -> bytes:
         try:
@@ -1684,8 +1693,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except (socket.timeout, TimeoutError, ConnectionError):
             body = None
         if body is None or len(body) < size:
-            self.close_connection = True
-            raise ProxyError(408, "The request body did not arrive in full", code="request_timeout")
+            raise self.incomplete_body()
         return body
 
     def read_chunked_body(self, max_body: int) -> bytes:
@@ -1696,20 +1704,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             except (socket.timeout, TimeoutError, ConnectionError):
                 line = b""
             if not line:
-                self.close_connection = True
-                raise ProxyError(408, "The request body did not arrive in full", code="request_timeout")
+                raise self.incomplete_body()
             try:
                 size = int(line.split(b";", 1)[0], 16)
             except ValueError:
                 size = -1
             if size < 0:
-                self.close_connection = True
-                raise _invalid("Malformed chunked request body", None)
+                raise self.body_error(400, "Malformed chunked request body", "invalid_request")
             total += size
             if total > max_body:
-                self.close_connection = True
-                raise ProxyError(413, "Request body is larger than the limit of %d bytes" % max_body,
-                                 code="request_too_large")
+                raise self.too_large()
             if size == 0:
                 while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
                     pass  # trailer fields
@@ -1870,17 +1874,18 @@ class ProxyServer(ThreadingHTTPServer):
     def drain(self, seconds: float) -> None:
         """Let requests in flight finish for up to `seconds`, then end the rest with an error."""
         self.draining = True
-        deadline = time.monotonic() + seconds
-        while self.watchdog.active and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self.wait_until_idle(seconds)
         left = list(self.watchdog.active)
         for handler in left:
             handler.interrupt("shutdown")
-        deadline = time.monotonic() + 1.0
-        while self.watchdog.active and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.wait_until_idle(1.0)  # time for the error events to go out
         if left:
             log.warning("closed %d request(s) still in progress after %gs", len(left), seconds)
+
+    def wait_until_idle(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.watchdog.active and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def server_close(self) -> None:
         super().server_close()
