@@ -1,10 +1,11 @@
-"""custom_finstep: Finstep's chat API served as an OpenAI-compatible chat API.
+"""custom_finstep: Finstep's chat API served as OpenAI's chat completions and as AG-UI.
 
 One file, standard library only, Python 3.8 or newer. Finstep answers one
 `query` per request as a stream of status events; OpenAI clients (the `openai`
-SDK, LiteLLM, AG-UI, LobeChat, Open WebUI, Cherry Studio, curl) speak
-`/v1/chat/completions`. This proxy translates, forwarding every answer token the
-moment the upstream sends it.
+SDK, LiteLLM, LobeChat, Open WebUI, Cherry Studio, curl, AG-UI servers) speak
+`/v1/chat/completions`, AG-UI front ends (`@ag-ui/client`, CopilotKit) speak
+AG-UI. This proxy translates, forwarding every answer token the moment the
+upstream sends it. One answer pipeline serves every wire format.
 
 Run:
     python custom_finstep.py                  # listen on 0.0.0.0:4001
@@ -13,7 +14,8 @@ Run:
     python -m custom_finstep                  # the same, ~4 MB less resident (no script AST kept)
 
 Endpoints:
-    POST /v1/chat/completions, POST /chat/completions
+    POST /v1/chat/completions, POST /chat/completions   # OpenAI chat completions
+    POST /agui, POST /v1/agui                 # AG-UI 1.0: a RunAgentInput in, an AG-UI event stream out
     GET  /v1/models, /models, /v1/models/{id}, /models/{id}
     GET  /health                              # no upstream call
     GET  /metrics                             # Prometheus text format
@@ -40,7 +42,7 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 import argparse
 import collections
@@ -316,13 +318,12 @@ def error_body(message: str, type_: str, code: Optional[str] = None, param: Opti
 
 
 @dataclasses.dataclass(frozen=True)
-class ChatRequest:
-    model: str
-    messages: Tuple[Tuple[str, str], ...]  # (role, text), in order
+class AnswerRequest:
+    """What the pipeline needs of a request, whatever its wire format."""
+    messages: Tuple[Tuple[str, str], ...]  # (role, text), in order; at least one user message has text
     stream: bool
-    include_usage: bool
-    user: Optional[str]
-    session_id: Optional[str] = None  # the client's own conversation id, from the body
+    user: Optional[str] = None  # keeps one caller's conversations apart from another's
+    conversation: Optional[str] = None  # a conversation the client named (X-Session-Id, threadId)
 
     @property
     def history(self) -> Tuple[Tuple[str, str], ...]:
@@ -337,6 +338,18 @@ class ChatRequest:
     @property
     def title(self) -> str:
         return session_title(next(text for role, text in self.messages if role == "user" and text.strip()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest(AnswerRequest):
+    model: str = ""
+    include_usage: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AguiRequest(AnswerRequest):
+    thread_id: str = ""
+    run_id: str = ""
 
 
 def _invalid(message: str, param: Optional[str]) -> ProxyError:
@@ -365,8 +378,8 @@ def message_text(content, param: str) -> str:
     return "\n".join(texts)
 
 
-def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
-    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
+def json_object(body: bytes) -> dict:
+    """A request body as a JSON object; raises ProxyError(400) saying what is wrong."""
     try:
         payload = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -375,21 +388,34 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
         raise _invalid("Request body is not valid JSON: %s" % exc, None) from None
     if not isinstance(payload, dict):
         raise _invalid("Request body must be a JSON object", None)
-    raw_messages = payload.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise _invalid("'messages' must be a non-empty list", "messages")
+    return payload
+
+
+def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> Tuple[Tuple[str, str], ...]:
+    """(role, text) of each message, keeping only `roles` when given (the others are skipped
+    unread); refused unless a user message comes last among them with text."""
     messages = []
     for index, message in enumerate(raw_messages):
         param = "messages[%d]" % index
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _invalid("%s must be an object with a string 'role'" % param, param)
-        messages.append((message["role"], message_text(message.get("content"), param + ".content")))
+        if roles is None or message["role"] in roles:
+            messages.append((message["role"], message_text(message.get("content"), param + ".content")))
     users = [index for index, (role, _) in enumerate(messages) if role == "user"]
     if not users:
         raise _invalid("'messages' must contain a user message", "messages")
     if not messages[users[-1]][1].strip():
-        param = "messages[%d].content" % users[-1]
-        raise _invalid("The last user message has no text", param)
+        raise _invalid("The last user message has no text", "messages[%d].content" % users[-1])
+    return tuple(messages)
+
+
+def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
+    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
+    payload = json_object(body)
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    messages = read_messages(raw_messages)
     model = payload.get("model")
     if model is None:
         model = default_model
@@ -405,9 +431,29 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
     if session_id is not None and not (isinstance(session_id, str) and session_id.strip()):
         raise _invalid("'session_id' must be a non-empty string", "session_id")
     user = payload.get("user")
-    return ChatRequest(model=model, messages=tuple(messages), stream=bool(stream),
+    return ChatRequest(model=model, messages=messages, stream=bool(stream),
                        include_usage=bool(options and options.get("include_usage") is True),
-                       user=user if isinstance(user, str) else None, session_id=session_id)
+                       user=user if isinstance(user, str) else None, conversation=session_id)
+
+
+AGUI_ROLES = ("user", "assistant", "system", "developer")  # tool, reasoning, activity: not conversation
+
+
+def parse_agui_input(body: bytes) -> AguiRequest:
+    """Validate an AG-UI RunAgentInput body; raises ProxyError(400) saying what is wrong.
+    state, tools, context, forwardedProps, parentRunId, resume and protocolVersion are
+    accepted and ignored: Finstep has no use for them."""
+    payload = json_object(body)
+    thread_id, run_id = payload.get("threadId"), payload.get("runId")
+    if not (isinstance(thread_id, str) and thread_id.strip()):
+        raise _invalid("'threadId' must be a non-empty string", "threadId")
+    if not isinstance(run_id, str):
+        raise _invalid("'runId' must be a string", "runId")
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list):
+        raise _invalid("'messages' must be a list", "messages")
+    return AguiRequest(messages=read_messages(raw_messages, AGUI_ROLES), stream=True,
+                       conversation=thread_id, thread_id=thread_id, run_id=run_id)
 
 
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
@@ -482,13 +528,22 @@ def upstream_error_message(payload, fallback: str) -> str:
     return fallback
 
 
+# The pipeline's events: (kind, value) pairs, handed to a wire format a batch per upstream read.
+TEXT = "text"  # answer text
+REASONING = "reasoning"  # thinking, where FINSTEP_REASONING=reasoning keeps it apart from the answer
+STEP = "step"  # the upstream entered a phase; value: its name
+STEP_END = "step_end"  # the upstream left its phase
+PHASES = ("THINKING", "ORGANIZING")  # Finstep's phases before it answers
+PHASE_ENDS = ("MSG_START", "MSG_DONE")  # statuses that say the phase is over (as does any answer text)
+
+
 class AnswerRouter:
-    """Routes upstream answer text into OpenAI delta fields per the reasoning mode, and keeps it.
+    """Routes upstream answer text per the reasoning mode into TEXT and REASONING events,
+    and keeps the answer: `content` and `reasoning` hold exactly what went to the client."""
 
-    `content` and `reasoning` hold exactly what went to the client, in order."""
-
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, prompt: str = ""):
         self.mode = mode
+        self.prompt = prompt  # the query sent upstream, for the usage estimate
         self.content = []  # type: List[str]
         self.reasoning = []  # type: List[str]
         self.unfamiliar_types = set()
@@ -496,12 +551,12 @@ class AnswerRouter:
         self.think_open = False
 
     def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
-        """(delta field, text) for one RESPONSING event, or None when it is not sent."""
+        """(event kind, text) for one RESPONSING event, or None when it is not sent."""
         if kind == "deepthink":
             mode = self.mode
             if mode == "reasoning":
                 self.reasoning.append(text)
-                return "reasoning_content", text
+                return REASONING, text
             if mode == "drop" or (mode == "think" and self.answer_started):
                 return None  # `think` keeps one block before the answer; late thinking is dropped
             if mode == "think" and not self.think_open:
@@ -515,7 +570,7 @@ class AnswerRouter:
                 self.think_open = False
                 text = THINK_CLOSE + text
         self.content.append(text)
-        return "content", text
+        return TEXT, text
 
     def finish(self) -> Optional[str]:
         """The text that closes an open <think> block, when one is open."""
@@ -524,6 +579,9 @@ class AnswerRouter:
         self.think_open = False
         self.content.append(THINK_CLOSE)
         return THINK_CLOSE
+
+    def usage(self) -> dict:
+        return estimate_usage(self.prompt, "".join(self.reasoning) + "".join(self.content))
 
 
 _CJK = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
@@ -541,6 +599,69 @@ def estimate_usage(prompt: str, completion: str) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+# --- Wire formats: a request body in, the pipeline's events out as bytes ---------------
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+PLACEHOLDER = "\x00"
+
+
+def format_sse(payload) -> bytes:
+    """One SSE event: `data: <json>` and a blank line."""
+    return b"data: " + _dumps(payload).encode("utf-8") + b"\n\n"
+
+
+def sse_frame(payload: dict) -> Tuple[bytes, bytes]:
+    """The bytes of an SSE event split around its one PLACEHOLDER string, so that each text
+    is framed by two concatenations instead of encoding the whole event again."""
+    head, tail = format_sse(payload).split(b'"\\u0000"')
+    return head, tail
+
+
+class WireFormat:
+    """One API's dialect, for one request: parse() reads the body into the pipeline's input
+    and keeps what rendering needs; the pipeline then asks for bytes. Errors before the
+    stream's head are answered as JSON in error_body()'s shape; after it, failure() ends it.
+
+    The head is held until the upstream answers or a heartbeat is due, so a quick upstream
+    error keeps its HTTP status; failure() may then follow the head without opening(). A
+    format whose failure event needs its opening sets opens_at_once: its stream starts as
+    soon as the request is accepted, and every later failure is an event."""
+
+    heartbeat = b": keep-alive\n\n"
+    opens_at_once = False
+    # After failure(), end the HTTP message properly, or cut it off: a truncated transfer is
+    # the one sign of failure that a client reading only a format's success events cannot miss.
+    ends_cleanly_after_failure = True
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
+        raise NotImplementedError
+
+    def error_body(self, error: ProxyError) -> dict:
+        return error.body()
+
+    def opening(self) -> bytes:
+        return b""
+
+    def render(self, events: List[Tuple[str, str]]) -> bytes:
+        """The bytes of one batch of events; on the hot path, so per-event work stays small."""
+        raise NotImplementedError
+
+    def closing(self, answer: AnswerRouter) -> bytes:
+        raise NotImplementedError
+
+    def failure(self, error: ProxyError) -> bytes:
+        raise NotImplementedError
+
+    def document(self, answer: AnswerRouter) -> dict:
+        """The whole answer as one JSON body, for a request that did not ask to stream."""
+        raise NotImplementedError
+
+
+# OpenAI's chat completions.
+
 def build_chunk(completion_id: str, created: int, model: str, delta: dict,
                 finish_reason: Optional[str] = None) -> dict:
     return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -557,15 +678,8 @@ def build_completion(completion_id: str, created: int, model: str, answer: Answe
             "usage": usage}
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def format_sse(payload) -> bytes:
-    """One SSE event: `data: <json>` and a blank line."""
-    return b"data: " + _dumps(payload).encode("utf-8") + b"\n\n"
-
-
 SSE_DONE = b"data: [DONE]\n\n"
+DELTA_FIELDS = {TEXT: "content", REASONING: "reasoning_content"}
 
 
 class ChunkFormatter:
@@ -574,14 +688,11 @@ class ChunkFormatter:
 
     def __init__(self, completion_id: str, created: int, model: str):
         self.completion_id, self.created, self.model = completion_id, created, model
-        self.frames = {}
-        for field in ("content", "reasoning_content"):
-            event = format_sse(build_chunk(completion_id, created, model, {field: "\x00"}))
-            head, tail = event.split(b'"\\u0000"')
-            self.frames[field] = (head, tail)
+        self.frames = {kind: sse_frame(build_chunk(completion_id, created, model, {field: PLACEHOLDER}))
+                       for kind, field in DELTA_FIELDS.items()}
 
-    def delta(self, field: str, text: str) -> bytes:
-        head, tail = self.frames[field]
+    def delta(self, kind: str, text: str) -> bytes:
+        head, tail = self.frames[kind]
         return head + _dumps(text).encode("utf-8") + tail
 
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> bytes:
@@ -592,20 +703,128 @@ class ChunkFormatter:
                            "created": self.created, "model": self.model, "choices": [], "usage": usage})
 
 
-def metrics_path(path: str) -> str:
-    """A request path as a metrics label: known routes as themselves, the model-id route as a
-    template, anything else as "other", so clients cannot multiply the series."""
-    path = path.rstrip("/") or "/"
-    routes = route_for(path)
-    if routes is None:
-        return "other"
-    return path.split("/models/", 1)[0] + "/models/{id}" if "retrieve_model" in routes.values() else path
+class ChatCompletionsFormat(WireFormat):
+    """POST /v1/chat/completions: chat.completion.chunk events ending with data: [DONE].
+
+    Its protocol has no failure event (our `data: {"error": ...}` is a convention that
+    clients reading only `choices` skip), so a stream that fails is also cut off."""
+
+    ends_cleanly_after_failure = False
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
+        chat = parse_chat_request(body, self.config.models[0])
+        self.include_usage = chat.include_usage
+        self.chunks = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
+        named = (headers.get("X-Session-Id") or "").strip()
+        return dataclasses.replace(chat, conversation=named) if named else chat
+
+    def opening(self) -> bytes:
+        return self.chunks.chunk({"role": "assistant", "content": ""})
+
+    def render(self, events: List[Tuple[str, str]]) -> bytes:
+        delta, frames = self.chunks.delta, self.chunks.frames
+        return b"".join([delta(kind, text) for kind, text in events if kind in frames])
+
+    def closing(self, answer: AnswerRouter) -> bytes:
+        tail = [self.chunks.chunk({}, "stop")]
+        if self.include_usage:
+            tail.append(self.chunks.usage(answer.usage()))
+        tail.append(SSE_DONE)
+        return b"".join(tail)
+
+    def failure(self, error: ProxyError) -> bytes:
+        return format_sse({"error": {"message": error.message, "type": error.type, "code": error.code}}) + SSE_DONE
+
+    def document(self, answer: AnswerRouter) -> dict:
+        chunks = self.chunks
+        return build_completion(chunks.completion_id, chunks.created, chunks.model, answer, answer.usage())
+
+
+# AG-UI.
+
+def agui_event(kind: str, **fields) -> bytes:
+    return format_sse(dict(type=kind, **fields))
+
+
+class AguiFormat(WireFormat):
+    """POST /agui: an AG-UI 1.0 run. RUN_STARTED as soon as the request is accepted; each
+    Finstep phase a step; reasoning and answer text as messages, each closed before anything
+    else opens; then RUN_FINISHED, or RUN_ERROR after closing whatever was open."""
+
+    opens_at_once = True
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
+        run = parse_agui_input(body)
+        self.thread_id, self.run_id = run.thread_id, run.run_id
+        self.open_kind = None  # STEP, REASONING or TEXT: the one thing open
+        self.open_id = ""  # its stepName or messageId
+        self.frame = (b"", b"")  # the open message's content event, around its delta
+        return run
+
+    def opening(self) -> bytes:
+        return agui_event("RUN_STARTED", threadId=self.thread_id, runId=self.run_id)
+
+    def render(self, events: List[Tuple[str, str]]) -> bytes:
+        out = []
+        for kind, value in events:
+            if kind == self.open_kind and kind != STEP:  # more of the open message
+                head, tail = self.frame
+                out.append(head + _dumps(value).encode("utf-8") + tail)
+            elif kind == STEP_END:
+                if self.open_kind == STEP:
+                    out.append(self.close())
+            else:
+                out.append(self.close() + self.begin(kind, value))
+        return b"".join(out)
+
+    def begin(self, kind: str, value: str) -> bytes:
+        """Open a step, or a message with its first delta."""
+        self.open_kind = kind
+        if kind == STEP:
+            self.open_id = value
+            return agui_event("STEP_STARTED", stepName=value)
+        message_id = self.open_id = "msg-" + uuid.uuid4().hex
+        if kind == TEXT:
+            start = agui_event("TEXT_MESSAGE_START", messageId=message_id, role="assistant")
+            content = "TEXT_MESSAGE_CONTENT"
+        else:
+            start = (agui_event("REASONING_START", messageId=message_id)
+                     + agui_event("REASONING_MESSAGE_START", messageId=message_id, role="reasoning"))
+            content = "REASONING_MESSAGE_CONTENT"
+        self.frame = head, tail = sse_frame({"type": content, "messageId": message_id, "delta": PLACEHOLDER})
+        return start + head + _dumps(value).encode("utf-8") + tail
+
+    def close(self) -> bytes:
+        kind, self.open_kind = self.open_kind, None
+        if kind == STEP:
+            return agui_event("STEP_FINISHED", stepName=self.open_id)
+        if kind == TEXT:
+            return agui_event("TEXT_MESSAGE_END", messageId=self.open_id)
+        if kind == REASONING:
+            return (agui_event("REASONING_MESSAGE_END", messageId=self.open_id)
+                    + agui_event("REASONING_END", messageId=self.open_id))
+        return b""
+
+    def closing(self, answer: AnswerRouter) -> bytes:
+        return self.close() + agui_event("RUN_FINISHED", threadId=self.thread_id, runId=self.run_id)
+
+    def failure(self, error: ProxyError) -> bytes:
+        return self.close() + agui_event("RUN_ERROR", message=error.message, code=error.code or error.type)
+
+
+# Routes: a wire format is one class and one line here.
+WIRE_FORMATS = {
+    "/v1/chat/completions": ChatCompletionsFormat,
+    "/chat/completions": ChatCompletionsFormat,
+    "/agui": AguiFormat,
+    "/v1/agui": AguiFormat,
+}
 
 
 def route_for(path: str) -> Optional[Dict[str, str]]:
     """The handler method names by HTTP method for a path, or None for an unknown path."""
-    if path in ("/v1/chat/completions", "/chat/completions"):
-        return {"POST": "chat_completions"}
+    if path in WIRE_FORMATS:
+        return {"POST": "answer"}
     if path in ("/v1/models", "/models"):
         return {"GET": "list_models"}
     if path.startswith(("/v1/models/", "/models/")):
@@ -615,6 +834,16 @@ def route_for(path: str) -> Optional[Dict[str, str]]:
     if path == "/metrics":
         return {"GET": "metrics"}
     return None
+
+
+def metrics_path(path: str) -> str:
+    """A request path as a metrics label: known routes as themselves, the model-id route as a
+    template, anything else as "other", so clients cannot multiply the series."""
+    path = path.rstrip("/") or "/"
+    routes = route_for(path)
+    if routes is None:
+        return "other"
+    return path.split("/models/", 1)[0] + "/models/{id}" if "retrieve_model" in routes.values() else path
 
 
 # --- Conversations: continue the upstream session exactly, or fold -------------
@@ -721,50 +950,77 @@ class Turn:
     session_id: str
     query: str
     path: str  # new, continued, folded or explicit
-    key: Optional[str] = None  # the upstream key the session belongs to; None: any key may start it
-    remember_as: Optional[Tuple[str, Optional[str], Tuple[Tuple[str, str], ...]]] = None  # caller, user, turns
-    explicit_mark: Optional[str] = None
+    turns: Tuple[Tuple[str, str], ...]  # the conversation up to its question, as it counts
+    key: Optional[str] = None  # the upstream key its session belongs to, tried first; None: any
+    remember_as: Optional[Tuple[str, Optional[str]]] = None  # (caller, user): remember its fingerprint
+    name: Optional[str] = None  # a conversation the client named: its session depends on the key
+    mark: Optional[str] = None  # where a named conversation's latest session is remembered
 
 
-def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, keys: Sequence[str],
-              chat: ChatRequest, client_session: Optional[str]) -> Turn:
-    """Decide the upstream sessionId, query and key of a request (rules in the README).
+def named_mark(caller: str, name: str) -> str:
+    return "named:" + hashlib.sha256(("%s\n%s" % (caller, name)).encode("utf-8")).hexdigest()
 
-    `caller` tells callers apart (their proxy or pass-through key); `keys` are the upstream
-    keys this request may use."""
-    turns = transcript(chat.history)  # ends with the last user message, which has text
+
+def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, request: AnswerRequest) -> Turn:
+    """Decide the upstream sessionId, query and preferred key of a request (rules in the
+    README); turn_on_key() settles them for the key the request is finally sent with.
+
+    `caller` tells callers apart (their proxy or pass-through key)."""
+    turns = transcript(request.history)  # ends with the last user message, which has text
+    question = request.question
     if mode == "fold":
-        return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED if len(turns) > 1 else NEW)
-    if client_session is not None:
-        # The id picks its key by a stable hash, so every replica and restart agrees on both.
-        key = keys[int(hashlib.sha256(client_session.encode("utf-8")).hexdigest(), 16) % len(keys)]
-        session_id = explicit_session_id(key, client_session)
-        mark = "explicit:" + session_id
-        seen = store.get(mark) is not None
-        return Turn(session_id, chat.question if seen else fold_query(turns, max_query), EXPLICIT, key,
-                    explicit_mark=None if seen else mark)
-    remember = (caller, chat.user, turns)
+        return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED if len(turns) > 1 else NEW, turns)
+    name = request.conversation
+    if name is not None:
+        mark = named_mark(caller, name)
+        latest = store.get(mark)  # (sessionId, key) of its last answer here
+        if latest is None:
+            return Turn("", fold_query(turns, max_query), EXPLICIT, turns, name=name, mark=mark)
+        return Turn(latest[0], question, EXPLICIT, turns, latest[1], name=name, mark=mark)
+    remember = (caller, request.user)
     if len(turns) == 1:
-        return Turn(uuid.uuid4().hex, chat.question, NEW, remember_as=remember)
-    entry = store.get(conversation_fingerprint(caller, chat.user, turns[:-1]), consume=True)
+        return Turn(uuid.uuid4().hex, question, NEW, turns, remember_as=remember)
+    entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), consume=True)
     if entry is not None:
-        return Turn(entry[0], chat.question, CONTINUED, entry[1], remember)
-    return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED, remember_as=remember)
+        return Turn(entry[0], question, CONTINUED, turns, entry[1], remember)
+    return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED, turns, remember_as=remember)
+
+
+def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
+    """The turn as sent with `key`. A session belongs to the key that created it: a continued
+    conversation sent with another key (its own was refused) starts a new session there with
+    the history folded in. A named conversation's session is a stable hash of key and name: it
+    takes only the new question if its last answer here came from that session, and otherwise
+    starts there with the history folded in."""
+    if turn.name is not None:
+        session_id = explicit_session_id(key, turn.name)
+        if session_id == turn.session_id:
+            return turn
+        return dataclasses.replace(turn, session_id=session_id, query=fold_query(turn.turns, max_query))
+    if turn.key is None or turn.key == key:
+        return turn
+    return dataclasses.replace(turn, session_id=uuid.uuid4().hex, query=fold_query(turn.turns, max_query),
+                               path=FOLDED)
 
 
 def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str) -> None:
     """After a complete answer: remember the conversation as the client will send it next."""
-    if turn.explicit_mark is not None:
-        store.put(turn.explicit_mark, (turn.session_id, key))
+    if turn.mark is not None:
+        store.put(turn.mark, (turn.session_id, key))
     if turn.remember_as is not None:
-        caller, user, turns = turn.remember_as
-        turns = turns + transcript([("assistant", answer_content)])
+        caller, user = turn.remember_as
+        turns = turn.turns + transcript([("assistant", answer_content)])
         store.put(conversation_fingerprint(caller, user, turns), (turn.session_id, key))
 
 
+def stable_index(name: str, size: int) -> int:
+    return int(hashlib.sha256(name.encode("utf-8")).hexdigest(), 16) % size
+
+
 class KeyPool:
-    """The upstream keys: new conversations rotate over them; a key refused by the upstream
-    (401/403/429) cools down and is passed over until it recovers."""
+    """The upstream keys: new conversations rotate over them, named ones start from a stable
+    hash of their name, so replicas agree; a key refused by the upstream (401/403/429) cools
+    down and is passed over until it recovers."""
 
     def __init__(self, keys: Sequence[str], clock=time.monotonic):
         self.keys, self.clock = tuple(keys), clock
@@ -772,13 +1028,19 @@ class KeyPool:
         self._cooling = {}  # type: Dict[str, float]
         self._lock = threading.Lock()
 
-    def order(self) -> List[str]:
-        """The keys to try for a new conversation, each once: those not cooling down, in
-        round-robin order; when all are cooling down, only the one that recovers soonest."""
+    def order(self, name: Optional[str] = None, prefer: Optional[str] = None) -> List[str]:
+        """The keys to try, each once: `prefer` first, then from the hash of `name` on, or in
+        round-robin order without a name; those cooling down are left out, and when all are
+        cooling down only the one that recovers soonest remains."""
         with self._lock:
-            start, self._next = self._next, (self._next + 1) % len(self.keys)
+            if name is None:
+                start, self._next = self._next, (self._next + 1) % len(self.keys)
+            else:
+                start = stable_index(name, len(self.keys))
             now, cooling = self.clock(), self._cooling
             rotated = self.keys[start:] + self.keys[:start]
+            if prefer in rotated:
+                rotated = (prefer,) + tuple(key for key in rotated if key != prefer)
             ready = [key for key in rotated if cooling.get(key, 0.0) <= now]
             return ready or [min(rotated, key=cooling.__getitem__)]
 
@@ -1279,11 +1541,7 @@ def socket_writable(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-# --- HTTP handler --------------------------------------------------------------
-
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
+# --- The answer pipeline: one request, any wire format -------------------------------
 
 class ClientGone(Exception):
     """The client closed its connection; nobody is left to answer."""
@@ -1294,12 +1552,196 @@ def shutting_down() -> ProxyError:
                       headers={"Retry-After": "1"})
 
 
+class AnswerPipeline:
+    """Answers one request, whatever its wire format: the keys, the conversation's session,
+    a stream slot, the upstream call with key failover, relaying its events to the wire
+    format, remembering the turn, the upstream's metrics. The handler it runs on owns the
+    connection: writes, heartbeats, interruptions and the log line."""
+
+    def __init__(self, handler, wire: WireFormat):
+        self.handler, self.wire = handler, wire
+        self.server = handler.server
+        self.config = self.server.config
+        self.slot_held = False
+        self.first_byte = None  # type: Optional[float]
+
+    def run(self, request: AnswerRequest) -> None:
+        handler, server, config = self.handler, self.server, self.config
+        if server.draining:
+            handler.close_connection = True
+            raise shutting_down()
+        keys, caller = self.keys()
+        turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, request)
+        handler.note = " session=" + turn.path
+        if not server.begin_stream():
+            raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
+                             code="server_busy", headers={"Retry-After": "1"})
+        self.slot_held, handler.stream_open = True, request.stream
+        server.watchdog.watch(handler)
+        error = None
+        try:
+            if request.stream and self.wire.opens_at_once:
+                handler.open_stream()
+            turn, key = self.open_upstream(turn, self.key_order(turn, keys), request.title)
+            answer = AnswerRouter(config.reasoning, turn.query)
+            if request.stream:
+                self.stream(turn, key, answer)
+            else:
+                self.send(turn, key, answer)
+        except ProxyError as exc:
+            error = exc
+            raise
+        except ClientGone:
+            handler.interrupted = "client_gone"
+            raise
+        finally:
+            self.release(handler.interrupted or outcome_of(error))
+
+    def keys(self) -> Tuple[Tuple[str, ...], str]:
+        """The upstream keys this request may use, and who is calling: conversations are
+        kept apart by caller (the proxy key or the pass-through key)."""
+        config, headers = self.config, self.handler.headers
+        if config.api_keys:
+            return config.api_keys, (client_key(headers) or "") if config.proxy_keys else ""
+        caller = client_key(headers)
+        if not caller:
+            raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
+                                  "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
+        return (caller,), caller
+
+    def key_order(self, turn: Turn, keys: Sequence[str]) -> List[str]:
+        pool = self.server.key_pool
+        if pool is None:  # the client's own key
+            return list(keys)
+        return pool.order(turn.name, turn.key)
+
+    def release(self, outcome: str) -> None:
+        """Close the upstream call, record its outcome and free its slot, once. A complete
+        answer does this before its last bytes go out, so a client's next request never
+        finds the slot still taken, nor a hang-up right after the end counted as a failure."""
+        if not self.slot_held:
+            return
+        self.slot_held = False
+        upstream = self.handler.upstream
+        if upstream is not None:
+            upstream.close()
+            self.server.metrics.upstream(outcome, self.first_byte)
+        self.server.end_stream()
+
+    def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> Tuple[Turn, str]:
+        """Open the upstream with the first key that works: a key refused with 401/403/429
+        cools down and the next is tried, each once. Returns the turn as sent, and its key."""
+        handler, config, pool = self.handler, self.config, self.server.key_pool
+        error = None
+        for key in keys:
+            sent = turn_on_key(turn, key, config.max_query)
+            body = build_upstream_body(config.user_id, sent.session_id, sent.query, title)
+            upstream = handler.upstream = UpstreamCall(self.server.upstream_opener, config.upstream_url, key,
+                                                       body, config.connect_timeout, config.timeout)
+            if handler.interrupted:  # interrupted before this call existed: it ends at once
+                upstream.abort()
+            began = time.monotonic()
+            try:
+                upstream.open()
+            except ProxyError as exc:
+                if upstream.status not in (401, 403, 429) or pool is None:
+                    raise
+                seconds = retry_after_seconds(exc.headers.get("Retry-After"))
+                pool.cool_down(key, seconds)
+                handler.log(logging.WARNING, "upstream key %s refused (HTTP %d): cooling down %gs",
+                            mask_key(key), upstream.status, seconds)
+                error = exc
+                continue
+            self.first_byte = time.monotonic() - began
+            handler.note = " session=%s key=%s" % (sent.path, mask_key(key))
+            return sent, key
+        raise error
+
+    def relay(self, answer: AnswerRouter) -> Iterator[List[Tuple[str, str]]]:
+        """The pipeline's events of each upstream read, until DONE or the end of the stream."""
+        handler = self.handler
+        upstream, route = handler.upstream, answer.route
+        phase, delivered = None, 0
+        try:
+            for batch in upstream.events():
+                events = []
+                for status, kind, text in batch:
+                    if status == RESPONSING:
+                        if phase:
+                            events.append((STEP_END, phase))
+                            phase = None
+                        routed = route(kind, text)
+                        if routed is not None:
+                            events.append(routed)
+                            delivered += 1
+                    elif status == DONE:
+                        yield events
+                        return
+                    elif status == ERROR:
+                        yield events
+                        raise ProxyError(502, "The upstream reported an error: %s" % text,
+                                         code="upstream_error")
+                    elif status in PHASES:
+                        if status != phase:
+                            phase = status
+                            events.append((STEP, status))
+                    elif phase and status in PHASE_ENDS:
+                        events.append((STEP_END, phase))
+                        phase = None
+                if events:
+                    yield events
+        except UpstreamBroken as exc:
+            raise ProxyError(502, "The upstream connection broke before the answer was complete (%s)"
+                             % exc, code="upstream_disconnected") from None
+        finally:
+            handler.chunks = delivered
+            if answer.unfamiliar_types:
+                handler.log(logging.DEBUG, "answer text of unfamiliar type(s) %s treated as answer",
+                            sorted(answer.unfamiliar_types))
+        if upstream.events_seen == 0:
+            said = upstream_error_message(upstream.last_skipped, "")
+            raise ProxyError(502, "The upstream stream carried no Finstep events" + (": " + said if said else ""),
+                             code="upstream_empty")
+
+    def stream(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
+        handler, wire = self.handler, self.wire
+        if not wire.opens_at_once:
+            handler.open_stream()
+        render, write = wire.render, handler.write_chunk
+        for events in self.relay(answer):
+            data = render(events)
+            if data:
+                write(data)
+        closing = answer.finish()
+        self.complete(turn, key, answer)
+        handler.end_stream((render([(TEXT, closing)]) if closing else b"") + wire.closing(answer))
+
+    def send(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
+        for _ in self.relay(answer):
+            pass
+        answer.finish()
+        self.complete(turn, key, answer)
+        self.handler.send_json(200, self.wire.document(answer))
+
+    def complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
+        # Done before the client sees the end, so its next request can never arrive first.
+        remember_turn(self.server.sessions, turn, key, "".join(answer.content))
+        self.release("ok")
+
+
+# --- HTTP handler --------------------------------------------------------------
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "custom_finstep/" + __version__
     sys_version = ""
     cors_headers = (("Access-Control-Allow-Origin", "*"),
                     ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After"))
+    allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
 
     def version_string(self) -> str:
         return self.server_version
@@ -1324,10 +1766,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = self.last_write = time.monotonic()
         self.status = None  # type: Optional[int]
         self.request_id = uuid.uuid4().hex[:16]
-        self.sse_started = self.chunked = self.stream_open = self.slot_held = False
+        self.sse_started = self.chunked = self.stream_open = False
         self.interrupted = None  # type: Optional[str]
+        self.wire = None  # type: Optional[WireFormat]
         self.upstream = None  # type: Optional[UpstreamCall]
-        self.first_byte = None  # type: Optional[float]
         self.chunks = 0
         self.note = ""
         watchdog = self.server.watchdog
@@ -1377,13 +1819,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- called by the watchdog, from its thread
 
     def heartbeat(self) -> None:
-        """Send `: keep-alive` (and the response head first, if it is still held)."""
+        """Send the wire format's keep-alive (and the response head first, if it is still held)."""
         if not self.write_lock.acquire(blocking=False):
             return  # a write is under way: the client is getting bytes anyway
         try:
             if self.stream_open and socket_writable(self.connection):
                 self.start_sse_locked()
-                self.write_locked(b": keep-alive\n\n")
+                self.write_locked(self.wire.heartbeat)
         except ClientGone:
             self.interrupt("client_gone")
         finally:
@@ -1414,8 +1856,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         requested = self.headers.get("Access-Control-Request-Headers")
-        self.send_header("Access-Control-Allow-Headers",
-                         requested or "Authorization, Content-Type, X-Api-Key, X-Request-Id, X-Session-Id")
+        self.send_header("Access-Control-Allow-Headers", self.allowed_headers + (", " + requested if requested else ""))
         self.send_header("Access-Control-Max-Age", "86400")
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -1448,6 +1889,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.note += " client left"
             if self.status is None:
                 self.status = 499  # as nginx logs a client that closed before its answer
+
+    def wire_format(self) -> WireFormat:
+        """The wire format of this request's path, which also shapes its errors (OpenAI's by default)."""
+        if self.wire is None:
+            path = self.path.split("?", 1)[0].rstrip("/")
+            self.wire = WIRE_FORMATS.get(path, ChatCompletionsFormat)(self.server.config)
+        return self.wire
 
     def check_proxy_key(self) -> None:
         allowed = self.server.config.proxy_keys
@@ -1486,159 +1934,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def model_card(self, model: str) -> dict:
         return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep"}
 
-    def chat_completions(self, path: str) -> None:
-        config, server = self.server.config, self.server
-        chat = parse_chat_request(self.read_body(), config.models[0])
-        if server.draining:
-            self.close_connection = True
-            raise shutting_down()
-        if config.api_keys:
-            keys, caller = config.api_keys, (client_key(self.headers) or "") if config.proxy_keys else ""
-        else:
-            caller = client_key(self.headers)
-            if not caller:
-                raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
-                                      "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
-            keys = (caller,)
-        client_session = (self.headers.get("X-Session-Id") or "").strip() or chat.session_id
-        turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, keys, chat, client_session)
-        self.note = " session=" + turn.path
-        if not server.begin_stream():
-            raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
-                             code="server_busy", headers={"Retry-After": "1"})
-        self.slot_held, self.stream_open = True, chat.stream
-        server.watchdog.watch(self)
-        if turn.key is not None:  # the session belongs to the key that created it
-            candidates = [turn.key]
-        else:
-            candidates = server.key_pool.order() if server.key_pool else list(keys)
-        error = None
-        try:
-            key = self.open_upstream(turn, candidates, chat.title)
-            if chat.stream:
-                self.stream_answer(chat, turn, key)
-            else:
-                self.send_answer(chat, turn, key)
-        except ProxyError as exc:
-            error = exc
-            raise
-        except ClientGone:
-            self.interrupted = "client_gone"
-            raise
-        finally:
-            self.release_upstream(self.interrupted or outcome_of(error))
-
-    def release_upstream(self, outcome: str) -> None:
-        """Close the upstream call, record its outcome and free its slot, once. A complete
-        answer does this before its last bytes go out, so a client's next request never
-        finds the slot still taken, nor a hang-up right after the end counted as a failure."""
-        if not self.slot_held:
-            return
-        self.slot_held = False
-        if self.upstream is not None:
-            self.upstream.close()
-            self.server.metrics.upstream(outcome, self.first_byte)
-        self.server.end_stream()
-
-    def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> str:
-        """Open the upstream with the first key that works: a key refused with 401/403/429
-        cools down and the next is tried, each once. Returns the key in use."""
-        config, pool = self.server.config, self.server.key_pool
-        body = build_upstream_body(config.user_id, turn.session_id, turn.query, title)
-        error = None
-        for key in keys:
-            self.upstream = UpstreamCall(self.server.upstream_opener, config.upstream_url, key, body,
-                                         config.connect_timeout, config.timeout)
-            if self.interrupted:  # interrupted before this call existed: it ends at once
-                self.upstream.abort()
-            began = time.monotonic()
-            try:
-                self.upstream.open()
-            except ProxyError as exc:
-                if self.upstream.status not in (401, 403, 429) or pool is None:
-                    raise
-                seconds = retry_after_seconds(exc.headers.get("Retry-After"))
-                pool.cool_down(key, seconds)
-                self.log(logging.WARNING, "upstream key %s refused (HTTP %d): cooling down %gs",
-                         mask_key(key), self.upstream.status, seconds)
-                error = exc
-                continue
-            self.first_byte = time.monotonic() - began
-            self.note += " key=" + mask_key(key)
-            return key
-        raise error
-
-    # -- answers
-
-    def relay(self, answer: AnswerRouter) -> Iterator[List[Tuple[str, str]]]:
-        """The client deltas of each upstream read, until DONE or the end of the stream."""
-        upstream = self.upstream
-        try:
-            for events in upstream.events():
-                deltas = []
-                for status, kind, text in events:
-                    if status == RESPONSING:
-                        routed = answer.route(kind, text)
-                        if routed is not None:
-                            deltas.append(routed)
-                    elif status == DONE:
-                        yield deltas
-                        return
-                    elif status == ERROR:
-                        yield deltas
-                        raise ProxyError(502, "The upstream reported an error: %s" % text,
-                                         code="upstream_error")
-                if deltas:
-                    yield deltas
-        except UpstreamBroken as exc:
-            raise ProxyError(502, "The upstream connection broke before the answer was complete (%s)"
-                             % exc, code="upstream_disconnected") from None
-        finally:
-            if answer.unfamiliar_types:
-                self.log(logging.DEBUG, "answer text of unfamiliar type(s) %s treated as answer",
-                         sorted(answer.unfamiliar_types))
-        if upstream.events_seen == 0:
-            said = upstream_error_message(upstream.last_skipped, "")
-            raise ProxyError(502, "The upstream stream carried no Finstep events" + (": " + said if said else ""),
-                             code="upstream_empty")
-
-    def stream_answer(self, chat: ChatRequest, turn: Turn, key: str) -> None:
-        formatter = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
-        answer = AnswerRouter(self.server.config.reasoning)
-        with self.write_lock:
-            self.start_sse_locked()
-        self.write_chunk(formatter.chunk({"role": "assistant", "content": ""}))
-        delta = formatter.delta
-        for deltas in self.relay(answer):
-            if deltas:
-                self.chunks += len(deltas)
-                self.write_chunk(b"".join([delta(field, text) for field, text in deltas]))
-        closing = answer.finish()
-        self.answer_complete(turn, key, answer)
-        tail = [formatter.delta("content", closing)] if closing else []
-        tail.append(formatter.chunk({}, "stop"))
-        if chat.include_usage:
-            tail.append(formatter.usage(self.usage(turn, answer)))
-        tail.append(SSE_DONE)
-        self.end_sse(b"".join(tail))
-
-    def send_answer(self, chat: ChatRequest, turn: Turn, key: str) -> None:
-        answer = AnswerRouter(self.server.config.reasoning)
-        for deltas in self.relay(answer):
-            self.chunks += len(deltas)
-        answer.finish()
-        self.answer_complete(turn, key, answer)
-        self.send_json(200, build_completion("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model,
-                                             answer, self.usage(turn, answer)))
-
-    def answer_complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
-        # Done before the client sees the end, so its next request can never arrive first.
-        remember_turn(self.server.sessions, turn, key, "".join(answer.content))
-        self.release_upstream("ok")
-
-    @staticmethod
-    def usage(turn: Turn, answer: AnswerRouter) -> dict:
-        return estimate_usage(turn.query, "".join(answer.reasoning) + "".join(answer.content))
+    def answer(self, path: str) -> None:
+        wire = self.wire_format()
+        AnswerPipeline(self, wire).run(wire.parse(self.read_body(), self.headers))
 
     # -- request bodies
 
@@ -1765,36 +2063,46 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def write_locked(self, data: bytes, last: bool = False) -> None:
         """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk)."""
         if self.chunked:
-            data = b"%x\r\n%s\r\n%s" % (len(data), data, b"0\r\n\r\n" if last else b"")
+            end = b"0\r\n\r\n" if last else b""
+            data = b"%x\r\n%s\r\n%s" % (len(data), data, end) if data else end  # b"0\r\n" ends the body
         try:
             self.wfile.write(data)
         except (ConnectionError, socket.timeout, TimeoutError, ValueError):
             raise ClientGone() from None
         self.last_write = time.monotonic()
 
+    def open_stream(self) -> None:
+        """Send the event-stream head, unless a heartbeat did, and the wire format's opening."""
+        with self.write_lock:
+            self.start_sse_locked()
+            self.write_locked(self.wire.opening())
+
     def write_chunk(self, data: bytes) -> None:
         with self.write_lock:
             self.write_locked(data)
 
-    def end_sse(self, data: bytes) -> None:
+    def end_stream(self, data: bytes, clean: bool = True) -> None:
+        """Send the stream's last bytes and end it: properly, or cut off, which no client can
+        take for a complete answer (the connection closes without the last chunk)."""
         with self.write_lock:
             self.stream_open = False
-            self.write_locked(data, last=True)
+            if not clean:
+                self.close_connection = True
+            self.write_locked(data, last=clean)
 
     def fail(self, error: ProxyError) -> None:
-        """Answer a failure: a JSON error before the stream began, an SSE error event after."""
+        """Answer a failure: a JSON error before the stream began, the wire format's failure after."""
         self.note += " error=%s" % (error.code or error.type)
-        upstream = self.upstream
+        upstream, wire = self.upstream, self.wire_format()
         if upstream is not None and upstream.key in error.message:  # an upstream that echoes the key
             error.message = error.message.replace(upstream.key, mask_key(upstream.key))
         with self.write_lock:
             self.stream_open = False
             if not self.sse_started:
-                self.send_json(error.status, error.body(), error.headers)
+                self.send_json(error.status, wire.error_body(error), error.headers)
                 return
         self.log(logging.WARNING, "%s stream failed after start: %s", self.client_address[0], error.message)
-        payload = {"error": {"message": error.message, "type": error.type, "code": error.code}}
-        self.end_sse(format_sse(payload) + SSE_DONE)
+        self.end_stream(wire.failure(error), clean=wire.ends_cleanly_after_failure)
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own failures (bad request line, oversized headers, ...) as JSON errors."""

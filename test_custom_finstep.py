@@ -211,6 +211,55 @@ def test_client_key(headers, key):
     assert cf.client_key(headers) == key
 
 
+def agui_input(messages=None, **extra):
+    return dict({"threadId": "thread-1", "runId": "run-1",
+                 "messages": messages or [{"id": "m1", "role": "user", "content": "你好"}]}, **extra)
+
+
+def test_agui_input_keeps_the_conversation_and_skips_the_rest():
+    run = cf.parse_agui_input(json.dumps(agui_input([
+        {"id": "1", "role": "developer", "content": "be brief"},
+        {"id": "2", "role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "q"}]},
+        {"id": "3", "role": "assistant", "toolCalls": [{"id": "c", "type": "function",
+                                                       "function": {"name": "f", "arguments": "{}"}}]},
+        {"id": "4", "role": "tool", "content": [{"type": "image", "source": {}}], "toolCallId": "c"},
+        {"id": "5", "role": "reasoning", "content": "thought"},
+        {"id": "6", "role": "activity", "activityType": "x", "content": {"a": 1}},
+        {"id": "7", "role": "assistant", "content": "answer"},
+        {"id": "8", "role": "someday", "content": 5},
+        {"id": "9", "role": "user", "content": "second"}],
+        state={"a": 1}, tools=[{"name": "t", "description": "d", "parameters": {}}], context=[],
+        forwardedProps={"x": None}, parentRunId="run-0", resume=[], protocolVersion="1.0.0")).encode())
+    assert run.messages == (("developer", "be brief"), ("user", "first\nq"), ("assistant", ""),
+                            ("assistant", "answer"), ("user", "second"))
+    assert (run.thread_id, run.run_id, run.conversation, run.stream) == ("thread-1", "run-1", "thread-1", True)
+    assert run.question == "second" and run.title == "first q"
+
+
+@pytest.mark.parametrize("payload, message, param", [
+    ([], "must be a JSON object", None),
+    ({"runId": "r", "messages": []}, "'threadId' must be a non-empty string", "threadId"),
+    (agui_input(threadId=" "), "'threadId' must be a non-empty string", "threadId"),
+    (agui_input(threadId=7), "'threadId' must be a non-empty string", "threadId"),
+    ({"threadId": "t", "messages": []}, "'runId' must be a string", "runId"),
+    (agui_input(messages={"role": "user"}), "'messages' must be a list", "messages"),
+    (agui_input(messages=[{"id": "1", "role": "assistant", "content": "a"}]), "must contain a user message",
+     "messages"),
+    (agui_input(messages=[{"id": "1", "content": "a"}]), "string 'role'", "messages[0]"),
+    (agui_input(messages=[{"id": "1", "role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "value": "http://x/y.png"}}]}]),
+     "Only text content is supported", "messages[0].content[0]"),
+    (agui_input(messages=[{"id": "1", "role": "user", "content": [{"type": "binary", "mimeType": "a/b"}]}]),
+     "Only text content is supported", "messages[0].content[0]"),
+    (agui_input(messages=[{"id": "1", "role": "user", "content": " "}]), "no text", "messages[0].content"),
+])
+def test_bad_agui_inputs_are_refused_with_400(payload, message, param):
+    with pytest.raises(cf.ProxyError) as caught:
+        cf.parse_agui_input(json.dumps(payload).encode())
+    error = caught.value
+    assert error.status == 400 and message in error.message and error.param == param
+
+
 # --- Upstream events ---------------------------------------------------------------
 
 @pytest.mark.parametrize("line, event", [
@@ -289,13 +338,11 @@ THOUGHT_THEN_ANSWER = [("deepthink", "t1"), ("deepthink", "t2"), ("text", "a1"),
 
 
 @pytest.mark.parametrize("mode, routed, content, reasoning", [
-    ("reasoning", [("reasoning_content", "t1"), ("reasoning_content", "t2"), ("content", "a1"),
-                   ("content", "a2")], "a1a2", "t1t2"),
-    ("think", [("content", "<think>\nt1"), ("content", "t2"), ("content", "\n</think>\n\na1"),
-               ("content", "a2")], "<think>\nt1t2\n</think>\n\na1a2", ""),
-    ("content", [("content", "t1"), ("content", "t2"), ("content", "a1"), ("content", "a2")],
-     "t1t2a1a2", ""),
-    ("drop", [None, None, ("content", "a1"), ("content", "a2")], "a1a2", ""),
+    ("reasoning", [("reasoning", "t1"), ("reasoning", "t2"), ("text", "a1"), ("text", "a2")], "a1a2", "t1t2"),
+    ("think", [("text", "<think>\nt1"), ("text", "t2"), ("text", "\n</think>\n\na1"), ("text", "a2")],
+     "<think>\nt1t2\n</think>\n\na1a2", ""),
+    ("content", [("text", "t1"), ("text", "t2"), ("text", "a1"), ("text", "a2")], "t1t2a1a2", ""),
+    ("drop", [None, None, ("text", "a1"), ("text", "a2")], "a1a2", ""),
 ])
 def test_answer_router_modes(mode, routed, content, reasoning):
     router = cf.AnswerRouter(mode)
@@ -306,7 +353,7 @@ def test_answer_router_modes(mode, routed, content, reasoning):
 
 def test_think_block_closed_at_the_end_when_only_thinking():
     router = cf.AnswerRouter("think")
-    assert router.route("deepthink", "t") == ("content", "<think>\nt")
+    assert router.route("deepthink", "t") == ("text", "<think>\nt")
     assert router.finish() == "\n</think>\n\n"
     assert "".join(router.content) == "<think>\nt\n</think>\n\n"
 
@@ -321,20 +368,89 @@ def test_think_mode_keeps_one_block_and_drops_late_thinking():
 
 def test_unfamiliar_types_are_answer_text_and_remembered():
     router = cf.AnswerRouter("reasoning")
-    assert router.route("card", "x") == ("content", "x")
+    assert router.route("card", "x") == ("text", "x")
     assert router.unfamiliar_types == {"card"}
 
 
 # --- Chunks, SSE, usage ---------------------------------------------------------------
 
-@pytest.mark.parametrize("field", ["content", "reasoning_content"])
+@pytest.mark.parametrize("kind, field", [("text", "content"), ("reasoning", "reasoning_content")])
 @pytest.mark.parametrize("text", ["plain", "中文，标点", 'quote " backslash \\ newline \n tab \t', "\x00\x1f",
                                   "emoji 😀", "\u2028"])
-def test_fast_delta_equals_the_built_chunk(field, text):
+def test_fast_delta_equals_the_built_chunk(kind, field, text):
     formatter = cf.ChunkFormatter("chatcmpl-1", 7, "model\"x")
     slow = cf.format_sse(cf.build_chunk("chatcmpl-1", 7, "model\"x", {field: text}))
-    assert formatter.delta(field, text) == slow
+    assert formatter.delta(kind, text) == slow
     assert json.loads(slow[len(b"data: "):])["choices"][0]["delta"] == {field: text}
+
+
+def agui_format():
+    wire = cf.AguiFormat(cf.Config())
+    wire.parse(json.dumps(agui_input()).encode(), {})
+    return wire
+
+
+def decoded(data):
+    """The JSON of each `data:` event in some SSE bytes."""
+    return [json.loads(event[len("data: "):]) for event in data.decode().split("\n\n")[:-1]]
+
+
+def test_agui_rendering_opens_and_closes_one_thing_at_a_time():
+    wire = agui_format()
+    data = wire.opening() + wire.render([
+        ("step", "THINKING"), ("step", "ORGANIZING"), ("step_end", "ORGANIZING"), ("step_end", "ORGANIZING"),
+        ("reasoning", "r1"), ("reasoning", "r2"), ("text", "a1"), ("text", "a2")])
+    data += wire.render([("text", "a3"), ("reasoning", "late")]) + wire.closing(cf.AnswerRouter("reasoning"))
+    events = decoded(data)
+    reasoning_id, text_id, late_id = (events[i]["messageId"] for i in (5, 11, 16))
+    assert len({reasoning_id, text_id, late_id}) == 3
+    assert events == [
+        {"type": "RUN_STARTED", "threadId": "thread-1", "runId": "run-1"},
+        {"type": "STEP_STARTED", "stepName": "THINKING"},
+        {"type": "STEP_FINISHED", "stepName": "THINKING"},
+        {"type": "STEP_STARTED", "stepName": "ORGANIZING"},
+        {"type": "STEP_FINISHED", "stepName": "ORGANIZING"},
+        {"type": "REASONING_START", "messageId": reasoning_id},
+        {"type": "REASONING_MESSAGE_START", "messageId": reasoning_id, "role": "reasoning"},
+        {"type": "REASONING_MESSAGE_CONTENT", "messageId": reasoning_id, "delta": "r1"},
+        {"type": "REASONING_MESSAGE_CONTENT", "messageId": reasoning_id, "delta": "r2"},
+        {"type": "REASONING_MESSAGE_END", "messageId": reasoning_id},
+        {"type": "REASONING_END", "messageId": reasoning_id},
+        {"type": "TEXT_MESSAGE_START", "messageId": text_id, "role": "assistant"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": text_id, "delta": "a1"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": text_id, "delta": "a2"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": text_id, "delta": "a3"},
+        {"type": "TEXT_MESSAGE_END", "messageId": text_id},
+        {"type": "REASONING_START", "messageId": late_id},
+        {"type": "REASONING_MESSAGE_START", "messageId": late_id, "role": "reasoning"},
+        {"type": "REASONING_MESSAGE_CONTENT", "messageId": late_id, "delta": "late"},
+        {"type": "REASONING_MESSAGE_END", "messageId": late_id},
+        {"type": "REASONING_END", "messageId": late_id},
+        {"type": "RUN_FINISHED", "threadId": "thread-1", "runId": "run-1"},
+    ]
+
+
+@pytest.mark.parametrize("events, closed", [
+    ([], []),
+    ([("step", "THINKING")], ["STEP_FINISHED"]),
+    ([("reasoning", "r")], ["REASONING_MESSAGE_END", "REASONING_END"]),
+    ([("text", "a")], ["TEXT_MESSAGE_END"]),
+])
+def test_agui_failure_closes_what_is_open_then_run_error(events, closed):
+    wire = agui_format()
+    wire.render(events)
+    after = decoded(wire.failure(cf.ProxyError(502, "broke", code="upstream_disconnected")))
+    assert [e["type"] for e in after] == closed + ["RUN_ERROR"]
+    assert after[-1] == {"type": "RUN_ERROR", "message": "broke", "code": "upstream_disconnected"}
+
+
+@pytest.mark.parametrize("text", ["plain", 'quote " backslash \\ newline \n', "\u2028 中文 😀", "\x00"])
+def test_agui_fast_content_frame_equals_the_full_event(text):
+    wire = agui_format()
+    first = decoded(wire.render([("text", "x")]))[-1]
+    event = wire.render([("text", text)])
+    assert event == cf.agui_event("TEXT_MESSAGE_CONTENT", messageId=first["messageId"], delta=text)
+    assert decoded(event)[0]["delta"] == text
 
 
 def test_chunk_shape():
@@ -361,8 +477,10 @@ def test_estimate_usage_totals():
 
 
 @pytest.mark.parametrize("path, routes", [
-    ("/v1/chat/completions", {"POST": "chat_completions"}),
-    ("/chat/completions", {"POST": "chat_completions"}),
+    ("/v1/chat/completions", {"POST": "answer"}),
+    ("/chat/completions", {"POST": "answer"}),
+    ("/agui", {"POST": "answer"}),
+    ("/v1/agui", {"POST": "answer"}),
     ("/v1/models", {"GET": "list_models"}),
     ("/models", {"GET": "list_models"}),
     ("/v1/models/finstep-proxy", {"GET": "retrieve_model"}),
@@ -448,8 +566,8 @@ def test_session_store_single_use_and_bounds():
 
 
 def plan(store, messages, key="k", mode="auto", user=None, client_session=None):
-    chat = cf.ChatRequest(model="m", messages=tuple(messages), stream=False, include_usage=False, user=user)
-    return cf.plan_turn(store, mode, 20000, key, (key,), chat, client_session)
+    chat = cf.ChatRequest(messages=tuple(messages), stream=False, user=user, conversation=client_session)
+    return cf.turn_on_key(cf.plan_turn(store, mode, 20000, key, chat), key, 20000)
 
 
 def test_plan_turn_continues_only_a_remembered_answer():
@@ -474,6 +592,37 @@ def test_plan_turn_fold_mode_and_explicit():
     cf.remember_turn(store, first, "k", "a")
     later = plan(store, [("system", "s"), ("user", "q"), ("assistant", "a"), ("user", "q2")], client_session="c")
     assert (later.path, later.session_id, later.query) == ("explicit", first.session_id, "q2")
+
+
+def test_named_conversation_on_another_key_is_a_new_session_with_the_history():
+    store = cf.SessionStore(100, 3600)
+    history = [("system", "s"), ("user", "q")]
+    first = plan(store, history, client_session="c")
+    cf.remember_turn(store, first, "k", "a")
+    later = [("system", "s"), ("user", "q"), ("assistant", "a"), ("user", "q2")]
+    planned = cf.plan_turn(store, "auto", 20000, "k", cf.ChatRequest(messages=tuple(later), stream=False,
+                                                                      conversation="c"))
+    assert planned.key == "k"  # the key of its last answer is tried first
+    moved = cf.turn_on_key(planned, "k2", 20000)
+    assert moved.session_id == cf.explicit_session_id("k2", "c") and moved.path == "explicit"
+    assert moved.query == "System: s\n\nUser: q\n\nAssistant: a\n\nUser: q2"
+    cf.remember_turn(store, moved, "k2", "a2")
+    back = plan(store, later + [("assistant", "a2"), ("user", "q3")], key="k", client_session="c")
+    assert back.session_id == cf.explicit_session_id("k", "c")
+    assert back.query.startswith("System: s") and back.query.endswith("User: q3")  # k's session missed a turn
+
+
+def test_continued_conversation_on_another_key_folds_into_a_new_session():
+    store = cf.SessionStore(100, 3600)
+    first = plan(store, [("user", "q1")])
+    cf.remember_turn(store, first, "k", "a1")
+    planned = cf.plan_turn(store, "auto", 20000, "k", cf.ChatRequest(
+        messages=(("user", "q1"), ("assistant", "a1"), ("user", "q2")), stream=False))
+    assert (planned.path, planned.key) == ("continued", "k")
+    assert cf.turn_on_key(planned, "k", 20000) is planned
+    moved = cf.turn_on_key(planned, "k2", 20000)
+    assert moved.path == "folded" and moved.session_id != first.session_id
+    assert moved.query == "User: q1\n\nAssistant: a1\n\nUser: q2"
 
 
 # --- The fake Finstep upstream --------------------------------------------------------
@@ -523,12 +672,12 @@ def wait_until(condition, seconds=2.0, what="the condition"):
         time.sleep(0.01)
 
 
-def post_raw(port, payload):
-    """Send a chat request over a raw socket and return the socket, for tests that hang up."""
+def post_raw(port, payload, path="/v1/chat/completions"):
+    """Send a request over a raw socket and return the socket, for tests that hang up or read bytes."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     body = json.dumps(payload).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-                 % (len(body), body))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
     return sock
 
 
@@ -632,6 +781,20 @@ def upstream():
     fake.close()
 
 
+class Body(bytes):
+    """A response body; `cut` when the transfer stopped before its end (no last chunk)."""
+    cut = False
+
+
+def read_body(response):
+    try:
+        return Body(response.read())
+    except http.client.IncompleteRead as exc:
+        body = Body(exc.partial)
+        body.cut = True
+        return body
+
+
 class Proxy:
     def __init__(self, config):
         self.server = cf.ProxyServer(config)
@@ -652,9 +815,14 @@ class Proxy:
                 headers = dict({"Content-Type": "application/json"}, **(headers or {}))
             conn.request(method, path, body=body, headers=headers or {})
             response = conn.getresponse()
-            return response.status, response.headers, response.read()
+            return response.status, response.headers, read_body(response)
         finally:
             conn.close()
+
+    def agui(self, messages=None, headers=None, path="/agui", **extra):
+        """(status, headers, body) of one AG-UI run."""
+        return self.request("POST", path, agui_input(messages, **extra), dict({"Accept": "text/event-stream"},
+                                                                               **(headers or {})))
 
     def chat(self, stream=False, messages=None, headers=None, **extra):
         payload = dict({"model": "finstep-proxy", "stream": stream,
@@ -688,13 +856,16 @@ def proxy(make_proxy):
 
 
 def sse_payloads(body):
-    """Every `data:` payload of an SSE body, JSON-decoded except [DONE]."""
+    """Every `data:` payload of a chat-completions SSE body, JSON-decoded except [DONE]. A body
+    read by Proxy.request is checked to be cut off exactly when it carries an error event."""
     assert body.endswith(b"\n\n"), body[-80:]
     out = []
     for event in body.decode().split("\n\n")[:-1]:
         assert event.startswith("data: "), event
         data = event[len("data: "):]
         out.append(data if data == "[DONE]" else json.loads(data))
+    if isinstance(body, Body):
+        assert body.cut == any(isinstance(p, dict) and "error" in p for p in out), "cut: %s" % body.cut
     return out
 
 
@@ -1327,6 +1498,310 @@ def test_no_tls_context_for_an_http_upstream(proxy):
     assert proxy.server.ssl_context is None
 
 
+# --- AG-UI end to end -------------------------------------------------------------------------
+
+AGUI_CLOSE = {"STEP_FINISHED": "step", "REASONING_END": "reasoning", "TEXT_MESSAGE_END": "text"}
+
+
+def assert_camel_case_without_null(value, where="event"):
+    if isinstance(value, dict):
+        for name, item in value.items():
+            assert re.fullmatch(r"[a-z][A-Za-z0-9]*", name), "%s: %r is not camelCase" % (where, name)
+            assert item is not None, "%s.%s is null" % (where, name)
+            assert_camel_case_without_null(item, where + "." + name)
+    elif isinstance(value, list):
+        for item in value:
+            assert_camel_case_without_null(item, where)
+
+
+def validate_agui_run(events):
+    """The AG-UI protocol's rules for one run, as its verifier applies them, and this proxy's
+    own: RUN_STARTED first; RUN_FINISHED or RUN_ERROR last, nothing after; content only in an
+    open message of its id, never empty; a reasoning message inside its span; steps closed by
+    name; one thing open at a time, and nothing open at the end, failed runs included."""
+    assert events and events[0]["type"] == "RUN_STARTED", events[:1]
+    assert isinstance(events[0]["threadId"], str) and isinstance(events[0]["runId"], str)
+    assert events[-1]["type"] in ("RUN_FINISHED", "RUN_ERROR"), events[-1:]
+    open_, ids = None, set()
+    for index, event in enumerate(events):
+        assert_camel_case_without_null(event)
+        kind, message_id = event["type"], event.get("messageId")
+        assert (kind in ("RUN_FINISHED", "RUN_ERROR")) == (index == len(events) - 1), (index, kind)
+        assert kind != "RUN_STARTED" or index == 0
+        if kind in ("STEP_STARTED", "REASONING_START", "TEXT_MESSAGE_START"):
+            assert open_ is None, "%s while %s is open" % (kind, open_)
+            name = event["stepName"] if kind == "STEP_STARTED" else message_id
+            assert isinstance(name, str) and name
+            if message_id is not None:
+                assert message_id not in ids, "message id reused: " + message_id
+                ids.add(message_id)
+            if kind == "TEXT_MESSAGE_START":
+                assert event["role"] == "assistant"
+            open_ = ({"STEP_STARTED": "step", "REASONING_START": "reasoning"}.get(kind, "text"), name)
+        elif kind in AGUI_CLOSE:
+            name = event["stepName"] if kind == "STEP_FINISHED" else message_id
+            assert open_ == (AGUI_CLOSE[kind], name), "%s(%s) while %s is open" % (kind, name, open_)
+            open_ = None
+        elif kind == "REASONING_MESSAGE_START":
+            assert open_ == ("reasoning", message_id) and event["role"] == "reasoning"
+            open_ = ("reasoning message", message_id)
+        elif kind == "REASONING_MESSAGE_END":
+            assert open_ == ("reasoning message", message_id)
+            open_ = ("reasoning", message_id)
+        elif kind in ("TEXT_MESSAGE_CONTENT", "REASONING_MESSAGE_CONTENT"):
+            expected = "text" if kind == "TEXT_MESSAGE_CONTENT" else "reasoning message"
+            assert open_ == (expected, message_id), "%s(%s) while %s is open" % (kind, message_id, open_)
+            assert isinstance(event["delta"], str) and event["delta"]
+        elif kind in ("RUN_FINISHED", "RUN_ERROR"):
+            assert open_ is None, "%s while %s is open" % (kind, open_)
+            if kind == "RUN_ERROR":
+                assert isinstance(event["message"], str) and event["message"] and isinstance(event["code"], str)
+            else:
+                assert (event["threadId"], event["runId"]) == (events[0]["threadId"], events[0]["runId"])
+        else:
+            assert kind == "RUN_STARTED", "unexpected event " + kind
+
+
+def agui_run(body):
+    """The events of an AG-UI response body, checked: LF only, `data: {json}` events (comments
+    skipped), the run valid by validate_agui_run, and the transfer ended properly."""
+    assert not getattr(body, "cut", False), "the transfer was cut off"
+    text = body.decode()
+    assert "\r" not in text and text.endswith("\n\n"), text[-80:]
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        if block.startswith(":"):
+            continue
+        assert block.startswith("data: ") and "\n" not in block, block
+        events.append(json.loads(block[len("data: "):]))
+    validate_agui_run(events)
+    return events
+
+
+def agui_text(events, kind="TEXT_MESSAGE_CONTENT"):
+    return "".join(e["delta"] for e in events if e["type"] == kind)
+
+
+def test_agui_run_streams_steps_and_the_answer(proxy, upstream):
+    upstream.reply(*answer_events("你好", "，世界"))
+    status, headers, body = proxy.agui(
+        state={"k": 1}, tools=[], context=[{"description": "d", "value": "v"}], forwardedProps={})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    events = agui_run(body)
+    message_id = events[5]["messageId"]
+    assert events == [
+        {"type": "RUN_STARTED", "threadId": "thread-1", "runId": "run-1"},
+        {"type": "STEP_STARTED", "stepName": "THINKING"},
+        {"type": "STEP_FINISHED", "stepName": "THINKING"},
+        {"type": "STEP_STARTED", "stepName": "ORGANIZING"},
+        {"type": "STEP_FINISHED", "stepName": "ORGANIZING"},
+        {"type": "TEXT_MESSAGE_START", "messageId": message_id, "role": "assistant"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": "你好"},
+        {"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": "，世界"},
+        {"type": "TEXT_MESSAGE_END", "messageId": message_id},
+        {"type": "RUN_FINISHED", "threadId": "thread-1", "runId": "run-1"},
+    ]
+
+
+@pytest.mark.parametrize("mode, types, text, reasoning", [
+    ("reasoning", ["REASONING_START", "REASONING_MESSAGE_START", "REASONING_MESSAGE_CONTENT",
+                   "REASONING_MESSAGE_CONTENT", "REASONING_MESSAGE_END", "REASONING_END", "TEXT_MESSAGE_START",
+                   "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END"], "答", "想想"),
+    ("think", ["TEXT_MESSAGE_START"] + ["TEXT_MESSAGE_CONTENT"] * 3 + ["TEXT_MESSAGE_END"],
+     "<think>\n想想\n</think>\n\n答", ""),
+    ("content", ["TEXT_MESSAGE_START"] + ["TEXT_MESSAGE_CONTENT"] * 3 + ["TEXT_MESSAGE_END"], "想想答", ""),
+    ("drop", ["TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END"], "答", ""),
+])
+def test_agui_reasoning_modes(make_proxy, upstream, mode, types, text, reasoning):
+    upstream.reply(ev("MSG_START"), ev("RESPONSING", "deepthink", "想"), ev("RESPONSING", "deepthink", "想"),
+                   ev("RESPONSING", "text", "答"), ev("MSG_DONE"), ev("DONE"))
+    events = agui_run(make_proxy(reasoning=mode).agui()[2])
+    assert [e["type"] for e in events[1:-1]] == types
+    assert agui_text(events) == text and agui_text(events, "REASONING_MESSAGE_CONTENT") == reasoning
+
+
+def test_agui_think_block_only_thinking_is_closed_inside_the_message(make_proxy, upstream):
+    upstream.reply(ev("RESPONSING", "deepthink", "想"), ev("DONE"))
+    events = agui_run(make_proxy(reasoning="think").agui()[2])
+    assert agui_text(events) == "<think>\n想\n</think>\n\n"
+
+
+@pytest.mark.parametrize("steps, options, code, before", [
+    ((ev("THINKING"), CUT), {}, "upstream_disconnected", ["STEP_STARTED", "STEP_FINISHED"]),
+    ((ev("MSG_START"), ev("RESPONSING", "deepthink", "想"), CUT), {}, "upstream_disconnected",
+     ["REASONING_START", "REASONING_MESSAGE_START", "REASONING_MESSAGE_CONTENT", "REASONING_MESSAGE_END",
+      "REASONING_END"]),
+    ((ev("RESPONSING", "text", "半"), CUT), {}, "upstream_disconnected",
+     ["TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END"]),
+    ((ev("RESPONSING", "text", "半"), ev("ERROR", text="额度不足")), {}, "upstream_error",
+     ["TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END"]),
+    ((ev("RESPONSING", "text", "半"), 1.0, ev("DONE")), {}, "upstream_timeout",
+     ["TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END"]),
+    ((b"down",), {"status": 503, "framing": "length"}, "upstream_http_503", []),
+    ((b"bad key",), {"status": 401, "framing": "length"}, "invalid_api_key", []),
+    ((b"<html>oops</html>",), {"content_type": "text/html"}, "upstream_not_streaming", []),
+    ((b"data:{\"code\":500,\"msg\":\"busy\"}\n",), {}, "upstream_empty", []),
+])
+def test_agui_failures_end_in_run_error_with_everything_closed(make_proxy, upstream, steps, options, code,
+                                                              before):
+    upstream.reply(*steps, **options)
+    status, _, body = make_proxy(timeout=0.3).agui()
+    assert status == 200
+    events = agui_run(body)  # a clean end of the transfer: RUN_ERROR is AG-UI's own failure event
+    assert [e["type"] for e in events[1:-1]] == before
+    assert events[-1]["type"] == "RUN_ERROR" and events[-1]["code"] == code
+
+
+def test_agui_runs_on_one_thread_continue_one_upstream_session(proxy, upstream):
+    upstream.reply(*answer_events("答一"))
+    first_run = [{"id": "u1", "role": "user", "content": "第一问"}]
+    events = agui_run(proxy.agui(first_run, threadId="thread-9", runId="r1")[2])
+    answer = {"id": events[5]["messageId"], "role": "assistant", "content": agui_text(events)}
+    upstream.reply(*answer_events("答二"))
+    second_run = first_run + [answer, {"id": "u2", "role": "user", "content": "第二问"}]
+    agui_run(proxy.agui(second_run, threadId="thread-9", runId="r2")[2])
+    first, second = (r["body"] for r in upstream.received)
+    assert first["sessionId"] == second["sessionId"] == cf.explicit_session_id(ENV_KEY, "thread-9")
+    assert (first["query"], second["query"]) == ("第一问", "第二问")
+    assert first["sessionTitle"] == second["sessionTitle"] == "第一问"
+
+
+def test_agui_first_sight_of_a_thread_folds_its_history(proxy, upstream):
+    messages = [{"id": "s", "role": "system", "content": "简短"}, {"id": "u1", "role": "user", "content": "q1"},
+                {"id": "a1", "role": "assistant", "content": "a1"},
+                {"id": "t", "role": "tool", "content": "tool output", "toolCallId": "c"},
+                {"id": "u2", "role": "user", "content": "q2"}]
+    agui_run(proxy.agui(messages, threadId="old-thread")[2])
+    assert upstream.received[-1]["body"]["query"] == "System: 简短\n\nUser: q1\n\nAssistant: a1\n\nUser: q2"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{", None),
+    (json.dumps({"runId": "r", "messages": []}).encode(), "threadId"),
+    (json.dumps(agui_input([{"id": "1", "role": "user", "content": [{"type": "image", "source": {}}]}])).encode(),
+     "messages[0].content[0]"),
+])
+def test_agui_malformed_bodies_get_400_before_any_upstream_call(proxy, upstream, body, param):
+    status, headers, data = proxy.request("POST", "/agui", body, {"Content-Type": "application/json"})
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    error = json.loads(data)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert upstream.received == []
+
+
+def test_agui_refusals_before_the_run_get_their_status(make_proxy, upstream):
+    guarded = make_proxy(proxy_keys=("proxy-key-1234567890",))
+    assert_error(*guarded.agui()[::2], 401, "invalid_api_key")
+    assert_error(*make_proxy(api_keys=()).agui()[::2], 401, "missing_api_key")
+    draining = make_proxy()
+    draining.server.draining = True
+    assert_error(*draining.agui()[::2], 503, "server_shutting_down")
+    busy = make_proxy(max_streams=1)
+    release = threading.Event()
+    upstream.reply(ev("RESPONSING", "text", "a"), release, ev("DONE"))
+    conn, response = open_stream(busy)
+    try:
+        assert_error(*busy.agui()[::2], 503, "server_busy")
+    finally:
+        release.set()
+        conn.close()
+    assert len(upstream.received) == 1
+
+
+def test_agui_on_v1_path_and_with_the_client_key(make_proxy, upstream):
+    proxy = make_proxy(api_keys=())
+    events = agui_run(proxy.agui(path="/v1/agui", headers={"Authorization": "Bearer client-key-0123456789"})[2])
+    assert agui_text(events) == "默认回答"
+    assert upstream.received[-1]["headers"]["Authorization"] == "client-key-0123456789"
+    assert upstream.received[-1]["body"]["sessionId"] == cf.explicit_session_id("client-key-0123456789", "thread-1")
+
+
+def test_agui_heartbeats_are_comments_between_events(make_proxy, upstream):
+    upstream.reply(ev("THINKING"), 0.45, *answer_events("答"))
+    status, _, body = make_proxy(heartbeat=0.1).agui()
+    assert status == 200 and body.count(b": keep-alive\n\n") >= 3
+    assert agui_text(agui_run(body)) == "答"
+
+
+def test_agui_client_leaving_closes_the_upstream(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, agui_input(), path="/agui")
+    wait_until(lambda: upstream.received, what="the upstream request")
+    assert b"RUN_STARTED" in sock.recv(65536)
+    time.sleep(0.1)
+    left = time.monotonic()
+    sock.close()
+    assert_upstream_closed_within_a_second(upstream, left)
+
+
+def test_agui_run_in_flight_at_shutdown_ends_in_run_error(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "a"), HOLD)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(proxy.agui()))
+    reader.start()
+    wait_until(lambda: upstream.received, what="the upstream request")
+    proxy.server.drain(0.2)
+    reader.join(5)
+    events = agui_run(result[0][2])
+    assert [e["type"] for e in events[1:]] == ["TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END",
+                                               "RUN_ERROR"]
+    assert events[-1]["code"] == "server_shutting_down"
+
+
+def test_agui_preflight_and_metrics(proxy, upstream):
+    status, headers, _ = proxy.request("OPTIONS", "/agui", headers={
+        "Origin": "http://app", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, x-copilotkit-runtime"})
+    allowed = {name.strip().lower() for name in headers["Access-Control-Allow-Headers"].split(",")}
+    assert status == 204 and {"authorization", "content-type", "accept", "x-copilotkit-runtime"} <= allowed
+    proxy.agui()
+    metrics = proxy.request("GET", "/metrics")[2].decode()
+    assert 'finstep_proxy_requests_total{path="/agui",status="200"} 1' in metrics.splitlines()
+
+
+# --- Failures that no client can mistake for success ----------------------------------------
+
+def read_until_last_chunk(sock):
+    """A chunked response, read until its terminating chunk; fails if the connection closes first."""
+    sock.settimeout(5)
+    data = b""
+    while not data.partition(b"\r\n\r\n")[2].endswith(b"\r\n0\r\n\r\n"):
+        piece = sock.recv(65536)
+        assert piece, "closed before the last chunk: %r" % data[-100:]
+        data += piece
+    return data
+
+
+def test_chat_stream_failure_ends_the_transfer_without_its_last_chunk(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "半"), CUT)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    raw = recv_all(sock)  # the proxy closes the connection
+    sock.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert b'"code":"upstream_disconnected"' in body and b"data: [DONE]\n\n\r\n" in body
+    assert not body.endswith(b"0\r\n\r\n")  # no terminating chunk: an incomplete HTTP message
+
+
+def test_chat_stream_success_ends_with_the_last_chunk_and_keeps_the_connection(proxy, upstream):
+    upstream.reply(*answer_events("好"))
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    data = read_until_last_chunk(sock)
+    assert b"data: [DONE]" in data
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+
+def test_agui_failure_ends_the_transfer_cleanly_after_run_error(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "半"), CUT)
+    sock = post_raw(proxy.port, agui_input(), path="/agui")
+    data = read_until_last_chunk(sock)
+    assert data.index(b'"RUN_ERROR"') > data.index(b'"TEXT_MESSAGE_END"')
+    sock.close()
+
+
 # --- Errors, each with its status --------------------------------------------------------
 
 def assert_error(status, body, expected_status, code=None, type_=None):
@@ -1648,7 +2123,8 @@ def test_cors_preflight_on_any_path(proxy):
     assert status == 204
     assert headers["Access-Control-Allow-Origin"] == "*"
     assert "POST" in headers["Access-Control-Allow-Methods"]
-    assert headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
+    allowed = [name.strip().lower() for name in headers["Access-Control-Allow-Headers"].split(",")]
+    assert {"authorization", "content-type", "accept", "x-stainless-os"} <= set(allowed)
     assert proxy.request("OPTIONS", "/anything")[0] == 204
 
 
@@ -1760,6 +2236,42 @@ def test_refused_key_fails_over_and_cools_down(make_proxy, upstream, status, hea
     assert KEYS[0] not in sent_keys(upstream)[2:]  # cooling down
 
 
+@pytest.mark.parametrize("via", ["X-Session-Id", "threadId"])
+def test_named_conversation_on_a_revoked_key_fails_over_and_folds(make_proxy, upstream, via):
+    proxy = make_proxy(api_keys=KEYS)
+    hashed = cf.stable_index("conv-r", len(KEYS))
+    revoked, next_key = KEYS[hashed], KEYS[(hashed + 1) % len(KEYS)]
+
+    def ask(*texts):
+        if via == "threadId":
+            agui_run(proxy.agui([dict(m, id=str(i)) for i, m in enumerate(msgs(*texts))], threadId="conv-r")[2])
+        else:
+            status, _, body = proxy.chat(messages=msgs(*texts), headers={"X-Session-Id": "conv-r"})
+            assert status == 200, body
+        return upstream.received[-1]
+
+    first = ask("q1")
+    assert first["headers"]["Authorization"] == revoked
+    assert first["body"]["sessionId"] == cf.explicit_session_id(revoked, "conv-r")
+    upstream.reply(b"revoked", status=401, framing="length")
+    second = ask("q1", "默认回答", "q2")
+    assert sent_keys(upstream)[1:] == [revoked, next_key]
+    assert second["body"]["sessionId"] == cf.explicit_session_id(next_key, "conv-r")
+    assert second["body"]["query"] == "User: q1\n\nAssistant: 默认回答\n\nUser: q2"  # new there: folded
+    third = ask("q1", "默认回答", "q2", "默认回答", "q3")
+    assert third["headers"]["Authorization"] == next_key  # the revoked key cools down
+    assert (third["body"]["sessionId"], third["body"]["query"]) == (second["body"]["sessionId"], "q3")
+
+
+def test_continued_conversation_on_a_revoked_key_folds_on_the_next(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    upstream.reply(b"revoked", status=401, framing="length")
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert sent_keys(upstream) == [KEYS[0], KEYS[0], KEYS[1]]
+    assert second["sessionId"] != first["sessionId"] and second["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+
+
 def test_every_key_refused_gives_the_error_after_one_try_each(make_proxy, upstream):
     proxy = make_proxy(api_keys=KEYS)
     for _ in KEYS:
@@ -1790,6 +2302,19 @@ def test_key_pool_order():
     assert pool.order() == ["a"]
     now[0] = 6
     assert "a" in pool.order() and "b" not in pool.order()
+
+
+def test_key_pool_order_for_a_named_conversation_is_stable_and_prefers_its_key():
+    pool = cf.KeyPool(("a", "b", "c"))
+    start = cf.stable_index("conv", 3)
+    stable = list(("a", "b", "c")[start:] + ("a", "b", "c")[:start])
+    assert [pool.order("conv") for _ in range(3)] == [stable] * 3  # the round robin does not move it
+    assert pool.order() == ["a", "b", "c"]
+    assert pool.order("conv", prefer=stable[2]) == [stable[2], stable[0], stable[1]]
+    assert pool.order(None, prefer="c")[0] == "c"
+    pool.cool_down(stable[0], 10)
+    assert pool.order("conv") == stable[1:]
+    assert pool.order("conv", prefer=stable[0]) == stable[1:]  # a cooling key is not preferred
 
 
 @pytest.mark.parametrize("value, seconds", [(None, 60), ("", 60), ("7", 7), ("soon", 60),
@@ -2065,8 +2590,8 @@ def test_sigterm_closes_streams_left_after_the_drain_with_an_error(upstream):
     process, _, response = stream_through_script(upstream, env={"FINSTEP_DRAIN_SECONDS": "0.3"})
     began = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    rest = response.read()
-    assert b'"code":"server_shutting_down"' in rest and rest.endswith(b"data: [DONE]\n\n")
+    rest = read_body(response)
+    assert b'"code":"server_shutting_down"' in rest and rest.endswith(b"data: [DONE]\n\n") and rest.cut
     assert process.wait(timeout=5) == 0 and time.monotonic() - began < 2.0
 
 
