@@ -32,6 +32,7 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_MODELS     --models      finstep-proxy  comma-separated ids listed by /v1/models
     FINSTEP_TIMEOUT    --timeout     300      seconds the upstream may stay silent (connect timeout 10 s)
     FINSTEP_MAX_BODY   --max-body    8388608  largest request body in bytes
+    FINSTEP_BODY_BUDGET --body-budget 67108864  memory all request bodies may take at once (parsed form included)
     FINSTEP_SESSIONS   --sessions    auto     auto: continue upstream sessions exactly; fold: never continue
     FINSTEP_SESSION_CACHE --session-cache 10000  conversations remembered for continuation (24 h at most)
     FINSTEP_MAX_QUERY  --max-query   20000    longest folded query in characters (oldest turns dropped first)
@@ -111,6 +112,7 @@ class Config:
     models: Tuple[str, ...] = ("finstep-proxy",)
     timeout: float = 300.0
     max_body: int = 8388608
+    body_budget: int = 67108864
     sessions: str = "auto"
     session_cache: int = 10000
     max_query: int = 20000
@@ -222,6 +224,9 @@ SETTINGS = (
      "seconds the upstream may stay silent before the request fails (default 300)"),
     ("max_body", "FINSTEP_MAX_BODY", "--max-body", _positive_int,
      "largest request body in bytes (default 8388608)"),
+    ("body_budget", "FINSTEP_BODY_BUDGET", "--body-budget", _positive_int,
+     "bytes all request bodies together may take in memory, parsed form included; a request that "
+     "does not fit gets 503 with Retry-After (default 67108864)"),
     ("sessions", "FINSTEP_SESSIONS", "--sessions", _choice(SESSION_MODES),
      "auto: continue the upstream session when the history matches an earlier answer, else fold the "
      "history into the query; fold: always a new session with the folded history (default auto)"),
@@ -272,6 +277,9 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
         except ValueError as exc:
             shown = "" if field.endswith("_keys") else ", got %r" % raw
             raise ConfigError("%s (%s) %s%s" % (env, flag, exc, shown)) from None
+    if values.get("body_budget", Config.body_budget) < values.get("max_body", Config.max_body):
+        raise ConfigError("FINSTEP_BODY_BUDGET (--body-budget) must be at least FINSTEP_MAX_BODY (--max-body): "
+                          "a body of the largest size allowed could never be read")
     if values.get("proxy_keys") and not values.get("api_keys"):
         raise ConfigError("PROXY_API_KEY (--proxy-key) is set but FINSTEP_API_KEY (--api-key) is not: "
                           "with PROXY_API_KEY, clients' keys are never sent upstream, so no request could work")
@@ -283,6 +291,39 @@ def mask_key(key: Optional[str]) -> str:
     if not key:
         return "-"
     return "****" if len(key) < 12 else "****" + key[-4:]
+
+
+KEY_RUN = 8  # no run of this many characters of a key may be shown
+
+
+@functools.lru_cache(maxsize=1024)
+def key_runs(key: str) -> Tuple[str, ...]:
+    """Every KEY_RUN-character run of a key, lower-cased (a shorter key whole)."""
+    key, size = key.lower(), min(KEY_RUN, len(key))
+    return tuple(key[start:start + size] for start in range(len(key) - size + 1)) if size else ()
+
+
+def hide_keys(text: str, keys: Sequence[str]) -> str:
+    """`text` with every stretch that holds KEY_RUN or more characters of a key in a row, in
+    any letter case, replaced by `****`: a key echoed whole, cut short or upper-cased alike."""
+    lowered, spans = None, []
+    for key in keys:
+        for run in key_runs(key):
+            lowered = lowered or text.lower()
+            start = lowered.find(run)
+            while start >= 0:
+                spans.append((start, start + len(run)))
+                start = lowered.find(run, start + 1)
+    if not spans:
+        return text
+    out, shown = [], 0
+    for start, end in sorted(spans):
+        if start > shown:
+            out.append(text[shown:start] + "****")
+        elif not out:
+            out.append("****")
+        shown = max(shown, end)
+    return "".join(out) + text[shown:]
 
 
 # --- Protocol: pure functions, no sockets ------------------------------------
@@ -378,6 +419,29 @@ def message_text(content, param: str) -> str:
     return "\n".join(texts)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(payload) -> Optional[str]:
+    """Where in a parsed JSON value a string holds a lone surrogate (text no encoding can
+    carry): its path, like messages[0].content; "" for the top level or a field's name."""
+    stack = [(payload, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if _SURROGATE.search(name):
+                    return path
+                stack.append((item, "%s.%s" % (path, name) if path else name))
+        elif isinstance(value, list):
+            stack.extend((item, "%s[%d]" % (path, index)) for index, item in enumerate(value))
+    return None
+
+
 def json_object(body: bytes) -> dict:
     """A request body as a JSON object; raises ProxyError(400) saying what is wrong."""
     try:
@@ -388,6 +452,13 @@ def json_object(body: bytes) -> dict:
         raise _invalid("Request body is not valid JSON: %s" % exc, None) from None
     if not isinstance(payload, dict):
         raise _invalid("Request body must be a JSON object", None)
+    # Raw UTF-8 cannot hold a lone surrogate, so only an escape can bring one in: a pair
+    # makes one character, a lone one is text that can be neither logged nor sent on.
+    if _SURROGATE_ESCAPE.search(body):
+        path = lone_surrogate_at(payload)
+        if path is not None:
+            raise _invalid("Request body holds text that cannot be encoded (a lone UTF-16 surrogate) in %s"
+                           % (path or "a field name"), path or None)
     return payload
 
 
@@ -472,6 +543,68 @@ def client_key(headers: Mapping[str, str]) -> Optional[str]:
     scheme, _, rest = (headers.get("Authorization") or "").strip().partition(" ")
     value = rest.strip() if scheme.lower() == "bearer" else scheme
     return value or (headers.get("x-api-key") or "").strip() or None
+
+
+# Request framing (RFC 9112): what a front proxy and this proxy must read the same way.
+MAX_HEAD = 65536  # a request line and all its header lines together
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[\t ]*(?:;[^\r\n]*)?")
+NO_BODY, LENGTH, CHUNKED = "none", "length", "chunked"
+
+
+def header_line_ok(line: bytes) -> bool:
+    """A header field line as RFC 9112 allows it: a token, a colon, a value; no space before
+    the colon, no line folding, no control characters."""
+    return _HEADER_LINE.fullmatch(line) is not None
+
+
+def parse_chunk_size(line: bytes) -> Optional[int]:
+    """The size of a chunk from its size line (without the line ending), or None: hex digits
+    only (no sign, prefix or underscore), then optional extensions."""
+    match = _CHUNK_SIZE.fullmatch(line)
+    return int(match.group(1), 16) if match else None
+
+
+def request_framing(headers, version: str, max_body: int) -> Tuple[str, int]:
+    """How a request's body is framed: (NO_BODY, 0), (LENGTH, n) or (CHUNKED, 0). Framing a
+    front proxy could read differently is refused: differing Content-Length values, a length
+    that is not ASCII digits, a transfer coding other than chunked. With both headers,
+    chunked wins (the caller closes the connection after the response)."""
+    codings = [c.strip().lower() for value in headers.get_all("Transfer-Encoding") or () for c in value.split(",")]
+    if codings:
+        if version == "HTTP/1.0" or codings[-1] != "chunked":
+            raise _invalid("Transfer-Encoding must end with chunked (and needs HTTP/1.1)", None)
+        if codings != ["chunked"]:
+            raise ProxyError(501, "Transfer codings other than chunked are not supported", code="not_implemented")
+        return CHUNKED, 0
+    lengths = {v.strip() for value in headers.get_all("Content-Length") or () for v in value.split(",")}
+    if not lengths:
+        return NO_BODY, 0
+    if len(lengths) > 1:
+        raise _invalid("Content-Length values differ", None)
+    length = lengths.pop()
+    if not (length.isascii() and length.isdigit()):
+        raise _invalid("Content-Length is not a number", None)
+    if int(length) > max_body:
+        raise ProxyError(413, "Request body of %s bytes is larger than the limit of %d bytes" % (length, max_body),
+                         code="request_too_large")
+    return LENGTH, int(length)
+
+
+# Python 3.8's JSON decoder holds some 90 bytes per \\u escape while it parses; later ones do not.
+ESCAPES_COST = sys.version_info < (3, 9)
+
+
+def parse_cost(body: bytes) -> int:
+    """An upper estimate of the memory a JSON request body takes while it is parsed and its
+    text kept: three bytes a byte (the decoded text, the parsed strings), and 96 bytes for
+    each JSON value, which follows a comma or a colon or opens an object or array. Measured
+    on hostile shapes (8 MB of `[{},...]` parses into 200 MB) and on real text alike."""
+    values = body.count(b",") + body.count(b":") + body.count(b"{") + body.count(b"[") + 1
+    if ESCAPES_COST:
+        values += body.count(b"\\")
+    return 3 * len(body) + 96 * values
 
 
 # Upstream statuses that matter; every other status is progress and is ignored.
@@ -1291,7 +1424,7 @@ class UpstreamCall:
                     elif line.startswith(b"data:"):
                         self.last_skipped = line[5:4101]
                         if debug:
-                            log.debug("skipped upstream line: %r", line[:200])
+                            log.debug("skipped upstream line: %r", line[:200], extra={"secret": self.key})
                 if batch:
                     self.events_seen += len(batch)
                     yield batch
@@ -1414,6 +1547,30 @@ def outcome_of(error: Optional[ProxyError]) -> str:
     return {401: "auth", 429: "rate_limited", 504: "timeout"}.get(error.status, "upstream_error")
 
 
+class KeyFilter(logging.Filter):
+    """Hides upstream keys in every line the proxy logs: the configured ones, and the key a
+    record names as its `secret` (a client's pass-through key). Installed by each server."""
+
+    def __init__(self, keys: Sequence[str]):
+        super().__init__()
+        self.keys = tuple(keys)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        keys = self.keys + ((record.secret,) if getattr(record, "secret", None) else ())
+        if keys:
+            message = record.getMessage()
+            hidden = hide_keys(message, keys)
+            if hidden != message:
+                record.msg, record.args = hidden, ()
+            if record.exc_info and not record.exc_text:  # a traceback is text too
+                record.exc_text = hide_keys(logging.Formatter().formatException(record.exc_info), keys)
+            fields = getattr(record, "fields", None)
+            if fields:
+                record.fields = {name: hide_keys(value, keys) if isinstance(value, str) else value
+                                 for name, value in fields.items()}
+        return True
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
@@ -1446,20 +1603,109 @@ def configure_logging(config: Config) -> None:
 
 # --- The watchdog: heartbeats, departed clients, slow request heads ----------------
 
-class Watchdog:
-    """One thread for the whole server. It notices a client that closed its connection the
-    moment it happens (epoll), also while the upstream is silent, and aborts that request's
-    upstream call; it sends SSE keep-alives to streams that would otherwise be silent for
-    `heartbeat` seconds; and it drops connections whose request is not in by its deadline."""
+class HangupWatcher:
+    """Tells which watched client sockets' peers have left. With epoll (Linux) it waits for
+    the hang-up itself (EPOLLRDHUP), so bytes a client sent before leaving (a stray CRLF, a
+    pipelined request) neither hide its departure nor wake the loop; they stay unread for
+    the next request. Elsewhere it waits for readability and peeks, once per socket.
+    Not thread-safe: the Watchdog calls it under its lock, but for ready()."""
 
-    def __init__(self, heartbeat: float):
+    use_epoll = all(hasattr(select, name) for name in ("epoll", "EPOLLRDHUP", "POLLRDHUP"))
+
+    def __init__(self):
+        self.waker, self._wake = socket.socketpair()  # wake() ends a wait at once
+        self.watched = {}  # fd -> (socket, owner)
+        self.fds = {}  # socket -> fd, since a closed socket forgets its fd
+        self.epoll = select.epoll() if self.use_epoll else None
+        self.selector = None if self.epoll else selectors.DefaultSelector()
+        if self.epoll:
+            self.epoll.register(self.waker.fileno(), select.EPOLLIN)
+        else:
+            self.selector.register(self.waker, selectors.EVENT_READ)
+
+    def watch(self, sock: socket.socket, owner) -> None:
+        try:
+            fd = sock.fileno()
+            if self.epoll:
+                self.epoll.register(fd, select.EPOLLRDHUP)  # EPOLLHUP and EPOLLERR always count
+            else:
+                self.selector.register(fd, selectors.EVENT_READ)
+        except (KeyError, ValueError, OSError):
+            return
+        self.watched[fd], self.fds[sock] = (sock, owner), fd
+
+    def unwatch(self, sock: socket.socket) -> None:
+        fd = self.fds.pop(sock, None)
+        if fd is None:
+            return
+        del self.watched[fd]
+        try:
+            if self.epoll:
+                self.epoll.unregister(fd)
+            else:
+                self.selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def ready(self, timeout: float) -> List[int]:
+        """The file descriptors with news, waiting at most `timeout` seconds."""
+        try:
+            if self.epoll:
+                return [fd for fd, _ in self.epoll.poll(timeout)]
+            return [key.fd for key, _ in self.selector.select(timeout)]
+        except (OSError, ValueError):  # a socket closed while registered: look again
+            return []
+
+    def departed(self, fd: int):
+        """The owner of `fd` if its peer left, else None. A socket with news is no longer
+        watched: there is nothing more to learn from it. The news is checked on the socket
+        itself, as ready() runs unlocked: by now `fd` may number a newer connection."""
+        entry = self.watched.get(fd)
+        if entry is None:
+            return None
+        sock, owner = entry
+        left = self.peer_left(sock)
+        if left is None:
+            return None
+        self.unwatch(sock)
+        return owner if left else None
+
+    def peer_left(self, sock: socket.socket) -> Optional[bool]:
+        """True: the peer left; False: it sent more bytes; None: no news."""
+        if self.epoll:
+            poller = select.poll()
+            poller.register(sock, select.POLLRDHUP)  # and POLLHUP, POLLERR, always
+            return True if poller.poll(0) else None
+        try:
+            return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return True
+
+    def wake(self) -> None:
+        self._wake.send(b"x")
+
+    def close(self) -> None:
+        (self.epoll or self.selector).close()
+        self.waker.close()
+        self._wake.close()
+
+
+class Watchdog:
+    """One thread for the whole server. It notices a client that left the moment it happens,
+    also while the upstream is silent, and aborts that request's upstream call; it sends
+    keep-alives to streams that would otherwise be silent for `heartbeat` seconds; and it
+    drops connections whose request is not in by its deadline. Those connections, oldest
+    first, are also the ones the server closes to make room for a new connection."""
+
+    def __init__(self, heartbeat: float, client_timeout: float):
         self.tick = min(0.25, heartbeat / 4)
         self.heartbeat_due = heartbeat - self.tick  # checked every tick: never later than heartbeat
-        self.selector = selectors.DefaultSelector()
-        self.waker, self._wake = socket.socketpair()  # stop() writes to it to end a select at once
-        self.selector.register(self.waker, selectors.EVENT_READ, None)
-        self.active = set()  # handlers with a chat request in progress
-        self.deadlines = {}  # handler -> monotonic time its request must be in by
+        self.client_timeout = client_timeout
+        self.hangups = HangupWatcher()
+        self.active = set()  # handlers with an answer in progress
+        self.deadlines = {}  # handler -> monotonic time its request must be in by, oldest first
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.run, name="watchdog", daemon=True)
@@ -1475,64 +1721,53 @@ class Watchdog:
     def watch(self, handler) -> None:
         with self.lock:
             self.active.add(handler)
-            try:
-                self.selector.register(handler.connection, selectors.EVENT_READ, handler)
-            except (KeyError, ValueError, OSError):
-                pass
+            self.hangups.watch(handler.connection, handler)
 
     def forget(self, handler) -> None:
         with self.lock:
             self.deadlines.pop(handler, None)
             if handler in self.active:
                 self.active.discard(handler)
-                self._unregister(handler)
+                self.hangups.unwatch(handler.connection)
 
-    def _unregister(self, handler) -> None:
-        try:
-            self.selector.unregister(handler.connection)
-        except (KeyError, ValueError, OSError):
-            pass
+    def make_room(self) -> bool:
+        """Close the connection that has waited longest without a complete request; False
+        when every connection has a request in progress."""
+        with self.lock:
+            if not self.deadlines:
+                return False
+            handler = next(iter(self.deadlines))
+            del self.deadlines[handler]
+        handler.drop("no request in progress when the connection limit was reached")
+        return True
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            try:
-                ready = self.selector.select(self.tick)
-            except (OSError, ValueError):  # a socket closed while registered: look again
-                ready = []
-            for key, _ in ready:
-                if key.data is not None:
-                    self.check_client(key.data)
+            ready = self.hangups.ready(self.tick)
             now = time.monotonic()
             with self.lock:
+                departed = [self.hangups.departed(fd) for fd in ready]
                 streams = [h for h in self.active if h.stream_open and now - h.last_write >= self.heartbeat_due]
-                late = [h for h, when in self.deadlines.items() if when <= now]
+                late = []
+                for handler, when in self.deadlines.items():  # in the order they were set: oldest first
+                    if when > now:
+                        break
+                    late.append(handler)
                 for handler in late:
                     del self.deadlines[handler]
+            for handler in departed:
+                if handler is not None:
+                    handler.interrupt("client_gone")
             for handler in streams:
                 handler.heartbeat()
             for handler in late:
-                handler.drop()
-
-    def check_client(self, handler) -> None:
-        """The client's socket is readable: either it left (EOF or reset) or it sent more."""
-        try:
-            gone = not handler.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            gone = True
-        with self.lock:
-            self._unregister(handler)  # either way, nothing more to learn from this socket
-        if gone:
-            handler.interrupt("client_gone")
+                handler.drop("no complete request within %gs" % self.client_timeout)
 
     def stop(self) -> None:
         self.stopped.set()
-        self._wake.send(b"x")
+        self.hangups.wake()
         self.thread.join(1.0)
-        self.selector.close()
-        self.waker.close()
-        self._wake.close()
+        self.hangups.close()
 
 
 def socket_writable(sock: socket.socket) -> bool:
@@ -1735,7 +1970,34 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
+class HeadReader:
+    """The client's stream while a request head is read: MAX_HEAD bytes for the request line
+    and all header lines together (http.server alone would take 100 lines of 64 KB each),
+    and every header line checked as it arrives."""
+
+    def __init__(self, stream):
+        self.stream, self.left = stream, MAX_HEAD
+        self.lines = 0
+        self.malformed = False
+        self.cut = False  # the connection was dropped: what still arrives is no request
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.stream.readline(self.left + 1 if limit < 0 else min(limit, self.left + 1))
+        if self.cut and self.lines:
+            return b""
+        self.left -= len(line)
+        self.lines += 1
+        if self.left < 0:
+            raise http.client.LineTooLong("request head over %d bytes" % MAX_HEAD)
+        if self.lines > 1 and line not in (b"\r\n", b"\n", b"") and not header_line_ok(line):
+            self.malformed = True
+        return line
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
+    # A connection's state, http.server's and ours, stays within 29 instance attributes: past
+    # that CPython (3.11) stops sharing dict keys between instances, and every connection
+    # costs 1.3 KB more (1.3 MB at 1,000 streams). Derived state is a property.
     protocol_version = "HTTP/1.1"
     server_version = "custom_finstep/" + __version__
     sys_version = ""
@@ -1746,11 +2008,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
+    def send_response_only(self, code: int, message: Optional[str] = None) -> None:
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # no HTTP/0.9 answers (a bare body): every answer has a status
+        super().send_response_only(code, message)
+
     # -- connection lifecycle
 
     def setup(self) -> None:
-        self.timeout = self.server.config.client_timeout
+        # The watchdog ends a request that is slow to arrive, at client_timeout; the socket's
+        # own timeout is the backstop, and bounds a write to a client that stopped reading.
         super().setup()
+        self.connection.settimeout(self.server.config.client_timeout + 1.0)
         self.write_lock = threading.Lock()
         # Each event is one small write: Nagle's algorithm would hold it until the client
         # acknowledged the previous one, 40 ms or more on a real network.
@@ -1765,46 +2034,126 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self.started = self.last_write = time.monotonic()
         self.status = None  # type: Optional[int]
+        self.command = self.path = None  # not known until the request line is read
+        self.raw_requestline, self.requestline, self.request_version = b"", "", self.default_request_version
         self.request_id = uuid.uuid4().hex[:16]
-        self.sse_started = self.chunked = self.stream_open = False
-        self.interrupted = None  # type: Optional[str]
+        self.stream_open = False
+        self.chunked = None  # type: Optional[bool]  # set when the event-stream head goes out
+        self.interrupted = self.dropped = None  # type: Optional[str]
+        self.framing = None  # type: Optional[Tuple[str, int]]  # of the body still unread
+        self.reserved = 0  # bytes of the body budget this request holds
         self.wire = None  # type: Optional[WireFormat]
         self.upstream = None  # type: Optional[UpstreamCall]
         self.chunks = 0
         self.note = ""
-        watchdog = self.server.watchdog
+        watchdog, stream = self.server.watchdog, self.rfile
         # A request (head and body) must be in within client_timeout: slow senders are dropped.
         watchdog.set_deadline(self, self.started + self.server.config.client_timeout)
         try:
-            super().handle_one_request()
+            self.rfile = HeadReader(stream)
+            if self.read_head():
+                self.rfile = stream
+                method = getattr(self, "do_" + self.command, None)
+                if method is None:
+                    self.send_error(501, "Unsupported method (%r)" % self.command[:20])
+                else:
+                    method()
+                self.wfile.flush()
+        except (socket.timeout, TimeoutError):  # the backstop: the watchdog is normally first
+            self.close_connection = True
         finally:
+            self.rfile = stream
             watchdog.forget(self)
+            self.server.body_budget.give(self.reserved)
             if self.status is not None:
                 self.log_summary()
+            elif self.dropped:
+                self.log_drop()
+
+    def read_head(self) -> bool:
+        """Read the request line and headers; False when there is no request to serve."""
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_HEAD + 1)
+            parsed = bool(self.raw_requestline) and not self.dropped and self.parse_request()
+        except http.client.LineTooLong:
+            self.requestline = self.request_version = ""
+            self.send_error(414, "Request line too long")
+            return False
+        if self.dropped:  # by its deadline, or to make room: what arrived is not a whole request
+            self.close_connection = True
+            if self.raw_requestline.strip() and self.status is None:
+                self.send_error(408, "Request not complete: %s" % self.dropped)
+            return False
+        if not self.raw_requestline:
+            self.close_connection = True
+        return parsed
 
     def parse_request(self) -> bool:
-        if not super().parse_request():
+        if not super().parse_request():  # answers a bad request line or head itself
             return False
+        if self.dropped:
+            return False
+        try:
+            self.check_head()
+        except ProxyError as exc:
+            self.fail(exc)
+            return False
+        return True
+
+    def check_head(self) -> None:
+        """Checks of the whole head, once, before anything answers it (100 Continue included)."""
+        if self.framing is not None:
+            return
+        self.framing = (NO_BODY, 0)
         given = (self.headers.get("X-Request-Id") or "").strip()
         if _REQUEST_ID.fullmatch(given):
             self.request_id = given
-        return True
+        if self.rfile.malformed or self.request_version == "HTTP/0.9":
+            self.close_connection = True
+            raise _invalid("Malformed header line" if self.rfile.malformed else "HTTP/0.9 is not supported", None)
+        try:
+            self.framing = request_framing(self.headers, self.request_version, self.server.config.max_body)
+        except ProxyError:
+            self.close_connection = True
+            raise
+        if self.framing[0] == NO_BODY:
+            self.server.watchdog.set_deadline(self, None)  # the request is complete
+        elif self.framing[0] == CHUNKED and self.headers.get("Content-Length") is not None:
+            self.close_connection = True  # a front proxy may have framed it by the length
+
+    @property
+    def sse_started(self) -> bool:
+        return self.chunked is not None
+
+    @property
+    def body_pending(self) -> bool:
+        """A body was announced and is not read: the connection cannot carry another request."""
+        return self.framing is not None and self.framing[0] != NO_BODY
 
     def log(self, level: int, message: str, *args, fields: Optional[dict] = None) -> None:
-        log.log(level, message, *args, extra={"request_id": self.request_id, "fields": fields or {}})
+        # The upstream key in use is kept out of sight too: a client's own, when passed through.
+        log.log(level, message, *args, extra={"request_id": self.request_id, "fields": fields or {},
+                                              "secret": self.upstream.key if self.upstream else None})
 
     def log_summary(self) -> None:
-        path = _CONTROL.sub("?", self.path.split("?", 1)[0][:200])
+        path = self.logged_path()
         seconds = time.monotonic() - self.started
         upstream_status = self.upstream.status if self.upstream else None
         self.server.metrics.request(metrics_path(path), self.status, seconds)
         # Container health checks would drown the log: a healthy /health is a debug line.
         level = logging.DEBUG if path == "/health" and self.status == 200 else logging.INFO
-        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command,
+        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command or "-",
                  path, self.status, seconds * 1000, upstream_status or "-", self.chunks, self.note,
-                 fields={"client": self.client_address[0], "method": self.command, "path": path,
+                 fields={"client": self.client_address[0], "method": self.command or "-", "path": path,
                          "status": self.status, "duration_ms": round(seconds * 1000, 1),
                          "upstream_status": upstream_status, "chunks": self.chunks, "note": self.note.strip()})
+
+    def logged_path(self) -> str:
+        return _CONTROL.sub("?", (self.path or "-").split("?", 1)[0][:200])
+
+    def log_drop(self) -> None:
+        # Routine: an idle keep-alive connection (a partial request is answered 408 and logged).
+        self.log(logging.DEBUG, "%s closed: %s", self.client_address[0], self.dropped)
 
     def log_request(self, code="-", size="-") -> None:
         self.status = int(code)  # the summary line is written once the request is over
@@ -1813,7 +2162,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
 
     def log_error(self, format: str, *args) -> None:
-        # http.server reports only read timeouts here (send_error is ours): idle keep-alives, mostly.
+        # Whatever http.server still reports on its own; every request has its summary line.
         self.log(logging.DEBUG, "%s %s", self.client_address[0], format % args)
 
     # -- called by the watchdog, from its thread
@@ -1839,11 +2188,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if upstream is not None:
             upstream.abort()
 
-    def drop(self) -> None:
-        # Mostly idle keep-alive connections, so a debug line; a slowloris sender ends here too.
-        self.log(logging.DEBUG, "%s closed: no complete request within %gs", self.client_address[0],
-                 self.server.config.client_timeout)
-        shut(self.connection)
+    def drop(self, reason: str) -> None:
+        """End a connection whose request has not come in, by its deadline or to make room for
+        a new connection: shutting its reading side wakes the handler thread, which answers 408
+        if part of a request had arrived and closes the connection."""
+        self.dropped = reason
+        if isinstance(self.rfile, HeadReader):
+            self.rfile.cut = True
+        try:
+            self.connection.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     # -- routing
 
@@ -1855,29 +2210,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def do_OPTIONS(self) -> None:
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        requested = self.headers.get("Access-Control-Request-Headers")
-        self.send_header("Access-Control-Allow-Headers", self.allowed_headers + (", " + requested if requested else ""))
+        requested = [name.strip() for name in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
+        self.send_header("Access-Control-Allow-Headers", ", ".join(
+            [self.allowed_headers] + [name for name in requested if TOKEN.fullmatch(name)]))
         self.send_header("Access-Control-Max-Age", "86400")
         self.send_header("Content-Length", "0")
         self.end_headers()
 
     def dispatch(self) -> None:
-        path = self.path.split("?", 1)[0]
-        path = path.rstrip("/") or "/"
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
             try:
-                routes = route_for(path)
-                if path != "/health":
-                    self.check_proxy_key()
-                if routes is None:
-                    raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]),
-                                     code="unknown_url")
-                name = routes.get(self.command)
-                if name is None:
-                    allowed = ", ".join(sorted(routes)) + ", OPTIONS"
-                    raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
-                                     code="method_not_allowed", headers={"Allow": allowed})
-                getattr(self, name)(path)
+                getattr(self, self.endpoint(path))(path)
             except ProxyError as exc:
                 if self.interrupted == "client_gone":
                     raise ClientGone() from None
@@ -1897,13 +2241,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wire = WIRE_FORMATS.get(path, ChatCompletionsFormat)(self.server.config)
         return self.wire
 
+    def endpoint(self, path: str) -> str:
+        """The handler method for this request, once its key is checked; raises ProxyError."""
+        routes = route_for(path)
+        if path != "/health":
+            self.check_proxy_key()
+        if routes is None:
+            raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
+        name = routes.get(self.command)
+        if name is None:
+            allowed = ", ".join(sorted(routes)) + ", OPTIONS"
+            raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
+                             code="method_not_allowed", headers={"Allow": allowed})
+        return name
+
     def check_proxy_key(self) -> None:
         allowed = self.server.config.proxy_keys
         if not allowed:
             return
         presented = (client_key(self.headers) or "").encode("utf-8")
         if not any(hmac.compare_digest(presented, key.encode("utf-8")) for key in allowed):
-            self.close_connection = True  # the body, if any, is left unread
             raise ProxyError(401, "Invalid or missing API key for this proxy: send "
                                   "'Authorization: Bearer <PROXY_API_KEY>'", code="invalid_api_key")
 
@@ -1941,9 +2298,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- request bodies
 
     def handle_expect_100(self) -> bool:
-        # An oversized body is refused before the client sends it, in place of "100 Continue".
+        # A request that would be refused gets its answer in place of "100 Continue", so the
+        # client never sends the body: a bad head or key, an unknown path, no room for it.
+        if self.dropped:
+            return False
         try:
-            self.declared_length()
+            self.check_head()
+            self.endpoint(self.path.split("?", 1)[0].rstrip("/") or "/")
+            if self.framing[0] == LENGTH:
+                self.reserve_body(self.framing[1])
         except ProxyError as exc:
             self.fail(exc)
             return False
@@ -1955,31 +2318,37 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         return ProxyError(status, message, code=code)
 
-    def too_large(self, size: str = "") -> ProxyError:
-        return self.body_error(413, "Request body %sis larger than the limit of %d bytes"
-                               % ("of %s bytes " % size if size else "", self.server.config.max_body),
-                               "request_too_large")
+    def too_large(self) -> ProxyError:
+        return self.body_error(413, "Request body is larger than the limit of %d bytes"
+                               % self.server.config.max_body, "request_too_large")
 
-    def declared_length(self) -> Optional[int]:
-        """The Content-Length, judged against the body limit before any byte of the body is read."""
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return None
-        if not length.strip().isdigit():
-            raise self.body_error(400, "Content-Length is not a number", "invalid_request")
-        if int(length) > self.server.config.max_body:
-            raise self.too_large(length.strip())
-        return int(length)
+    def reserve_body(self, total: int) -> None:
+        """Hold `total` bytes of the body budget (FINSTEP_BODY_BUDGET) until the request ends,
+        or refuse the request: 503 while others hold the budget, 413 if it could never fit."""
+        more, budget = total - self.reserved, self.server.body_budget
+        if more <= 0:
+            return
+        if total > budget.limit:
+            raise self.body_error(413, "Request body needs about %d bytes of memory, more than the %d bytes "
+                                       "of FINSTEP_BODY_BUDGET" % (total, budget.limit), "request_too_large")
+        if not budget.take(more):
+            self.close_connection = True
+            raise ProxyError(503, "Too many request bodies in memory; retry shortly", code="server_busy",
+                             headers={"Retry-After": "1"})
+        self.reserved = total
 
     def read_body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            body = self.read_chunked_body(self.server.config.max_body)
+        kind, length = self.framing
+        if kind == NO_BODY:
+            raise self.body_error(411, "A request body with Content-Length is required", "length_required")
+        if kind == CHUNKED:
+            body = self.read_chunked_body()
         else:
-            size = self.declared_length()
-            if size is None:
-                raise self.body_error(411, "A request body with Content-Length is required", "length_required")
-            body = self.read_exactly(size)
-        self.server.watchdog.set_deadline(self, None)
+            self.reserve_body(length)
+            body = self.read_exactly(length)
+        self.framing = (NO_BODY, 0)  # read
+        self.server.watchdog.set_deadline(self, None)  # the request is complete
+        self.reserve_body(parse_cost(body))  # what parsing it takes, held until the request ends
         return body
 
     def incomplete_body(self) -> ProxyError:
@@ -1994,30 +2363,45 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise self.incomplete_body()
         return body
 
-    def read_chunked_body(self, max_body: int) -> bytes:
-        parts, total = [], 0
+    def read_line(self, limit: int) -> bytes:
+        try:
+            line = self.rfile.readline(limit)
+        except (socket.timeout, TimeoutError, ConnectionError):
+            line = b""
+        if not line.endswith(b"\n"):
+            raise self.incomplete_body() if len(line) < limit else self.malformed_chunks()
+        return line
+
+    def malformed_chunks(self) -> ProxyError:
+        return self.body_error(400, "Malformed chunked request body", "invalid_request")
+
+    def read_chunked_body(self) -> bytearray:
+        """A chunked body, decoded into one buffer (no object kept per chunk), its size held
+        in the body budget as it grows; trailer fields are read and dropped."""
+        body, max_body = bytearray(), self.server.config.max_body
         while True:
-            try:
-                line = self.rfile.readline(1026)
-            except (socket.timeout, TimeoutError, ConnectionError):
-                line = b""
-            if not line:
-                raise self.incomplete_body()
-            try:
-                size = int(line.split(b";", 1)[0], 16)
-            except ValueError:
-                size = -1
-            if size < 0:
-                raise self.body_error(400, "Malformed chunked request body", "invalid_request")
-            total += size
-            if total > max_body:
-                raise self.too_large()
+            line = self.read_line(1026)
+            size = parse_chunk_size(line[:-2]) if line.endswith(b"\r\n") else None
+            if size is None:
+                raise self.malformed_chunks()
             if size == 0:
-                while self.rfile.readline(1026) not in (b"\r\n", b"\n", b""):
-                    pass  # trailer fields
-                return b"".join(parts)
-            parts.append(self.read_exactly(size))
-            self.read_exactly(2)
+                break
+            need = len(body) + size
+            if need > max_body:
+                raise self.too_large()
+            if need > self.reserved:
+                self.reserve_body(max(need, min(self.reserved + 65536, max_body)))
+            body += self.read_exactly(size)
+            if self.read_exactly(2) != b"\r\n":
+                raise self.malformed_chunks()
+        trailers = MAX_HEAD
+        while True:
+            line = self.read_line(trailers + 1)
+            if line == b"\r\n":
+                return body
+            trailers -= len(line)
+            if not header_line_ok(line) or trailers < 0:
+                raise self.malformed_chunks()
 
     # -- responses. Writes to a stream hold write_lock: the watchdog writes keep-alives too.
 
@@ -2025,6 +2409,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for name, value in self.cors_headers:
             self.send_header(name, value)
         self.send_header("X-Request-Id", self.request_id)
+        if self.close_connection or self.body_pending:  # a body left unread cannot be skipped safely
+            self.send_header("Connection", "close")  # and http.server closes after the response
         super().end_headers()
 
     def send_json(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
@@ -2034,8 +2420,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -2044,7 +2428,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Send the event-stream response head, once."""
         if self.sse_started:
             return
-        self.sse_started = True
         self.chunked = self.request_version == "HTTP/1.1"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -2053,8 +2436,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.chunked:
             self.send_header("Transfer-Encoding", "chunked")
         else:
-            self.close_connection = True
-            self.send_header("Connection", "close")
+            self.close_connection = True  # the end of the body is the end of the connection
         try:
             self.end_headers()
         except (ConnectionError, socket.timeout, TimeoutError, ValueError):
@@ -2093,9 +2475,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def fail(self, error: ProxyError) -> None:
         """Answer a failure: a JSON error before the stream began, the wire format's failure after."""
         self.note += " error=%s" % (error.code or error.type)
-        upstream, wire = self.upstream, self.wire_format()
-        if upstream is not None and upstream.key in error.message:  # an upstream that echoes the key
-            error.message = error.message.replace(upstream.key, mask_key(upstream.key))
+        wire = self.wire_format()
+        error.message = hide_keys(error.message, self.server.log_filter.keys + ((self.upstream.key,) if self.upstream else ()))
         with self.write_lock:
             self.stream_open = False
             if not self.sse_started:
@@ -2113,6 +2494,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
             pass
 
 
+class MemoryBudget:
+    """A number of bytes shared by all connections: taken before memory is used, given back
+    after."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self.lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        if size:
+            with self.lock:
+                self.used -= size
+
+
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # a burst of connections waits in the kernel instead of retrying SYNs
@@ -2127,13 +2529,16 @@ class ProxyServer(ThreadingHTTPServer):
         self.sessions = SessionStore(config.session_cache, config.session_ttl)
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
         self.metrics = Metrics()
+        self.body_budget = MemoryBudget(config.body_budget)
+        self.log_filter = KeyFilter(config.api_keys + config.proxy_keys)
+        log.addFilter(self.log_filter)
         self.draining = False
         self.connections = 0
         self.connections_lock = threading.Lock()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
-        self.watchdog = Watchdog(config.heartbeat)
+        self.watchdog = Watchdog(config.heartbeat, config.client_timeout)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
@@ -2141,21 +2546,24 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address) -> None:
-        # Each connection costs a thread: past the limit a connection is refused at once,
-        # so a flood of idle or slow connections cannot exhaust threads or memory.
+        # Each connection costs a thread, so there is a limit. At the limit, the connection
+        # that has waited longest without a complete request (a slow head, an idle keep-alive)
+        # makes room, as nginx reuses idle connections: slow senders cannot keep others out.
+        # Only when every connection has a request in progress is a new one refused.
         with self.connections_lock:
-            admitted = self.connections < self.config.connection_limit
+            admitted = self.connections < self.config.connection_limit or self.watchdog.make_room()
             self.connections += admitted
         if admitted:
             super().process_request(request, client_address)
             return
         body = json.dumps(ProxyError(503, "Too many open connections; retry shortly",
                                      code="server_busy").body()).encode("utf-8")
+        cors = "".join("%s: %s\r\n" % header for header in ProxyHandler.cors_headers).encode("ascii")
         try:
             request.settimeout(1.0)
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                            % (len(body), body))
+                            b"Retry-After: 1\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (cors, len(body), body))
         except OSError:
             pass
         self.shutdown_request(request)
@@ -2198,6 +2606,7 @@ class ProxyServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.watchdog.stop()
+        log.removeFilter(self.log_filter)
 
     def handle_error(self, request, client_address) -> None:
         log.exception("unexpected error serving %s", client_address[0])

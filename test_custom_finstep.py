@@ -5,6 +5,7 @@ import ast
 import dataclasses
 import http.client
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import tracemalloc
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 
@@ -59,6 +61,7 @@ def test_defaults_without_environment():
     ({"FINSTEP_MODELS": "a, b,,c "}, "models", ("a", "b", "c")),
     ({"FINSTEP_TIMEOUT": "2.5"}, "timeout", 2.5),
     ({"FINSTEP_MAX_BODY": "1024"}, "max_body", 1024),
+    ({"FINSTEP_BODY_BUDGET": "9000000"}, "body_budget", 9000000),
     ({"LOG_LEVEL": "debug"}, "log_level", "DEBUG"),
     ({"FINSTEP_SESSIONS": "Fold"}, "sessions", "fold"),
     ({"FINSTEP_SESSION_CACHE": "5"}, "session_cache", 5),
@@ -83,6 +86,8 @@ def test_flags_override_environment():
     ({"FINSTEP_TIMEOUT": "0"}, [], "FINSTEP_TIMEOUT (--timeout) must be a positive"),
     ({"FINSTEP_TIMEOUT": "nan"}, [], "FINSTEP_TIMEOUT (--timeout) must be a positive"),
     ({"FINSTEP_MAX_BODY": "-1"}, [], "FINSTEP_MAX_BODY (--max-body) must be a positive"),
+    ({"FINSTEP_BODY_BUDGET": "0"}, [], "FINSTEP_BODY_BUDGET (--body-budget) must be a positive"),
+    ({"FINSTEP_BODY_BUDGET": "1000", "FINSTEP_MAX_BODY": "1001"}, [], "FINSTEP_BODY_BUDGET (--body-budget) must be at least"),
     ({"FINSTEP_API_URL": "ftp://x"}, [], "FINSTEP_API_URL (--upstream) must be an http"),
     ({"FINSTEP_MODELS": " , "}, [], "FINSTEP_MODELS (--models) must list"),
     ({"LOG_LEVEL": "loud"}, [], "LOG_LEVEL (--log-level) must be one of"),
@@ -209,6 +214,113 @@ def test_upstream_body_has_the_four_fields():
 ])
 def test_client_key(headers, key):
     assert cf.client_key(headers) == key
+
+
+# --- Request framing and the memory a body takes ------------------------------------
+
+@pytest.mark.parametrize("line, ok", [
+    (b"Host: x\r\n", True), (b"X-A:\r\n", True), (b"X-A: v\ta \r\n", True), (b"Host: x\n", True),
+    (b"X-Utf8: \xe4\xbd\xa0\r\n", True),
+    (b"Host : x\r\n", False), (b" folded\r\n", False), (b"\tfolded\r\n", False), (b"Host x\r\n", False),
+    (b"Ho st: x\r\n", False), (b"Host: a\rb\r\n", False), (b"Host: \x00\r\n", False), (b": x\r\n", False),
+    (b"Host: x", False),
+])
+def test_header_line_ok(line, ok):
+    assert cf.header_line_ok(line) is ok
+
+
+@pytest.mark.parametrize("line, size", [
+    (b"0", 0), (b"1a", 26), (b"1A;ext=1", 26), (b"5 ;x", 5), (b"f" * 16, 2 ** 64 - 1),
+    (b"0x5", None), (b"+5", None), (b" 5", None), (b"5_0", None), (b"-1", None), (b"", None), (b"g", None),
+    (b"1" * 17, None), (b"5\r", None),
+])
+def test_parse_chunk_size(line, size):
+    assert cf.parse_chunk_size(line) == size
+
+
+def head(raw):
+    return http.client.parse_headers(io.BytesIO(raw + b"\r\n"))
+
+
+@pytest.mark.parametrize("raw, version, framing, status", [
+    (b"", "HTTP/1.1", ("none", 0), None),
+    (b"Content-Length: 12\r\n", "HTTP/1.1", ("length", 12), None),
+    (b"Content-Length: 12\r\nContent-Length: 12\r\n", "HTTP/1.1", ("length", 12), None),
+    (b"Content-Length: 12, 12\r\n", "HTTP/1.0", ("length", 12), None),
+    (b"Content-Length: 12\r\nContent-Length: 13\r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: 12, 13\r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: \xb2\r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: \xc2\xb2\r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: -1\r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: +1\r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: \r\n", "HTTP/1.1", None, 400),
+    (b"Content-Length: 1001\r\n", "HTTP/1.1", None, 413),
+    (b"Transfer-Encoding: chunked\r\n", "HTTP/1.1", ("chunked", 0), None),
+    (b"Transfer-Encoding: Chunked\r\nContent-Length: 5\r\n", "HTTP/1.1", ("chunked", 0), None),
+    (b"Transfer-Encoding: gzip, chunked\r\n", "HTTP/1.1", None, 501),
+    (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", "HTTP/1.1", None, 501),
+    (b"Transfer-Encoding: chunked, gzip\r\n", "HTTP/1.1", None, 400),
+    (b"Transfer-Encoding: chunked\r\n", "HTTP/1.0", None, 400),
+])
+def test_request_framing(raw, version, framing, status):
+    if status is None:
+        assert cf.request_framing(head(raw), version, 1000) == framing
+    else:
+        with pytest.raises(cf.ProxyError) as caught:
+            cf.request_framing(head(raw), version, 1000)
+        assert caught.value.status == status
+
+
+HOSTILE_SHAPES = {
+    "empty objects": b"[" + b"{}," * 100000 + b"{}]",
+    "small objects": b"[" + b'{"a":1},' * 40000 + b"{}]",
+    "nested arrays": b"[" + b"[[[[]]]]," * 40000 + b"0]",
+    "nested objects": b"[" + b'{"a":{"a":{}}},' * 20000 + b"0]",
+    "short strings": b"[" + b'"ab",' * 60000 + b'""]',
+    "floats": b"[" + b"0.1," * 80000 + b"0]",
+    "escapes": b'["' + b"\\u4f60" * 50000 + b'"]',
+    "text": json.dumps({"messages": [{"role": "user", "content": "hello, world. " * 20000}]}).encode(),
+    "cjk text": json.dumps({"messages": [{"role": "user", "content": "你好，世界。" * 20000}]},
+                           ensure_ascii=False).encode(),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE_SHAPES))
+def test_parse_cost_covers_what_parsing_takes(shape):
+    body = HOSTILE_SHAPES[shape]
+    tracemalloc.start()
+    try:
+        parsed = json.loads(body.decode("utf-8"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parsed is not None
+    assert peak <= cf.parse_cost(body), "%s: %d bytes parsed, %d estimated" % (shape, peak, cf.parse_cost(body))
+
+
+def test_parse_cost_of_ordinary_bodies_is_a_few_times_their_size():
+    body = json.dumps({"model": "m", "stream": True, "messages": [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "问题与回答，" * 50} for i in range(20)]},
+        ensure_ascii=False).encode()
+    assert cf.parse_cost(body) < 4 * len(body)
+
+
+KEY = "AI-ONE-abcdefghijklmnop"
+
+
+@pytest.mark.parametrize("text, hidden", [
+    ("no key here", "no key here"),
+    ("key " + KEY + " here", "key **** here"),
+    ("key " + KEY.upper() + "!", "key ****!"),
+    ("cut " + KEY[:9], "cut ****"),
+    ("middle x" + KEY[6:15] + "y", "middle x****y"),
+    ("seven " + KEY[:7] + " is fine", "seven " + KEY[:7] + " is fine"),
+    ("masked ****" + KEY[-4:], "masked ****" + KEY[-4:]),
+    ("twice %s and %s" % (KEY, KEY.lower()), "twice **** and ****"),
+    ("other short-1 and short-1", "other **** and ****"),
+])
+def test_hide_keys(text, hidden):
+    assert cf.hide_keys(text, (KEY, "short-1")) == hidden
 
 
 def agui_input(messages=None, **extra):
@@ -1756,8 +1868,8 @@ def test_agui_preflight_and_metrics(proxy, upstream):
     allowed = {name.strip().lower() for name in headers["Access-Control-Allow-Headers"].split(",")}
     assert status == 204 and {"authorization", "content-type", "accept", "x-copilotkit-runtime"} <= allowed
     proxy.agui()
-    metrics = proxy.request("GET", "/metrics")[2].decode()
-    assert 'finstep_proxy_requests_total{path="/agui",status="200"} 1' in metrics.splitlines()
+    line = 'finstep_proxy_requests_total{path="/agui",status="200"} 1'
+    wait_until(lambda: line in proxy.request("GET", "/metrics")[2].decode().splitlines(), what=line)
 
 
 # --- Failures that no client can mistake for success ----------------------------------------
@@ -1832,16 +1944,32 @@ def test_upstream_error_statuses(proxy, upstream, stream, upstream_status, statu
     assert "upstream says no" in error["message"]
 
 
+def assert_no_run_of(key, text):
+    """No KEY_RUN characters of `key` in a row, in any letter case, anywhere in `text`."""
+    runs = [key[i:i + 8].lower() for i in range(len(key) - 7)]
+    assert not [run for run in runs if run in text.lower()], text
+
+
+def logged_text(caplog):
+    return "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {}), ensure_ascii=False)
+                     for r in caplog.records)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_upstream_echoing_the_key_never_shows_it(proxy, upstream, caplog, stream):
+@pytest.mark.parametrize("echo", [ENV_KEY, ENV_KEY.upper(), ENV_KEY[:9], "x" + ENV_KEY[5:15].lower() + "x"])
+def test_an_upstream_echoing_the_key_never_shows_it(proxy, upstream, caplog, stream, echo):
     caplog.set_level(logging.DEBUG, logger="custom_finstep")
-    upstream.reply(('{"msg": "invalid key %s"}' % ENV_KEY).encode(), status=401, framing="length",
+    upstream.reply(('{"msg": "invalid key %s"}' % echo).encode(), status=401, framing="length",
                    content_type="application/json")
-    upstream.reply(ev("RESPONSING", "text", "a"), ev("ERROR", message="bad key " + ENV_KEY))
-    for _ in range(2):
+    upstream.reply(ev("RESPONSING", "text", "a"), ev("ERROR", message="bad key " + echo))
+    upstream.reply(("data:{\"code\":401,\"msg\":\"key %s\"}\n" % echo).encode())  # a skipped line, logged at DEBUG
+    for _ in range(3):
         status, _, body = proxy.chat(stream=stream)
-        assert ENV_KEY not in body.decode() and cf.mask_key(ENV_KEY) in body.decode()
-    assert all(ENV_KEY not in r.getMessage() for r in caplog.records)
+        assert status != 200 or stream
+        assert_no_run_of(ENV_KEY, body.decode())
+        assert "****" in body.decode()
+    assert "skipped upstream line" in logged_text(caplog)
+    assert_no_run_of(ENV_KEY, logged_text(caplog))
 
 
 def test_upstream_429_passes_retry_after(proxy, upstream):
@@ -2064,6 +2192,294 @@ def test_lying_content_length_costs_only_its_own_connection(make_proxy, upstream
         assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "served"
         answer = recv_all(liar)  # the liar is answered once client_timeout passes
     assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_request_head_is_bounded_at_64_kb_in_all(proxy):
+    big = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 40000) for i in range(2)) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(big)
+        assert recv_all(sock).startswith(b"HTTP/1.1 431 ")  # and the connection is closed
+    fits = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1900) for i in range(30))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(fits + b"Connection: close\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def chat_head(length, headers=b""):
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n" % (length, headers))
+
+
+def test_body_budget_is_taken_before_a_body_is_read_and_given_back(make_proxy, upstream):
+    proxy = make_proxy(body_budget=1000000, max_body=400000, client_timeout=5)
+    budget = proxy.server.body_budget
+    holders = []
+    for _ in range(2):
+        holders.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+        holders[-1].sendall(chat_head(400000) + b'{"messages"')  # and never the rest
+    wait_until(lambda: budget.used == 800000, what="two bodies held")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as refused:
+        refused.sendall(chat_head(300000))  # no body sent: the answer comes first
+        answer = recv_all(refused)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b"Connection: close" in answer
+    upstream.reply(*answer_events("small fits"))
+    assert proxy.chat()[0] == 200
+    for sock in holders:
+        sock.close()
+    wait_until(lambda: budget.used == 0, what="the budget given back")
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 90000}]}).encode()
+    upstream.reply(*answer_events("now it fits"))
+    status, _, data = proxy.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert status == 200
+    wait_until(lambda: budget.used == 0, what="the budget given back again")
+
+
+def test_chunked_body_counts_against_the_budget_as_it_arrives(make_proxy):
+    proxy = make_proxy(body_budget=300000, max_body=300000, client_timeout=5)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as holder:
+        holder.sendall(chat_head(250000) + b"{")
+        wait_until(lambda: proxy.server.body_budget.used == 250000, what="a body held")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            try:
+                for _ in range(100):
+                    sock.sendall(b"1000\r\n" + b"a" * 4096 + b"\r\n")
+            except OSError:
+                pass  # refused mid-body: the connection closes
+            answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"server_busy" in answer
+
+
+def test_a_body_whose_parsing_would_not_fit_is_413(make_proxy, upstream):
+    proxy = make_proxy(body_budget=500000, max_body=200000)
+    body = b'{"messages": [{"role": "user", "content": "x"}], "junk": [' + b"{}," * 50000 + b"{}]}"
+    status, _, data = proxy.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert_error(status, data, 413, "request_too_large")
+    assert "FINSTEP_BODY_BUDGET" in json.loads(data)["error"]["message"] and upstream.received == []
+    wait_until(lambda: proxy.server.body_budget.used == 0, what="the budget given back")
+
+
+def test_many_tiny_chunks_decode_into_the_body(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "细" * 3000}]}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 2]), body[i:i + 2]) for i in range(0, len(body), 2))
+    upstream.reply(*answer_events("ok"))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n" + chunked + b"0\r\nX-Trailer: t\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[-1]["body"]["query"] == "细" * 3000
+
+
+def log_lines(caplog, level=logging.INFO):
+    return [r for r in caplog.records if r.levelno >= level]
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 \r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"BREW /pot HTTP/1.1\r\n\r\n", 501),
+    (b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+])
+def test_malformed_requests_get_their_status_and_one_log_line(proxy, caplog, raw, status):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(raw)
+        answer = recv_all(sock)  # answered, then closed
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    lines = wait_until(lambda: log_lines(caplog), what="the log line")
+    time.sleep(0.05)
+    assert len(log_lines(caplog)) == 1 and " %d " % status in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+    assert proxy.request("GET", "/health")[0] == 200
+
+
+def test_a_malformed_request_is_not_logged_with_the_previous_path(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in answer
+    lines = wait_until(lambda: len(log_lines(caplog)) == 2 and log_lines(caplog), what="two log lines")
+    assert "/v1/models" in lines[0].getMessage() and "/v1/models" not in lines[1].getMessage()
+    assert " - - 400 " in lines[1].getMessage()
+
+
+def test_a_partial_request_line_then_nothing_is_answered_408_by_the_deadline(make_proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(client_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /hea")
+        assert recv_all(sock).startswith(b"HTTP/1.1 408 ")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as idle:
+        assert recv_all(idle) == b""  # nothing sent, nothing said
+    time.sleep(0.1)
+    assert len(log_lines(caplog)) == 1 and not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", '{"model": "\\udfff", "messages": [{"role": "user", "content": "q"}]}', "model"),
+    ("/v1/chat/completions", '{"session_id": "s\\ud800", "messages": [{"role": "user", "content": "q"}]}',
+     "session_id"),
+    ("/v1/chat/completions", '{"messages": [{"role": "assistant", "content": [{"type": "text", "text": "\\udc00"}]},'
+     ' {"role": "user", "content": "q"}]}', "messages[0].content[0].text"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "metadata": {"x\\ud800": 1}}',
+     "metadata"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "\\ud800": 1}', None),
+    ("/agui", '{"threadId": "t\\ud800", "runId": "r", "messages": [{"id": "1", "role": "user", "content": "q"}]}',
+     "threadId"),
+])
+def test_text_that_cannot_be_encoded_is_refused_naming_the_field(proxy, upstream, path, body, param):
+    status, _, data = proxy.request("POST", path, body.encode(), {"Content-Type": "application/json"})
+    assert_error(status, data, 400)
+    assert json.loads(data)["error"]["param"] == param and upstream.received == []
+
+
+def test_a_surrogate_pair_is_ordinary_text(proxy, upstream):
+    status, _, data = proxy.request("POST", "/v1/chat/completions",
+                                    b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert status == 200 and upstream.received[-1]["body"]["query"] == "😀"
+
+
+def raw_responses(data):
+    """The status lines of the HTTP responses in some bytes read from a connection."""
+    return re.findall(rb"HTTP/1\.1 \d{3} ", data)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /v2/unknown HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n29\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"\r\n0\r\n\r\n",
+])
+def test_a_body_is_never_read_as_the_next_request(proxy, request_bytes):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = recv_all(sock)
+    assert len(raw_responses(answer)) == 1 and b"Connection: close" in answer
+
+
+def test_content_length_with_chunked_reads_the_chunks_and_closes(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode()
+    upstream.reply(*answer_events("ok"))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n0\r\n\r\nGET /health HTTP/1.1\r\n\r\n" % (len(body), body))
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer and len(raw_responses(answer)) == 1
+
+
+@pytest.mark.parametrize("chunks", [b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n",
+                                    b"5_0\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n",
+                                    b"5\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n"])
+def test_malformed_chunks_are_400(proxy, chunks):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Malformed chunked" in answer
+
+
+def test_continue_only_after_the_checks(make_proxy):
+    proxy = make_proxy(proxy_keys=("proxy-key-1234567890",), body_budget=100000, max_body=100000)
+    for headers, status in [(b"Authorization: Bearer wrong\r\n", b"401"),
+                            (b"Authorization: Bearer proxy-key-1234567890\r\n", b"100")]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(chat_head(10, headers + b"Expect: 100-continue\r\n"))
+            assert sock.recv(65536).startswith(b"HTTP/1.1 " + status + b" ")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v2/nothing HTTP/1.1\r\nAuthorization: Bearer proxy-key-1234567890\r\n"
+                     b"Content-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
+
+
+def test_preflight_echoes_only_header_names_that_are_tokens(proxy):
+    status, headers, _ = proxy.request("OPTIONS", "/v1/chat/completions", headers={
+        "Access-Control-Request-Headers": "x-good, bad header, x-also_good, x(bad), x/bad, x\"bad"})
+    allowed = [name.strip() for name in headers["Access-Control-Allow-Headers"].split(",")]
+    assert "x-good" in allowed and "x-also_good" in allowed
+    assert not [name for name in allowed if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)]
+
+
+@pytest.mark.parametrize("extra", [b"\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_a_client_leaving_after_sending_more_bytes_is_seen(make_proxy, upstream, extra):
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    sock.sendall(extra)
+    wait_until(lambda: upstream.received, what="the upstream request")
+    time.sleep(0.1)
+    left = time.monotonic()
+    sock.shutdown(socket.SHUT_WR)  # a FIN, with the extra bytes still unread by the proxy
+    assert_upstream_closed_within_a_second(upstream, left)
+    sock.close()
+
+
+def test_pipelined_requests_are_all_answered(proxy, upstream):
+    upstream.reply(*answer_events("one"))
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                     b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n" % (len(body), body))
+        answer = recv_all(sock)
+    assert len(raw_responses(answer)) == 2 and b'"content":"one"' in answer and b'{"status": "ok"}' in answer
+
+
+@pytest.mark.parametrize("epoll", [True, False])
+def test_hangup_watcher_reports_a_departure_once_and_never_for_a_newer_socket(monkeypatch, epoll):
+    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", epoll)
+    watcher = cf.HangupWatcher()
+    try:
+        ours, theirs = socket.socketpair()
+        watcher.watch(ours, "first")
+        theirs.close()  # the peer leaves
+        ready = watcher.ready(1.0)
+        fd = ours.fileno()
+        assert fd in ready
+        watcher.unwatch(ours)  # meanwhile its request ended and the socket closed...
+        ours.close()
+        newer, peer = socket.socketpair()  # ...and a new connection took its number
+        assert newer.fileno() == fd or peer.fileno() == fd
+        if peer.fileno() == fd:
+            newer, peer = peer, newer
+        watcher.watch(newer, "second")
+        assert watcher.departed(fd) is None  # the old news is not the new socket's
+        peer.close()
+        assert fd in watcher.ready(1.0) and watcher.departed(fd) == "second"
+        assert watcher.departed(fd) is None  # reported once
+        newer.close()
+    finally:
+        watcher.close()
+
+
+def test_departures_are_seen_without_epoll_too(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", False)
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    wait_until(lambda: upstream.received, what="the upstream request")
+    time.sleep(0.1)
+    left = time.monotonic()
+    sock.close()
+    assert_upstream_closed_within_a_second(upstream, left)
+
+
+def test_a_pass_through_key_echoed_back_never_shows(make_proxy, upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    client = "client-key-0123456789abcdef"
+    upstream.reply(("client key %s is wrong" % client.upper()).encode(), status=401, framing="length")
+    status, _, body = make_proxy(api_keys=()).chat(headers={"Authorization": "Bearer " + client})
+    assert status == 401
+    assert_no_run_of(client, body.decode())
+    assert_no_run_of(client, logged_text(caplog))
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(proxy, upstream):
@@ -2433,17 +2849,78 @@ def test_requests_above_the_stream_cap_get_503(make_proxy, upstream):
     assert proxy.chat()[0] == 200
 
 
-def test_connections_above_the_limit_are_refused_at_once(make_proxy):
-    proxy = make_proxy(max_connections=3, client_timeout=5)
-    idle = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
-    wait_until(lambda: proxy.server.connections == 3, what="three connections admitted")
+def test_connections_above_the_limit_are_refused_only_when_all_are_busy(make_proxy, upstream):
+    proxy = make_proxy(max_connections=2, client_timeout=5)
+    release = threading.Event()
+    busy = []
+    for _ in range(2):
+        upstream.reply(ev("RESPONSING", "text", "a"), release, ev("DONE"))
+        busy.append(open_stream(proxy))
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as extra:
         answer = recv_all(extra)
+    head = answer.split(b"\r\n\r\n")[0]
     assert answer.startswith(b"HTTP/1.1 503 ") and b'"code": "server_busy"' in answer
-    idle.pop().close()
-    wait_until(lambda: proxy.server.connections == 2, what="a connection released")
+    assert b"Access-Control-Allow-Origin: *" in head and b"Retry-After: 1" in head
+    release.set()
+    for conn, response in busy:
+        response.read()
+        conn.close()
+    wait_until(lambda: proxy.server.connections == 0, what="the connections released")
     assert proxy.request("GET", "/health")[0] == 200
-    for sock in idle:
+
+
+def slow_head(port, sent=b"POST /v1/chat/completions HTTP/1.1\r\nHost"):
+    """A connection that has sent part of a request head and sends no more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(sent)
+    return sock
+
+
+def test_idle_and_slow_connections_make_room_for_new_ones(make_proxy, upstream):
+    proxy = make_proxy(max_connections=4, client_timeout=5)
+    waiting = proxy.server.watchdog.deadlines
+
+    def opened_in_turn(open_one):  # each registered before the next: the order is known
+        count = len(waiting) + 1
+        sock = open_one()
+        wait_until(lambda: len(waiting) == count, what="connection %d waiting" % count)
+        return sock
+    idle = opened_in_turn(lambda: socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+    slow = [opened_in_turn(lambda: slow_head(proxy.port)) for _ in range(3)]
+    assert proxy.request("GET", "/health")[0] == 200  # made room: the idle one, the oldest, went
+    assert recv_all(idle) == b""
+    wait_until(lambda: proxy.server.connections == 3 and len(waiting) == 3, what="only the slow ones left")
+    slow.append(opened_in_turn(lambda: slow_head(proxy.port)))
+    assert proxy.request("GET", "/health")[0] == 200  # then the oldest slow one, answered 408
+    assert recv_all(slow[0]).startswith(b"HTTP/1.1 408 ")
+    for sock in [idle] + slow:
+        sock.close()
+
+
+def test_a_slowloris_flood_with_reconnects_leaves_normal_requests_served(make_proxy, upstream):
+    proxy = make_proxy(max_connections=8, client_timeout=5)
+    stop, opened = threading.Event(), []
+
+    def attack():
+        while not stop.is_set():
+            try:
+                opened.append(slow_head(proxy.port))
+            except OSError:
+                pass
+            time.sleep(0.005)
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    try:
+        wait_until(lambda: len(opened) > 30, what="the flood")  # four times the cap: most made room
+        for i in range(15):
+            upstream.reply(*answer_events("served %d" % i))
+            status, _, body = proxy.chat()
+            assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "served %d" % i
+    finally:
+        stop.set()
+        attacker.join()
+    assert recv_all(opened[0]).startswith(b"HTTP/1.1 408 ")  # the oldest made room long ago
+    for sock in opened:
         sock.close()
 
 
@@ -2471,6 +2948,15 @@ def test_slowloris_is_dropped_while_others_are_served(make_proxy, upstream):
             break
     slow.close()
     assert dropped is not None and dropped - began < 1.0
+
+
+def test_a_connection_keeps_few_enough_attributes_to_share_dict_keys(proxy, upstream, monkeypatch):
+    counts = []
+    summary = cf.ProxyHandler.log_summary
+    monkeypatch.setattr(cf.ProxyHandler, "log_summary", lambda self: (counts.append(len(vars(self))), summary(self)))
+    proxy.chat(stream=True)
+    wait_until(lambda: counts, what="the request's summary")
+    assert counts[0] <= 29, "each attribute past 29 costs every connection 1.3 KB (see ProxyHandler)"
 
 
 def test_metrics_count_what_happened(make_proxy, upstream):
