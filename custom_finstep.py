@@ -548,7 +548,7 @@ def client_key(headers: Mapping[str, str]) -> Optional[str]:
 # Request framing (RFC 9112): what a front proxy and this proxy must read the same way.
 MAX_HEAD = 65536  # a request line and all its header lines together
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
+_HEADER_LINE = re.compile(TOKEN.pattern.encode("ascii") + rb":[\t\x20-\x7e\x80-\xff]*\r?\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[\t ]*(?:;[^\r\n]*)?")
 NO_BODY, LENGTH, CHUNKED = "none", "length", "chunked"
 
@@ -1555,18 +1555,23 @@ class KeyFilter(logging.Filter):
         super().__init__()
         self.keys = tuple(keys)
 
+    def hide(self, text: str, secret: Optional[str] = None) -> str:
+        """`text` with the configured keys and `secret` hidden: for log lines and for every
+        error message a client is sent."""
+        return hide_keys(text, self.keys + (secret,) if secret else self.keys)
+
     def filter(self, record: logging.LogRecord) -> bool:
-        keys = self.keys + ((record.secret,) if getattr(record, "secret", None) else ())
-        if keys:
+        secret = getattr(record, "secret", None)
+        if self.keys or secret:
             message = record.getMessage()
-            hidden = hide_keys(message, keys)
+            hidden = self.hide(message, secret)
             if hidden != message:
                 record.msg, record.args = hidden, ()
             if record.exc_info and not record.exc_text:  # a traceback is text too
-                record.exc_text = hide_keys(logging.Formatter().formatException(record.exc_info), keys)
+                record.exc_text = self.hide(logging.Formatter().formatException(record.exc_info), secret)
             fields = getattr(record, "fields", None)
             if fields:
-                record.fields = {name: hide_keys(value, keys) if isinstance(value, str) else value
+                record.fields = {name: self.hide(value, secret) if isinstance(value, str) else value
                                  for name, value in fields.items()}
         return True
 
@@ -2215,7 +2220,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def dispatch(self) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        path = self.route_path()
         try:
             try:
                 getattr(self, self.endpoint(path))(path)
@@ -2234,9 +2239,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def wire_format(self) -> WireFormat:
         """The wire format of this request's path, which also shapes its errors (OpenAI's by default)."""
         if self.wire is None:
-            path = self.path.split("?", 1)[0].rstrip("/")
-            self.wire = WIRE_FORMATS.get(path, ChatCompletionsFormat)(self.server.config)
+            self.wire = WIRE_FORMATS.get(self.route_path(), ChatCompletionsFormat)(self.server.config)
         return self.wire
+
+    def route_path(self) -> str:
+        """The request's path as routes know it: no query, no trailing slash."""
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
 
     def endpoint(self, path: str) -> str:
         """The handler method for this request, once its key is checked; raises ProxyError."""
@@ -2301,7 +2309,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         try:
             self.check_head()
-            self.endpoint(self.path.split("?", 1)[0].rstrip("/") or "/")
+            self.endpoint(self.route_path())
             if self.framing[0] == LENGTH:
                 self.reserve_body(self.framing[1])
         except ProxyError as exc:
@@ -2473,7 +2481,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Answer a failure: a JSON error before the stream began, the wire format's failure after."""
         self.note += " error=%s" % (error.code or error.type)
         wire = self.wire_format()
-        error.message = hide_keys(error.message, self.server.log_filter.keys + ((self.upstream.key,) if self.upstream else ()))
+        error.message = self.server.log_filter.hide(error.message, self.upstream.key if self.upstream else None)
         with self.write_lock:
             self.stream_open = False
             if not self.sse_started:
