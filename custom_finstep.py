@@ -39,6 +39,8 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_HEARTBEAT  --heartbeat   15       longest silence a streaming client sees (SSE comment keep-alives)
     FINSTEP_MAX_STREAMS --max-streams 256     concurrent upstream requests; above it 503 with Retry-After
     FINSTEP_DRAIN_SECONDS --drain-seconds 8   on SIGTERM, how long streams in flight may finish
+    FINSTEP_UPSTREAM_IDLE --upstream-idle 30  seconds an unused upstream connection is kept for reuse
+    FINSTEP_PREWARM    --prewarm     0        1: keep one upstream connection open even when idle
     LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
     LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
 """
@@ -119,6 +121,8 @@ class Config:
     heartbeat: float = 15.0
     max_streams: int = 256
     drain_seconds: float = 8.0
+    upstream_idle: float = 30.0
+    prewarm: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
     demo: bool = False
@@ -175,6 +179,13 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError("must be a positive whole number")
     return value
+
+
+def _switch(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError("must be 1 or 0 (also true/false, yes/no, on/off)")
+    return value in ("1", "true", "yes", "on")
 
 
 def _url(raw: str) -> str:
@@ -240,6 +251,11 @@ SETTINGS = (
      "concurrent upstream requests; above it clients get 503 with Retry-After (default 256)"),
     ("drain_seconds", "FINSTEP_DRAIN_SECONDS", "--drain-seconds", _positive_float,
      "on SIGTERM, seconds streams in flight may take to finish (default 8)"),
+    ("upstream_idle", "FINSTEP_UPSTREAM_IDLE", "--upstream-idle", _positive_float,
+     "seconds an unused upstream connection stays open for the next request (default 30)"),
+    ("prewarm", "FINSTEP_PREWARM", "--prewarm", _switch,
+     "1: keep one upstream connection open at all times, so even the first request after a quiet "
+     "spell skips the TCP and TLS handshakes (default 0)"),
     ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
      "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     ("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
@@ -1206,15 +1222,28 @@ def shut(sock: socket.socket) -> None:
         pass
 
 
+def socket_ready(sock: socket.socket, write: bool = False) -> bool:
+    """Whether `sock` can be read (or written) without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT if write else select.POLLIN)
+        return bool(poller.poll(0))
+    readable, writable, _ = select.select([] if write else [sock], [sock] if write else [], [], 0)
+    return bool(readable or writable)
+
+
 class ChunkedDecoder:
     """HTTP/1.1 chunked transfer coding, decoded as bytes arrive. feed() returns the payload
-    bytes the data completes; `done` turns true at the last (zero-size) chunk; framing
-    that breaks the rules raises ValueError."""
+    bytes the data completes; `done` turns true once the last (zero-size) chunk and the
+    trailer section after it are in, so a connection read this far is ready for its next
+    response; framing that breaks the rules raises ValueError. Bytes fed past the end stay
+    in `buffer`: a server that sent them cannot be trusted with another request."""
 
     def __init__(self):
         self.buffer = b""
         self.left = 0  # payload bytes still due in the current chunk
         self.crlf = False  # the CRLF that ends a chunk's payload is due
+        self.trailer = False  # the last chunk is in: trailer fields (of no interest) until a blank line
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
@@ -1238,20 +1267,25 @@ class ChunkedDecoder:
                 newline = buffer.find(b"\n", position)
                 if newline < 0:
                     if end - position > 1024:
-                        raise ValueError("chunk size line too long")
+                        raise ValueError("chunk size or trailer line too long")
                     break
-                size = int(buffer[position:newline].split(b";", 1)[0].strip(), 16)
+                line = buffer[position:newline]
+                position = newline + 1
+                if self.trailer:
+                    self.done = not line.strip()
+                    continue
+                size = int(line.split(b";", 1)[0].strip(), 16)
                 if size < 0:
                     raise ValueError("negative chunk size")
-                position = newline + 1
                 self.left = size
-                self.done = size == 0  # trailer fields, if any, are of no interest
+                self.trailer = size == 0
         self.buffer = buffer[position:]
         return b"".join(out)
 
 
 READ_SIZE = io.DEFAULT_BUFFER_SIZE  # the socket reader's buffer: one read takes what it holds
 MAX_UPSTREAM_LINE = 8 * 1024 * 1024  # an upstream that never ends its line cannot fill our memory
+MAX_SETTLE_BYTES = 65536  # what may follow the answer's end before its connection is given up
 
 
 class UpstreamBroken(Exception):
@@ -1259,80 +1293,341 @@ class UpstreamBroken(Exception):
 
 
 class _UpstreamConnection(http.client.HTTPConnection):
-    """Connects within the connect timeout, then allows the read timeout per read, and
-    reports its socket so the stream can be shut from another thread."""
+    """A persistent upstream connection; `route` says where it leads."""
 
-    def __init__(self, host, call, **kwargs):
+    def __init__(self, host, route, **kwargs):
         super().__init__(host, **kwargs)
-        self.call = call
-
-    def connect(self):
-        super().connect()
-        self.sock.settimeout(self.call.read_timeout)
-        self.call.attach(self.sock)
+        self.route = route
+        self.settle = None  # while the last response's end is due: reads it, see UpstreamCall.read_rest
 
 
 class _UpstreamHTTPSConnection(_UpstreamConnection, http.client.HTTPSConnection):
     pass
 
 
-class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
-    """Opens connections of the classes above for the UpstreamCall riding on each Request,
-    so one opener serves every request and thread."""
+# Where a connection leads: the scheme, the host it connects to (the origin, or a proxy),
+# the origin tunnelled to through that proxy (if any), and the proxy's credentials.
+Route = collections.namedtuple("Route", "scheme host tunnel proxy_auth")
 
-    def __init__(self, context: Optional[ssl.SSLContext]):
+
+def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
+    """True when an idle connection can carry no request: the server closed or reset it, or
+    sent something nobody asked for. A TLS record that carries no data (a session ticket)
+    is consumed and leaves the connection usable."""
+    if sock is None:
+        return True
+    timeout = sock.gettimeout()
+    try:
+        sock.settimeout(0)
+        # The TCP stream itself, under any TLS: is anything (or the end) waiting?
+        if not socket.socket.recv(sock, 1, socket.MSG_PEEK):
+            return True
+        if not isinstance(sock, ssl.SSLSocket) or sock.pending():
+            return True
+        sock.recv(1)  # a record: data or a close_notify ends the connection's use
+        return True
+    except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+        return False
+    except OSError:
+        return True
+    finally:
+        try:
+            sock.settimeout(timeout)
+        except OSError:
+            pass
+
+
+def connection_ready(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection can carry the next request: the end of its last response
+    has come, and the server has not closed it since."""
+    if conn.settle is not None:
+        if conn.settle() is not True:
+            return False
+        conn.settle = None
+    return not idle_connection_closed(conn.sock)
+
+
+def close_connection(conn: http.client.HTTPConnection) -> None:
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
+class UpstreamPool:
+    """Idle persistent upstream connections, by route. A connection is here only between
+    answers, at most `max_idle` of them, each for `idle_timeout` seconds: below the 60-75 s
+    servers and load balancers allow, so the proxy closes first and seldom meets a
+    connection the server has just closed. One background thread closes the expired ones and
+    those the server closed, and keeps the warm connection open (keep_warm)."""
+
+    max_idle = 32
+    probe_interval = 1.0  # how often idle connections are checked for a server's close
+    settle_seconds = 1.0  # how long the end of a response given back may take to come
+    warm_retry = 5.0  # after a failed warm connect
+
+    def __init__(self, idle_timeout: float, clock=time.monotonic):
+        self.idle_timeout, self.clock = idle_timeout, clock
+        self.warm = None  # (route, function opening a connection to it)
+        self.idle = collections.OrderedDict()  # connection -> (route, idle since), oldest first
+        self.requests = collections.Counter()  # "true"/"false" (reused) -> upstream requests
+        self.retries = 0
+        self.closed = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="upstream-pool", daemon=True)
+        self.thread.start()
+
+    def __len__(self) -> int:
+        return len(self.idle)
+
+    def keep_warm(self, route: Route, connect) -> None:
+        """Keep one idle connection to `route` open at all times; `connect()` opens one."""
+        with self.changed:
+            self.warm = (route, connect)
+            self.changed.notify()
+
+    def take(self, route: Route) -> Optional[http.client.HTTPConnection]:
+        """The most recently used idle connection to `route` that still works, or None."""
+        while True:
+            with self.changed:
+                conn = next((c for c, (r, _) in reversed(self.idle.items()) if r == route), None)
+                if conn is None:
+                    return None
+                del self.idle[conn]
+                self.changed.notify()  # a warm connection taken: open the next one
+            if connection_ready(conn):
+                return conn
+            close_connection(conn)
+
+    def give(self, conn: http.client.HTTPConnection) -> None:
+        with self.changed:
+            if not self.closed:
+                self.idle[conn] = (conn.route, self.clock())
+                conn = self.idle.popitem(last=False)[0] if len(self.idle) > self.max_idle else None
+                self.changed.notify()  # its expiry is to be watched
+        if conn is not None:
+            close_connection(conn)
+
+    def count(self, reused: bool, retried: bool = False) -> None:
+        with self.changed:
+            self.requests["true" if reused else "false"] += 1
+            self.retries += retried
+
+    def usable(self, conn: http.client.HTTPConnection, since: float, now: float) -> bool:
+        if now - since >= self.idle_timeout:
+            return False
+        if conn.settle is not None:
+            settled = conn.settle()
+            if settled is None:  # the end of its last response is still due
+                return now - since < self.settle_seconds
+            conn.settle = None
+            if not settled:
+                return False
+        return not idle_connection_closed(conn.sock)
+
+    def run(self) -> None:
+        """Close idle connections that expired or that the server closed; keep the warm one."""
+        next_warm = 0.0
+        while True:
+            with self.changed:
+                if self.closed:
+                    return
+                now = self.clock()
+                # Each check is a non-blocking system call or two, for at most max_idle connections.
+                doomed = [conn for conn, (_, since) in self.idle.items() if not self.usable(conn, since, now)]
+                for conn in doomed:
+                    del self.idle[conn]
+                cold = self.warm is not None and now >= next_warm and not any(
+                    route == self.warm[0] for route, _ in self.idle.values())
+            for conn in doomed:
+                close_connection(conn)
+            if cold:
+                try:
+                    self.give(self.warm[1]())
+                except (OSError, http.client.HTTPException) as exc:
+                    next_warm = self.clock() + self.warm_retry
+                    log.debug("warm upstream connection failed: %s", exc)
+            with self.changed:
+                if not self.closed and not cold:
+                    waits = [since + self.idle_timeout - self.clock() for _, since in self.idle.values()]
+                    if self.idle or self.warm is not None:
+                        waits.append(self.probe_interval)
+                    self.changed.wait(max(0.0, min(waits)) if waits else None)
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            doomed, self.idle = list(self.idle), collections.OrderedDict()
+            self.changed.notify()
+        for conn in doomed:
+            close_connection(conn)
+        self.thread.join(1.0)
+
+    def render_metrics(self) -> List[str]:
+        with self.changed:
+            return ["# HELP finstep_proxy_upstream_connections_total Upstream requests, by whether they "
+                    "reused a kept-alive connection.",
+                    "# TYPE finstep_proxy_upstream_connections_total counter"] + [
+                'finstep_proxy_upstream_connections_total{reused="%s"} %d' % (reused, self.requests[reused])
+                for reused in ("true", "false")] + [
+                "# HELP finstep_proxy_upstream_retries_total Requests sent again on a new connection after "
+                "a kept-alive one turned out closed before any response byte.",
+                "# TYPE finstep_proxy_upstream_retries_total counter",
+                "finstep_proxy_upstream_retries_total %d" % self.retries,
+                "# HELP finstep_proxy_upstream_idle_connections Upstream connections kept open for reuse.",
+                "# TYPE finstep_proxy_upstream_idle_connections gauge",
+                "finstep_proxy_upstream_idle_connections %d" % len(self.idle)]
+
+
+class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
+    """Sends each request on a pooled connection when one is idle, else on a new one, for the
+    UpstreamCall riding on the Request, so one opener serves every request and thread.
+    urllib's own do_open sends `Connection: close` and closes the socket after each
+    response; this one keeps it for the pool."""
+
+    def __init__(self, context: Optional[ssl.SSLContext], pool: UpstreamPool):
         super().__init__()
-        self.context = context
+        self.context, self.pool = context, pool
+
+    def connect(self, route: Route, timeout: float) -> http.client.HTTPConnection:
+        """A new connection to `route`, connected (and tunnelled, and TLS set up) within `timeout`."""
+        if route.scheme == "https":
+            conn = _UpstreamHTTPSConnection(route.host, route, timeout=timeout, context=self.context)
+        else:
+            conn = _UpstreamConnection(route.host, route, timeout=timeout)
+        if route.tunnel:
+            conn.set_tunnel(route.tunnel, headers={"Proxy-Authorization": route.proxy_auth}
+                            if route.proxy_auth else None)
+        try:
+            conn.connect()
+        except BaseException:
+            close_connection(conn)
+            raise
+        return conn
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_UpstreamConnection, call=req.upstream_call), req)
+        if not req.host:
+            raise urllib.error.URLError("no host given")
+        call = req.upstream_call
+        headers = dict(req.unredirected_hdrs)
+        headers.update((name, value) for name, value in req.headers.items() if name not in headers)
+        headers = {name.title(): value for name, value in headers.items()}
+        proxy_auth = headers.pop("Proxy-Authorization", None) if req._tunnel_host else None
+        route = Route(req.type, req.host, req._tunnel_host, proxy_auth)
+        conn = self.pool.take(route)
+        retried = False
+        while True:
+            reused = conn is not None
+            try:
+                if conn is None:
+                    conn = self.connect(route, req.timeout)
+                call.use(conn)
+                conn.request(req.get_method(), req.selector, req.data, headers)
+            except OSError as exc:
+                if conn is not None:
+                    close_connection(conn)
+                if reused and isinstance(exc, ConnectionError) and not call.aborted:
+                    conn, retried = None, True  # closed while idle: the server saw nothing
+                    continue
+                raise urllib.error.URLError(exc) from None
+            try:
+                response = conn.getresponse()
+            except ConnectionError:
+                # Reset, or the end of the stream, before the status line's first byte: a
+                # kept-alive connection the server had closed. It never answered; once more.
+                close_connection(conn)
+                if not reused or call.aborted:
+                    raise
+                conn, retried = None, True
+                continue
+            except BaseException:
+                close_connection(conn)
+                raise
+            self.pool.count(reused, retried)
+            call.reused, call.retried = reused, retried
+            response.url, response.msg = req.get_full_url(), response.reason  # as urllib's do_open
+            return response
 
-    def https_open(self, req):
-        return self.do_open(functools.partial(_UpstreamHTTPSConnection, call=req.upstream_call), req,
-                            context=self.context)
-
+    https_open = http_open
     http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
 
 
-def build_upstream_opener(proxies: Mapping[str, str], context: Optional[ssl.SSLContext]):
-    """The urllib opener for every upstream call: proxies from the environment, our
+def upstream_route(url: str, proxies: Mapping[str, str]) -> Optional[Route]:
+    """The route a request to `url` takes, through the proxy the environment names; None
+    when that takes more than a connection (a proxy of another scheme)."""
+    request = urllib.request.Request(url)
+    handler = urllib.request.ProxyHandler(proxies)
+    open_through_proxy = getattr(handler, request.type + "_open", None)
+    if open_through_proxy is not None:
+        handler.parent = None  # a proxy of another scheme would open through it: refused below
+        try:
+            open_through_proxy(request)
+        except AttributeError:
+            return None
+    proxy_auth = request.headers.get("Proxy-authorization") if request._tunnel_host else None
+    return Route(request.type, request.host, request._tunnel_host, proxy_auth)
+
+
+def build_upstream_opener(proxies: Mapping[str, str], connector: _UpstreamConnector):
+    """The urllib opener for every upstream call: proxies from the environment, our pooled
     connections, and HTTPError for any status outside 2xx. Built once: it holds no
     per-request state."""
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(proxies), _UpstreamConnector(context),
+    for handler in (urllib.request.ProxyHandler(proxies), connector,
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
 
 
 class UpstreamCall:
-    """One request to Finstep: open it, iterate its parsed events, close it.
+    """One request to Finstep on a kept-alive connection: open it, iterate its parsed
+    events, then recycle it (an answer read to its clean end hands its connection back to
+    the pool) or close it (anything else discards the connection).
 
     `abort()` may be called from any thread: it shuts the socket, which wakes a
     read blocked in the owning thread."""
 
-    def __init__(self, opener: urllib.request.OpenerDirector, url: str, key: str, body: bytes,
-                 connect_timeout: float, read_timeout: float):
+    def __init__(self, opener: urllib.request.OpenerDirector, pool: UpstreamPool, url: str, key: str,
+                 body: bytes, connect_timeout: float, read_timeout: float):
         self.request = urllib.request.Request(url, data=body, method="POST", headers={
             "Content-Type": "application/json", "Authorization": key,
             "Accept": "text/event-stream", "User-Agent": "custom_finstep/" + __version__})
         self.request.upstream_call = self
-        self.key, self.opener = key, opener
+        self.key, self.opener, self.pool = key, opener, pool
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.connection = None  # type: Optional[http.client.HTTPConnection]
+        self.reused = self.retried = False
         self.response = None  # type: Optional[http.client.HTTPResponse]
         self.status = None  # type: Optional[int]
         self.events_seen = 0
         self.last_skipped = b""  # the last `data:` line that was no event: an error, perhaps
+        self._read = None  # the body reader, once the body is being read
+        self._decoder = None  # type: Optional[ChunkedDecoder]
+        self._recycled = False  # the connection went back to the pool: no longer ours to close
+        self._rest_sock = None
+        self._rest_budget = MAX_SETTLE_BYTES
         self._sock = None
         self._aborted = False
         self._lock = threading.Lock()
 
-    def attach(self, sock: socket.socket) -> None:
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    @property
+    def conn_note(self) -> str:
+        """How the request reached the upstream, for the log line."""
+        return "retried" if self.retried else "reused" if self.reused else "new"
+
+    def use(self, conn: http.client.HTTPConnection) -> None:
+        """Send this call on `conn`: its reads may take the read timeout, and abort() shuts it."""
+        self.connection = conn
+        conn.sock.settimeout(self.read_timeout)
         with self._lock:
-            self._sock = sock
+            self._sock = conn.sock
             aborted = self._aborted
         if aborted:
-            shut(sock)
+            shut(conn.sock)
 
     def abort(self) -> None:
         with self._lock:
@@ -1349,22 +1644,27 @@ class UpstreamCall:
             self.status = exc.code
             with exc:
                 detail = exc.read(4096) if exc.fp is not None else b""
+            self.close()
             raise upstream_status_error(exc.code, detail, exc.headers.get("Retry-After")) from None
         except (socket.timeout, TimeoutError):
+            self.close()
             raise self.timeout_error() from None
         except urllib.error.URLError as exc:
+            self.close()
             if isinstance(exc.reason, (socket.timeout, TimeoutError)):
                 raise ProxyError(504, "The upstream did not accept the connection within %g seconds"
                                  % self.connect_timeout, code="upstream_connect_timeout") from None
             raise ProxyError(502, "Cannot reach the upstream: %s" % (exc.reason,),
                              code="upstream_unreachable") from None
         except (OSError, http.client.HTTPException) as exc:
+            self.close()
             raise ProxyError(502, "The upstream closed the connection before answering (%s)"
                              % (exc.__class__.__name__,), code="upstream_unreachable") from None
         self.status = self.response.status
         content_type = self.response.headers.get("Content-Type", "").lower()
         if "json" in content_type or "html" in content_type:  # an error page, not an event stream
             detail = self.response.read(4096)
+            self.close()
             message = upstream_error_message(detail, "no message")
             raise ProxyError(502, "The upstream answered %s instead of an event stream: %s"
                              % (content_type.split(";")[0], message), code="upstream_not_streaming")
@@ -1390,7 +1690,7 @@ class UpstreamCall:
                     return b""
                 return response.read1(READ_SIZE)
             return read
-        decoder = ChunkedDecoder()
+        decoder = self._decoder = ChunkedDecoder()
 
         def read_chunked() -> bytes:
             while not decoder.done:
@@ -1407,7 +1707,7 @@ class UpstreamCall:
         pending = b""
         debug = log.isEnabledFor(logging.DEBUG)
         try:
-            read = self.body_reader()
+            read = self._read = self.body_reader()
             while True:
                 data = read()
                 if not data:
@@ -1441,9 +1741,63 @@ class UpstreamCall:
             self.events_seen += 1
             yield [event]
 
+    def body_done(self) -> bool:
+        """The response was read to its clean end, and nothing came after it."""
+        if self._decoder is not None:
+            return self._decoder.done and not self._decoder.buffer
+        return self.response.length == 0
+
+    def recycle(self) -> None:
+        """The answer is complete: give the connection to the pool, which reuses it once the
+        rest of the body (the end of the chunked framing, usually here already) is read,
+        unless the server said it closes the connection or this call was aborted."""
+        with self._lock:
+            self._sock = None  # from now on an abort leaves the connection alone
+            usable = not self._aborted
+        conn = self.connection
+        if not usable or conn is None or conn.sock is None or self._read is None:
+            self.close()
+            return
+        self._recycled, self.connection, self._rest_sock = True, None, conn.sock
+        conn.settle = self.read_rest
+        self.pool.give(conn)
+
+    def read_rest(self) -> Optional[bool]:
+        """Read, never waiting, what has come of the body after the answer's end: True once
+        the body ended cleanly (the response is closed: the connection can carry the next
+        request), None while more is due, False when the connection cannot be reused."""
+        sock, response = self._rest_sock, self.response
+        try:
+            sock.settimeout(0)
+            while not self.body_done():
+                if self._decoder is not None and self._decoder.done:  # bytes after the end
+                    return False
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and not socket_ready(sock):
+                    return None
+                if self._decoder is None:
+                    data = response.read1(READ_SIZE)  # Content-Length: http.client keeps count
+                else:
+                    data = response.fp.read1(READ_SIZE)
+                    self._decoder.feed(data)
+                self._rest_budget -= len(data)
+                if not data or self._rest_budget < 0:  # the stream ended first, or it never ends
+                    return False
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return None
+        except (OSError, ValueError, http.client.HTTPException):
+            return False
+        response.close()
+        return True
+
     def close(self) -> None:
+        """End the call and discard its connection: nothing else may come of it."""
+        if self._recycled:
+            return
         if self.response is not None:
             self.response.close()
+        if self.connection is not None:
+            close_connection(self.connection)
+            self.connection = None
 
 
 def status_phrase(status: int) -> str:
@@ -1775,12 +2129,6 @@ class Watchdog:
         self.hangups.close()
 
 
-def socket_writable(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
-
-
 # --- The answer pipeline: one request, any wire format -------------------------------
 
 class ClientGone(Exception):
@@ -1864,7 +2212,7 @@ class AnswerPipeline:
         self.slot_held = False
         upstream = self.handler.upstream
         if upstream is not None:
-            upstream.close()
+            upstream.close()  # a failed call's connection is discarded
             self.server.metrics.upstream(outcome, self.first_byte)
         self.server.end_stream()
 
@@ -1876,8 +2224,9 @@ class AnswerPipeline:
         for key in keys:
             sent = turn_on_key(turn, key, config.max_query)
             body = build_upstream_body(config.user_id, sent.session_id, sent.query, title)
-            upstream = handler.upstream = UpstreamCall(self.server.upstream_opener, config.upstream_url, key,
-                                                       body, config.connect_timeout, config.timeout)
+            upstream = handler.upstream = UpstreamCall(self.server.upstream_opener, self.server.upstream_pool,
+                                                       config.upstream_url, key, body, config.connect_timeout,
+                                                       config.timeout)
             if handler.interrupted:  # interrupted before this call existed: it ends at once
                 upstream.abort()
             began = time.monotonic()
@@ -1893,7 +2242,7 @@ class AnswerPipeline:
                 error = exc
                 continue
             self.first_byte = time.monotonic() - began
-            handler.note = " session=%s key=%s" % (sent.path, mask_key(key))
+            handler.note = " session=%s key=%s conn=%s" % (sent.path, mask_key(key), upstream.conn_note)
             return sent, key
         raise error
 
@@ -1966,6 +2315,7 @@ class AnswerPipeline:
     def complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
         # Done before the client sees the end, so its next request can never arrive first.
         remember_turn(self.server.sessions, turn, key, "".join(answer.content))
+        self.handler.upstream.recycle()
         self.release("ok")
 
 
@@ -2174,7 +2524,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not self.write_lock.acquire(blocking=False):
             return  # a write is under way: the client is getting bytes anyway
         try:
-            if self.stream_open and socket_writable(self.connection):
+            if self.stream_open and socket_ready(self.connection, write=True):
                 self.start_sse_locked()
                 self.write_locked(self.wire.heartbeat)
         except ClientGone:
@@ -2275,7 +2625,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, {"status": "ok"})
 
     def metrics(self, path: str) -> None:
-        data = self.server.metrics.render().encode("utf-8")
+        data = (self.server.metrics.render() + "\n".join(self.server.upstream_pool.render_metrics())
+                + "\n").encode("utf-8")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -2530,7 +2881,18 @@ class ProxyServer(ThreadingHTTPServer):
         # Loading the CA bundle costs about 1.3 MB: only an https upstream needs it.
         https = config.upstream_url.lower().startswith("https:")
         self.ssl_context = ssl.create_default_context() if https else None
-        self.upstream_opener = build_upstream_opener(urllib.request.getproxies(), self.ssl_context)
+        proxies = urllib.request.getproxies()
+        self.upstream_pool = UpstreamPool(config.upstream_idle)
+        connector = self.upstream_connector = _UpstreamConnector(self.ssl_context, self.upstream_pool)
+        self.upstream_opener = build_upstream_opener(proxies, connector)
+        if config.prewarm:
+            route = upstream_route(config.upstream_url, proxies)
+            if route is None:
+                log.warning("FINSTEP_PREWARM: the upstream is reached through a proxy of another scheme; "
+                            "no connection is kept warm")
+            else:
+                self.upstream_pool.keep_warm(route, functools.partial(connector.connect, route,
+                                                                      config.connect_timeout))
         self.sessions = SessionStore(config.session_cache, config.session_ttl)
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
         self.metrics = Metrics()
@@ -2611,6 +2973,7 @@ class ProxyServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.watchdog.stop()
+        self.upstream_pool.close()
         log.removeFilter(self.log_filter)
 
     def handle_error(self, request, client_address) -> None:

@@ -66,6 +66,11 @@ def test_defaults_without_environment():
     ({"FINSTEP_SESSIONS": "Fold"}, "sessions", "fold"),
     ({"FINSTEP_SESSION_CACHE": "5"}, "session_cache", 5),
     ({"FINSTEP_MAX_QUERY": "100"}, "max_query", 100),
+    ({"FINSTEP_UPSTREAM_IDLE": "12.5"}, "upstream_idle", 12.5),
+    ({"FINSTEP_PREWARM": "1"}, "prewarm", True),
+    ({"FINSTEP_PREWARM": "On"}, "prewarm", True),
+    ({"FINSTEP_PREWARM": "false"}, "prewarm", False),
+    ({}, "prewarm", False),
     ({"PORT": ""}, "port", 4001),  # empty counts as unset
 ])
 def test_environment_values_are_converted(env, field, expected):
@@ -100,6 +105,8 @@ def test_flags_override_environment():
     ({"FINSTEP_HEARTBEAT": "0"}, [], "FINSTEP_HEARTBEAT (--heartbeat) must be a positive"),
     ({"FINSTEP_MAX_STREAMS": "0"}, [], "FINSTEP_MAX_STREAMS (--max-streams) must be a positive"),
     ({"LOG_FORMAT": "xml"}, [], "LOG_FORMAT (--log-format) must be one of"),
+    ({"FINSTEP_UPSTREAM_IDLE": "0"}, [], "FINSTEP_UPSTREAM_IDLE (--upstream-idle) must be a positive"),
+    ({"FINSTEP_PREWARM": "maybe"}, [], "FINSTEP_PREWARM (--prewarm) must be 1 or 0"),
 ])
 def test_bad_values_name_the_variable(env, argv, named):
     with pytest.raises(cf.ConfigError) as caught:
@@ -423,10 +430,17 @@ def test_chunked_decoder_byte_by_byte():
     assert out == b"hello, world!" and decoder.done
 
 
-def test_chunked_decoder_not_done_before_the_last_chunk():
+def test_chunked_decoder_not_done_before_the_end_of_the_trailer():
     decoder = cf.ChunkedDecoder()
     assert decoder.feed(b"3\r\nabc\r\n") == b"abc" and not decoder.done
-    assert decoder.feed(b"0\r\n") == b"" and decoder.done
+    assert decoder.feed(b"0\r\n") == b"" and not decoder.done  # the blank line that ends the body is due
+    assert decoder.feed(b"\r\n") == b"" and decoder.done and decoder.buffer == b""
+
+
+def test_chunked_decoder_keeps_bytes_past_the_end():
+    decoder = cf.ChunkedDecoder()
+    assert decoder.feed(b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200") == b"a" and decoder.done
+    assert decoder.buffer == b"HTTP/1.1 200"  # a connection with such bytes is not reused
 
 
 @pytest.mark.parametrize("data", [b"zz\r\nab\r\n", b"-1\r\n", b"2\r\nabXY", b"1" * 2000])
@@ -771,6 +785,7 @@ class Reply:
     headers: dict = dataclasses.field(default_factory=dict)
     before_head: object = None  # a float or an Event, waited for before the status line
     length: int = None  # a Content-Length to declare instead of the real one
+    status_line_only: bytes = None  # write these bytes of a status line, then close: a broken head
 
 
 def wait_until(condition, seconds=2.0, what="the condition"):
@@ -806,16 +821,42 @@ def wait_step(step):
 
 
 class FakeUpstreamHandler(BaseHTTPRequestHandler):
+    """Keeps connections alive as HTTP/1.1 servers do (unless `keep_alive` is off: then it
+    closes each connection after its response without saying so, as a server whose idle
+    timeout is shorter than the proxy's does), and counts them."""
     protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.served = 0
+        self.server.upstream.connections.append(self.connection)
+        self.number = len(self.server.upstream.connections)  # this connection's, counting from 1
+
+    def finish(self):
+        super().finish()
+        self.server.upstream.closed_connections.append(self.connection)
 
     def do_POST(self):
         upstream = self.server.upstream
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        upstream.received.append({"path": self.path, "headers": dict(self.headers),
-                                  "body": json.loads(body)})
+        request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(body),
+                   "connection": self.number, "served_before": self.served}
+        self.served += 1
+        if request["served_before"] and upstream.drop_reused:  # closing just as the request came
+            upstream.drop_reused -= 1
+            upstream.dropped.append(request)
+            self.close_connection = True
+            return
+        upstream.received.append(request)
         reply = upstream.replies.pop(0) if upstream.replies else Reply(tuple(answer_events("默认回答")))
         if reply.before_head is not None:
             wait_step(reply.before_head)
+        # A declared length that is not the body's own would leave the proxy waiting: close.
+        self.close_connection = not upstream.keep_alive or reply.framing == "close" or reply.length is not None
+        if reply.status_line_only is not None:
+            self.wfile.write(reply.status_line_only)
+            self.close_connection = True
+            return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         data = b"".join(s for s in reply.steps if isinstance(s, bytes))
@@ -828,13 +869,14 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.close_connection = True
         try:
             for step in reply.steps:
                 if step is CUT:
+                    self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if step is HOLD:
+                    self.close_connection = True
                     self.wfile.flush()
                     self.hold_until_closed()
                     return
@@ -847,6 +889,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             if reply.framing == "chunked":
                 self.wfile.write(b"0\r\n\r\n")
         except (ConnectionError, OSError):
+            self.close_connection = True
             upstream.client_left.set()
 
     def hold_until_closed(self):
@@ -872,6 +915,11 @@ class FakeUpstream:
         self.replies = []
         self.client_left = threading.Event()
         self.closed_at = []
+        self.keep_alive = True
+        self.connections = []  # every connection accepted, in order
+        self.closed_connections = []  # those whose handler has finished
+        self.drop_reused = 0  # close this many kept-alive connections when their next request comes
+        self.dropped = []  # the requests so dropped, unanswered
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
         self.server.daemon_threads = True
         self.server.upstream = self
@@ -1567,8 +1615,7 @@ def tls_proxy(tls_upstream, **overrides):
     proxy = Proxy(cf.Config(**dict(dict(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1",
                                         port=0, timeout=2.0, client_timeout=1.0), **overrides)))
     assert proxy.server.ssl_context is not None  # an https upstream gets a TLS context
-    context = ssl.create_default_context(cadata=TEST_CERT)  # trust the test certificate
-    proxy.server.upstream_opener = cf.build_upstream_opener({}, context)
+    proxy.server.upstream_connector.context = ssl.create_default_context(cadata=TEST_CERT)  # trust it
     return proxy
 
 
@@ -1608,6 +1655,274 @@ def test_https_upstream_is_closed_when_the_client_leaves(tls_upstream):
 
 def test_no_tls_context_for_an_http_upstream(proxy):
     assert proxy.server.ssl_context is None
+
+
+# --- Upstream connections: kept alive, reused, discarded --------------------------------------
+
+def test_idle_connection_closed_sees_the_peer_leave_or_talk():
+    assert cf.idle_connection_closed(None)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(3.0)
+        assert not cf.idle_connection_closed(ours) and ours.gettimeout() == 3.0  # and its timeout kept
+        theirs.sendall(b"x")  # bytes nobody asked for: the stream is out of step
+        assert cf.idle_connection_closed(ours)
+    finally:
+        ours.close()
+        theirs.close()
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    try:
+        assert cf.idle_connection_closed(ours)
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("url, proxies, route", [
+    ("https://api.example/x", {}, cf.Route("https", "api.example", None, None)),
+    ("https://api.example:8443/x", {"https": "http://proxy:3128"},
+     cf.Route("https", "proxy:3128", "api.example:8443", None)),
+    ("https://api.example/x", {"https": "http://u:p@proxy:3128"},
+     cf.Route("https", "proxy:3128", "api.example", "Basic dTpw")),
+    ("http://api.example/x", {"http": "http://proxy:3128"}, cf.Route("http", "proxy:3128", None, None)),
+    ("http://api.example/x", {"https": "http://proxy:3128"}, cf.Route("http", "api.example", None, None)),
+    ("http://api.example/x", {"http": "https://proxy:3128"}, None),  # a proxy of another scheme
+])
+def test_upstream_route(url, proxies, route, monkeypatch):
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cf.upstream_route(url, proxies) == route
+
+
+def metric(proxy, line_start):
+    """The value of the /metrics line that starts with `line_start` and a space."""
+    for line in proxy.request("GET", "/metrics")[2].decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("%s not in /metrics" % line_start)
+
+
+REUSED = 'finstep_proxy_upstream_connections_total{reused="true"}'
+NEW = 'finstep_proxy_upstream_connections_total{reused="false"}'
+IDLE = "finstep_proxy_upstream_idle_connections"
+
+
+def conn_notes(caplog):
+    """The conn= of each request's log line, in order."""
+    return [re.search(r"conn=(\w+)", r.getMessage()).group(1) for r in caplog.records
+            if "conn=" in r.getMessage()]
+
+
+def ask(proxy, question="问", stream=True):
+    status, _, body = proxy.chat(stream=stream, messages=[{"role": "user", "content": question}])
+    assert status == 200, body
+    return joined(sse_payloads(body)) if stream else json.loads(body)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_sequential_requests_reuse_one_upstream_connection(proxy, upstream, caplog, stream):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    assert [ask(proxy, q, stream) for q in ("一", "二", "三")] == ["默认回答"] * 3
+    assert len(upstream.connections) == 1
+    assert [r["served_before"] for r in upstream.received] == [0, 1, 2]
+    assert (metric(proxy, NEW), metric(proxy, REUSED), metric(proxy, IDLE)) == (1, 2, 1)
+    assert wait_until(lambda: len(conn_notes(caplog)) == 3 and conn_notes(caplog)) == ["new", "reused", "reused"]
+
+
+def test_tls_upstream_connection_is_reused(tls_upstream):
+    proxy = tls_proxy(tls_upstream)
+    try:
+        assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
+        assert len(tls_upstream.connections) == 1 and metric(proxy, REUSED) == 2
+    finally:
+        proxy.close()
+
+
+def test_tls_prewarm_connection_survives_its_session_tickets(tls_upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    monkeypatch.setattr(cf.UpstreamPool, "warm_retry", 0.05)  # tls_proxy trusts the test certificate late
+    proxy = tls_proxy(tls_upstream, prewarm=True)
+    try:
+        wait_until(lambda: tls_upstream.connections, what="a warm TLS connection")
+        time.sleep(0.2)  # several probes: TLS 1.3 tickets arriving after the handshake must not count as a close
+        assert len(tls_upstream.connections) == 1 and ask(proxy) == "默认回答"
+        assert tls_upstream.received[0]["connection"] == 1
+    finally:
+        proxy.close()
+
+
+def test_a_server_closing_idle_connections_costs_no_request(proxy, upstream):
+    upstream.keep_alive = False  # closes each connection after its response, without a word
+    assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
+    assert len(upstream.received) == 3 and len(upstream.connections) == 3 and not upstream.dropped
+
+
+def test_a_request_the_server_dropped_on_a_kept_alive_connection_is_sent_once_more(proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    assert ask(proxy, "一") == "默认回答"
+    upstream.drop_reused = 1  # the server closes the connection as the next request arrives
+    upstream.reply(*answer_events("第二个回答"))
+    assert ask(proxy, "二") == "第二个回答"
+    assert len(upstream.dropped) == 1 and len(upstream.received) == 2  # answered once, on a new connection
+    assert upstream.received[1]["connection"] == 2 and upstream.received[1]["served_before"] == 0
+    assert metric(proxy, "finstep_proxy_upstream_retries_total") == 1
+    assert wait_until(lambda: len(conn_notes(caplog)) == 2 and conn_notes(caplog)) == ["new", "retried"]
+
+
+def test_no_retry_once_a_response_byte_came(proxy, upstream):
+    assert ask(proxy, "一") == "默认回答"
+    upstream.reply(status_line_only=b"HTTP/1.1 2")  # part of a status line, then the end
+    status, _, body = proxy.chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+    assert len(upstream.received) == 2 and len(upstream.connections) == 1  # the request went out once
+    assert ask(proxy, "三") == "默认回答" and len(upstream.connections) == 2
+
+
+def test_a_response_saying_connection_close_is_not_reused(proxy, upstream):
+    upstream.reply(*answer_events("一"), headers={"Connection": "close"})
+    assert ask(proxy, "一") == "一" and ask(proxy, "二") == "默认回答"
+    assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
+
+
+def hang_up_mid_answer(proxy, upstream):
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    assert b"200 OK" in sock.recv(65536)
+    sock.close()
+    wait_until(lambda: upstream.closed_at, what="the upstream connection to close")
+
+
+@pytest.mark.parametrize("failure", ["cut", "error event", "timeout", "client left", "401"])
+def test_a_failed_call_closes_its_connection(make_proxy, upstream, failure):
+    proxy = make_proxy(timeout=0.3, api_keys=(ENV_KEY, "second-key-0123456789"))
+    if failure == "client left":
+        hang_up_mid_answer(proxy, upstream)
+    else:
+        upstream.reply(*{"cut": (ev("RESPONSING", "text", "半"), CUT),
+                         "error event": (ev("RESPONSING", "text", "半"), ev("ERROR", message="boom")),
+                         "timeout": (ev("THINKING"), HOLD),
+                         "401": (b'{"msg": "bad key"}',)}[failure],
+                       **({"status": 401, "framing": "length", "content_type": "application/json"}
+                          if failure == "401" else {}))
+        status, _, body = proxy.chat(stream=True)
+        if failure == "401":  # the next key is tried on a new connection, and answers
+            assert status == 200 and joined(sse_payloads(body)) == "默认回答"
+        else:
+            assert body.cut and "error" in sse_payloads(body)[-2]
+    first = upstream.connections[0]
+    wait_until(lambda: first in upstream.closed_connections, what="the failed call's connection to close")
+    assert ask(proxy) == "默认回答"
+    assert upstream.received[-1]["connection"] != 1  # the failed call's connection is never used again
+
+
+def test_idle_connections_close_after_upstream_idle(make_proxy, upstream):
+    proxy = make_proxy(upstream_idle=0.2)
+    assert ask(proxy) == "默认回答" and metric(proxy, IDLE) == 1
+    wait_until(lambda: upstream.closed_connections, what="the idle connection to close")
+    assert metric(proxy, IDLE) == 0
+    assert ask(proxy) == "默认回答" and len(upstream.connections) == 2
+
+
+def test_the_idle_pool_is_bounded(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "max_idle", 2)
+    proxy = make_proxy()
+    release = threading.Event()
+    for _ in range(4):
+        upstream.reply(release, *answer_events("并发"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ask(proxy))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(upstream.received) == 4, what="four upstream requests at once")
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert results == ["并发"] * 4 and len(upstream.connections) == 4
+    assert metric(proxy, IDLE) == 2
+    wait_until(lambda: len(upstream.closed_connections) == 2, what="the two beyond the bound to close")
+
+
+def test_shutdown_closes_every_upstream_connection(upstream):
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="127.0.0.1", port=0))
+    assert ask(proxy) == "默认回答"
+    proxy.close()
+    wait_until(lambda: upstream.closed_connections == upstream.connections, what="the pool to close")
+
+
+def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(prewarm=True)
+    wait_until(lambda: upstream.connections, what="a connection before any request")
+    assert ask(proxy) == "默认回答" and conn_notes(caplog) == ["reused"]
+    assert upstream.received[0]["connection"] == 1
+    # Taken by a request, the warm connection has a successor: the next request finds one too.
+    wait_until(lambda: len(upstream.connections) == 2, what="a new warm connection")
+    for sock in upstream.connections:
+        sock.shutdown(socket.SHUT_RDWR)  # the server closes both while idle
+    wait_until(lambda: len(upstream.connections) == 3, what="the warm connection to be opened again")
+    assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
+
+
+class TunnelProxy:
+    """A small HTTP CONNECT proxy, as an HTTPS_PROXY is: it records each tunnel's
+    Proxy-Authorization and relays bytes both ways."""
+
+    def __init__(self):
+        self.tunnels = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_CONNECT(self):
+                outer.tunnels.append(self.headers.get("Proxy-Authorization"))
+                host, port = self.path.rsplit(":", 1)
+                with socket.create_connection((host, int(port))) as far:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    relay_both_ways(self.connection, far)
+                self.close_connection = True
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://user:pass@127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def relay_both_ways(one, other):
+    while True:
+        readable, _, _ = select.select([one, other], [], [], 10)
+        if not readable:
+            return
+        for sock in readable:
+            data = sock.recv(65536)
+            if not data:
+                return
+            (other if sock is one else one).sendall(data)
+
+
+def test_https_through_a_connect_proxy_keeps_its_tunnel(tls_upstream, monkeypatch):
+    tunnel = TunnelProxy()
+    for name in ("no_proxy", "NO_PROXY", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", tunnel.url)
+    proxy = tls_proxy(tls_upstream)
+    try:
+        assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
+        assert tunnel.tunnels == ["Basic dXNlcjpwYXNz"]  # one tunnel, with the proxy's credentials
+        assert len(tls_upstream.connections) == 1 and metric(proxy, REUSED) == 2
+        assert "Proxy-Authorization" not in tls_upstream.received[0]["headers"]  # never to the origin
+    finally:
+        proxy.close()
+        tunnel.close()
 
 
 # --- AG-UI end to end -------------------------------------------------------------------------
@@ -2960,14 +3275,18 @@ def test_metrics_count_what_happened(make_proxy, upstream):
     proxy.chat(stream=True)
     proxy.request("GET", "/nowhere")
     proxy.request("GET", "/health")
+    # A request is counted with its log line, just after its response went out.
+    health = 'finstep_proxy_requests_total{path="/health",status="200"} 1'
+    wait_until(lambda: health in proxy.request("GET", "/metrics")[2].decode().splitlines(), what=health)
     status, headers, body = proxy.request("GET", "/metrics")
     text = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    scrapes = re.search(r'finstep_proxy_requests_total\{path="/metrics",status="200"\} (\d+)', text)
     for line in ['finstep_proxy_requests_total{path="/v1/chat/completions",status="200"} 1',
                  'finstep_proxy_requests_total{path="/v1/chat/completions",status="429"} 1',
                  'finstep_proxy_requests_total{path="/v1/chat/completions",status="502"} 1',
                  'finstep_proxy_requests_total{path="other",status="404"} 1',
-                 'finstep_proxy_requests_total{path="/health",status="200"} 1',
+                 health,
                  'finstep_proxy_upstream_results_total{outcome="ok"} 1',
                  'finstep_proxy_upstream_results_total{outcome="rate_limited"} 1',
                  'finstep_proxy_upstream_results_total{outcome="upstream_error"} 1',
@@ -2975,7 +3294,7 @@ def test_metrics_count_what_happened(make_proxy, upstream):
                  "finstep_proxy_streams_in_flight 0",
                  'finstep_proxy_upstream_first_byte_seconds_bucket{le="+Inf"} 1',
                  "finstep_proxy_upstream_first_byte_seconds_count 1",
-                 "finstep_proxy_request_duration_seconds_count 5"]:
+                 "finstep_proxy_request_duration_seconds_count %d" % (5 + int(scrapes.group(1)))]:
         assert line in text.splitlines(), line
 
 
