@@ -11,7 +11,7 @@ Run:
     python custom_finstep.py                  # listen on 0.0.0.0:4001
     python custom_finstep.py --demo           # built-in stand-in upstream, no key needed
     python custom_finstep.py --help           # every option
-    python -m custom_finstep                  # the same, ~4 MB less resident (no script AST kept)
+    python -m custom_finstep                  # the same (a script restarts itself as this module)
 
 Endpoints:
     POST /v1/chat/completions, POST /chat/completions   # OpenAI chat completions
@@ -47,6 +47,40 @@ Environment (each has a command-line flag that overrides it; empty = unset):
 
 __version__ = "1.1.0"
 
+import os
+import sys
+
+
+# --- Start-up: run as a module, even when started as a script -----------------------
+
+def restart_as_module() -> None:
+    """Replace this process (same PID, same arguments) by one that imports this file as a
+    module and calls main(). `python custom_finstep.py` keeps the syntax tree of the whole
+    file in memory for as long as the script runs, which for a server is always; an imported
+    module frees it after compiling, and Python caches the bytecode for the next start.
+    Returns only where this cannot be done: then the script simply runs as it is."""
+    name = os.path.splitext(os.path.basename(__file__))[0]
+    if __spec__ is not None or os.name != "posix" or not name.isidentifier() or not sys.executable:
+        return  # run by `python -m` already, or no way to restart
+    try:
+        import subprocess  # the interpreter's own options (-X, -W, -O ...) carry over
+        options = subprocess._args_from_interpreter_flags()
+    except (ImportError, AttributeError):
+        return
+    folder = os.path.dirname(os.path.abspath(__file__))
+    # sys.path as a script has it: this file's folder first, not the working directory.
+    code = ("import sys; '' in sys.path and sys.path.remove(''); sys.path.insert(0, %r); "
+            "import %s; sys.exit(%s.main())" % (folder, name, name))
+    try:
+        os.execv(sys.executable, [sys.executable] + options + ["-c", code] + sys.argv[1:])
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    restart_as_module()  # before the imports below, which would otherwise be done twice
+
+
 import argparse
 import collections
 import dataclasses
@@ -60,7 +94,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import select
 import selectors
@@ -68,7 +101,6 @@ import signal
 import socket
 import socketserver
 import ssl
-import sys
 import threading
 import time
 import urllib.error
@@ -1368,6 +1400,7 @@ class UpstreamPool:
 
     def __init__(self, idle_timeout: float, clock=time.monotonic):
         self.idle_timeout, self.clock = idle_timeout, clock
+        self.warm_margin = min(5.0, idle_timeout / 4)  # a warm connection this close to expiry gets a successor
         self.warm = None  # (route, function opening a connection to it)
         self.idle = collections.OrderedDict()  # connection -> (route, idle since), oldest first
         self.requests = collections.Counter()  # "true"/"false" (reused) -> upstream requests
@@ -1437,8 +1470,10 @@ class UpstreamPool:
                 doomed = [conn for conn, (_, since) in self.idle.items() if not self.usable(conn, since, now)]
                 for conn in doomed:
                     del self.idle[conn]
+                # A successor is opened before the warm connection expires: never a moment without one.
                 cold = self.warm is not None and now >= next_warm and not any(
-                    route == self.warm[0] for route, _ in self.idle.values())
+                    route == self.warm[0] and now - since < self.idle_timeout - self.warm_margin
+                    for route, since in self.idle.values())
             for conn in doomed:
                 close_connection(conn)
             if cold:
@@ -1449,10 +1484,13 @@ class UpstreamPool:
                     log.debug("warm upstream connection failed: %s", exc)
             with self.changed:
                 if not self.closed and not cold:
-                    waits = [since + self.idle_timeout - self.clock() for _, since in self.idle.values()]
+                    now = self.clock()
+                    due = (since + self.idle_timeout - margin - now for _, since in self.idle.values()
+                           for margin in (0.0, self.warm_margin))
+                    waits = [wait for wait in due if wait > 0]
                     if self.idle or self.warm is not None:
                         waits.append(self.probe_interval)
-                    self.changed.wait(max(0.0, min(waits)) if waits else None)
+                    self.changed.wait(min(waits) if waits else None)
 
     def close(self) -> None:
         with self.changed:
@@ -2391,6 +2429,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.request_id = uuid.uuid4().hex[:16]
         self.stream_open = False
         self.chunked = None  # type: Optional[bool]  # set when the event-stream head goes out
+        self.head_held = False  # the event-stream head waits for the first bytes of the body
         self.interrupted = self.dropped = None  # type: Optional[str]
         self.framing = None  # type: Optional[Tuple[str, int]]  # of the body still unread
         self.reserved = 0  # bytes of the body budget this request holds
@@ -2793,16 +2832,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         else:
             self.close_connection = True  # the end of the body is the end of the connection
-        try:
-            self.end_headers()
-        except (ConnectionError, socket.timeout, TimeoutError, ValueError):
-            raise ClientGone() from None
+        self.head_held = True
+        self.end_headers()  # held: the head leaves with the first bytes of the body, in one write
+
+    def flush_headers(self) -> None:
+        if not self.head_held:
+            super().flush_headers()
 
     def write_locked(self, data: bytes, last: bool = False) -> None:
         """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk)."""
         if self.chunked:
             end = b"0\r\n\r\n" if last else b""
             data = b"%x\r\n%s\r\n%s" % (len(data), data, end) if data else end  # b"0\r\n" ends the body
+        if self.head_held:
+            self.head_held = False
+            data = b"".join(self._headers_buffer) + data
+            self._headers_buffer = []
         try:
             self.wfile.write(data)
         except (ConnectionError, socket.timeout, TimeoutError, ValueError):
@@ -3020,6 +3065,39 @@ def start_demo_upstream() -> ThreadingHTTPServer:
 
 # --- Main ------------------------------------------------------------------------
 
+IMPORTED_AT = time.time()
+
+
+def compiled_at_start() -> bool:
+    """Whether this process compiled this file, rather than loading the bytecode an earlier
+    start cached (a .pyc file that matches the source and is older than this process)."""
+    try:
+        with open(__spec__.cached, "rb") as cached:
+            header = cached.read(16)
+        source, written = os.stat(__spec__.origin), os.stat(__spec__.cached).st_mtime
+    except (AttributeError, TypeError, OSError):
+        return True  # a script, or no bytecode cache
+    import importlib.util
+    flags, mtime, size = (int.from_bytes(header[at:at + 4], "little") for at in (4, 8, 12))
+    matches = header[:4] == importlib.util.MAGIC_NUMBER and (flags != 0 or (
+        mtime == int(source.st_mtime) & 0xFFFFFFFF and size == source.st_size & 0xFFFFFFFF))
+    return not matches or written >= IMPORTED_AT - 1
+
+
+def release_freed_memory() -> None:
+    """Hand back to the system the memory that start-up used and freed, when this start
+    compiled the file: compiling frees some 3 MB that glibc's allocator would otherwise keep
+    for the life of the process. ctypes is imported here, not above: it costs 0.25 MB, worth
+    it only then, and some builds lack it. Without glibc (musl, macOS, Windows) nothing happens."""
+    if not compiled_at_start():
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError, TypeError):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = load_config(os.environ, sys.argv[1:] if argv is None else argv)
@@ -3057,6 +3135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if config.api_keys and not config.proxy_keys and not loopback and not config.demo:
         log.warning("listening on %s with FINSTEP_API_KEY and no PROXY_API_KEY: anyone who reaches this "
                     "port spends your Finstep key; set PROXY_API_KEY", config.host)
+    release_freed_memory()
     while not stop.wait(1.0):
         pass
     log.info("stopping: requests in flight have %gs to finish", config.drain_seconds)

@@ -1854,7 +1854,8 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
     caplog.set_level(logging.INFO, logger="custom_finstep")
     proxy = make_proxy(prewarm=True)
     wait_until(lambda: upstream.connections, what="a connection before any request")
-    assert ask(proxy) == "默认回答" and conn_notes(caplog) == ["reused"]
+    assert ask(proxy) == "默认回答"
+    assert wait_until(lambda: conn_notes(caplog)) == ["reused"]
     assert upstream.received[0]["connection"] == 1
     # Taken by a request, the warm connection has a successor: the next request finds one too.
     wait_until(lambda: len(upstream.connections) == 2, what="a new warm connection")
@@ -1862,6 +1863,26 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
         sock.shutdown(socket.SHUT_RDWR)  # the server closes both while idle
     wait_until(lambda: len(upstream.connections) == 3, what="the warm connection to be opened again")
     assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
+
+
+def test_the_warm_connection_has_a_successor_before_it_expires(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    proxy = make_proxy(prewarm=True, upstream_idle=0.4)
+    pool = proxy.server.upstream_pool
+    route, connect = pool.warm
+
+    def connect_over_a_long_link():
+        time.sleep(0.08)  # the handshakes' round trips
+        return connect()
+    pool.keep_warm(route, connect_over_a_long_link)
+    wait_until(lambda: upstream.connections, what="a warm connection")
+    idle = []
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        idle.append(len(proxy.server.upstream_pool))
+        time.sleep(0.005)
+    assert min(idle) >= 1  # never a moment without a warm connection
+    assert len(upstream.connections) >= 3 and upstream.closed_connections  # while they expire in turn
 
 
 class TunnelProxy:
@@ -3458,6 +3479,21 @@ def test_signal_stops_the_server_cleanly(signum):
     finally:
         process.kill()
         process.wait()
+
+
+def test_the_script_restarts_as_a_module_in_the_same_process():
+    # A script keeps the syntax tree of the whole file alive while it runs; a module does not.
+    process, port, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY})
+    try:
+        with open("/proc/%d/cmdline" % process.pid, "rb") as cmdline:  # the PID the caller started
+            command = cmdline.read().split(b"\0")
+        assert b"-c" in command and any(b"import custom_finstep" in part for part in command)
+        assert command[-5:-1] == [b"--host", b"127.0.0.1", b"--port", b"0"]  # its arguments kept
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+    finally:
+        stop_script(process)
 
 
 def test_startup_log_masks_the_key():

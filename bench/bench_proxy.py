@@ -23,15 +23,19 @@ import re
 import selectors
 import shutil
 import socket
+import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROXY_SCRIPT = os.path.join(os.path.dirname(HERE), "custom_finstep.py")
+CERTIFICATE = os.path.join(HERE, "localhost.pem")  # self-signed, 127.0.0.1: the TLS upstream's
 STAMP = re.compile(rb"(\d{10}\.\d{6})")
 
 
@@ -60,17 +64,35 @@ class FakeFinstep(BaseHTTPRequestHandler):
             line = b'data:{"status": "RESPONSING", "type": "text", "text": "%.6f"}\n' % time.time()
             send(b"%x\r\n%s\r\n" % (len(line), line))
         tail = b'data:{"status": "MSG_DONE"}\ndata:{"status": "DONE"}\n'
-        send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
-        self.close_connection = True
+        send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))  # kept alive unless the client said close
 
     def log_message(self, *args):
         pass
 
 
-def serve_upstream(port: int) -> None:
-    ThreadingHTTPServer.request_queue_size = 2048
-    ThreadingHTTPServer.daemon_threads = True
-    server = ThreadingHTTPServer(("127.0.0.1", port), FakeFinstep)
+class FakeFinstepServer(ThreadingHTTPServer):
+    request_queue_size = 2048
+    daemon_threads = True
+    context = None  # an SSLContext: TLS, its handshake in the connection's own thread
+
+    def finish_request(self, request, client_address):
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as servers do: no Nagle stalls
+        if self.context is not None:
+            try:
+                request = self.context.wrap_socket(request, server_side=True)
+            except OSError:
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        pass  # a client that left: nothing to report
+
+
+def serve_upstream(port: int, certificate=None) -> None:
+    server = FakeFinstepServer(("127.0.0.1", port), FakeFinstep)
+    if certificate:
+        server.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.context.load_cert_chain(certificate)
     print(server.server_address[1], flush=True)
     server.serve_forever()
 
@@ -194,20 +216,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_upstream(port: int):
-    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(port)],
-                               stdout=subprocess.PIPE)
+def start_upstream(port: int, tls: bool = False):
+    process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-upstream", str(port)]
+                               + (["--tls"] if tls else []), stdout=subprocess.PIPE)
     port = int(process.stdout.readline())
     return process, port
 
 
-def start_proxy(upstream_port: int, command=None, cwd=None):
+def start_proxy(upstream_port: int, command=None, cwd=None, tls=False, **settings):
     """The proxy as a user runs it (`python custom_finstep.py` unless `command` says otherwise);
     returns (process, port, seconds from start to listening)."""
     port = free_port()
-    environment = dict(os.environ, FINSTEP_API_KEY="bench-key", FINSTEP_API_URL="http://127.0.0.1:%d/completion"
-                       % upstream_port, HOST="127.0.0.1", PORT=str(port), FINSTEP_MAX_STREAMS="4000",
-                       LOG_LEVEL="WARNING")
+    environment = dict(os.environ, FINSTEP_API_KEY="bench-key", FINSTEP_API_URL="%s://127.0.0.1:%d/completion"
+                       % ("https" if tls else "http", upstream_port), HOST="127.0.0.1", PORT=str(port),
+                       FINSTEP_MAX_STREAMS="4000", LOG_LEVEL="WARNING", **settings)
+    if tls:
+        environment["SSL_CERT_FILE"] = CERTIFICATE  # trust the fake upstream's certificate, as a CA
     began = time.monotonic()
     process = subprocess.Popen(command or [sys.executable, PROXY_SCRIPT], env=environment,
                                stderr=subprocess.DEVNULL, cwd=cwd)
@@ -222,7 +246,8 @@ def footprint(upstream_port: int):
     with tempfile.TemporaryDirectory() as image:  # laid out as the image is: the script and its bytecode
         shutil.copy(PROXY_SCRIPT, image)
         subprocess.run([sys.executable, "-m", "compileall", "-q", image], check=True)
-        for name, command in (("script", [sys.executable, PROXY_SCRIPT]),
+        time.sleep(1.1)  # bytecode from an earlier start (or the image build), as the proxy tells by its age
+        for name, command in (("script", [sys.executable, os.path.join(image, "custom_finstep.py")]),
                               ("module", [sys.executable, "-m", "custom_finstep"])):
             process, _, startup = start_proxy(upstream_port, command, cwd=image)
             time.sleep(0.3)  # settled, idle
@@ -239,6 +264,13 @@ def memory_kb(pid: int, field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used, from /proc."""
+    with open("/proc/%d/stat" % pid) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values, fraction: float) -> float:
@@ -280,6 +312,169 @@ def concurrency(targets, streams: int, chunks: int, every: float):
     return out
 
 
+# --- Over a real network: the upstream behind TLS and a delayed link -------------------------
+
+FIRST_TOKEN_QUERY = "bench n=1 every=0"
+
+
+class TlsUpstreamClient:
+    """A direct client of the TLS fake upstream, as a well-built client is: `fresh()` asks on a
+    new connection (TCP and TLS handshakes first), `on(sock)` on a kept-alive one."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.context = ssl.create_default_context(cafile=CERTIFICATE)
+        body = json.dumps({"userId": "1", "sessionId": "0" * 32, "query": FIRST_TOKEN_QUERY,
+                           "sessionTitle": "bench"}).encode()
+        self.request = (b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def connect(self) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def on(self, sock: ssl.SSLSocket, began=None) -> float:
+        return ask_kept_alive(sock, self.request, b'"RESPONSING"', began)
+
+    def fresh(self) -> float:
+        began = time.perf_counter()
+        with self.connect() as sock:
+            return self.on(sock, began)
+
+
+def ask_kept_alive(sock: socket.socket, request: bytes, marker: bytes, began=None) -> float:
+    """Seconds from `began` (default: now) to the first answer event of `request` on a kept-alive
+    connection; the chunked response is read to its end, ready for the next question."""
+    began = time.perf_counter() if began is None else began
+    sock.sendall(request)
+    first, buffer = None, b""
+    while not buffer.endswith(b"0\r\n\r\n"):
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("the connection closed mid-answer")
+        buffer += data
+        if first is None and marker in buffer:
+            first = time.perf_counter()
+    return first - began
+
+
+class ProxyClient:
+    """A client of the proxy on loopback, keeping its connection alive as the `openai` SDK does."""
+
+    def __init__(self, port: int):
+        self.target = openai_target("proxy", port, "/v1/chat/completions")
+        self.request = self.target.request(FIRST_TOKEN_QUERY).replace(b"Connection: close\r\n", b"")
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def ask(self) -> float:
+        return ask_kept_alive(self.sock, self.request, self.target.answer_marker)
+
+
+def together(functions):
+    """Call every function at once, each in its own thread released by one barrier; their results."""
+    barrier = threading.Barrier(len(functions))
+    results = [None] * len(functions)
+
+    def run(index):
+        barrier.wait()
+        results[index] = functions[index]()
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(functions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def summary(seconds):
+    return {"p50_ms": percentile(seconds, 0.5) * 1000, "p90_ms": percentile(seconds, 0.9) * 1000,
+            "count": len(seconds)}
+
+
+def network(args) -> int:
+    """Time to first token over a delayed link to a TLS upstream: a direct client with a new
+    connection per request, one with a kept-alive connection (the floor), and the proxy."""
+    sizes = dict(sequential=5, rounds=2, concurrent=20, idle_rounds=2) if args.quick else \
+        dict(sequential=40, rounds=5, concurrent=20, idle_rounds=6)
+    idle = 1.0  # FINSTEP_UPSTREAM_IDLE of the idle-timeout workload, shortened to keep the run short
+    upstream, port = start_upstream(args.upstream_port, tls=True)
+    processes = [upstream]
+    try:
+        wait_for_port(port, time.monotonic() + 10)
+        connects = []
+        for _ in range(5):
+            began = time.perf_counter()
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            connects.append(time.perf_counter() - began)
+        client = TlsUpstreamClient(port)
+        proxy, proxy_port, _ = start_proxy(port, tls=True)
+        cold, cold_port, _ = start_proxy(port, tls=True, FINSTEP_UPSTREAM_IDLE=str(idle))
+        warm, warm_port, _ = start_proxy(port, tls=True, FINSTEP_UPSTREAM_IDLE=str(idle), FINSTEP_PREWARM="1")
+        processes += [proxy, cold, warm]
+        kept, asker = client.connect(), ProxyClient(proxy_port)
+        client.on(kept)
+        asker.ask()  # warm-up: the proxy's pool has its connection
+        print("sequential: %d questions each..." % sizes["sequential"], flush=True)
+        sequential = {"floor": [], "new connection": [], "proxy": []}
+        for _ in range(sizes["sequential"]):  # interleaved, so drift hits every column alike
+            sequential["floor"].append(client.on(kept))
+            sequential["new connection"].append(client.fresh())
+            sequential["proxy"].append(asker.ask())
+        print("%d concurrent, %d rounds..." % (sizes["concurrent"], sizes["rounds"]), flush=True)
+        kept_many = [client.connect() for _ in range(sizes["concurrent"])]
+        askers = [ProxyClient(proxy_port) for _ in range(sizes["concurrent"])]
+        together([lambda sock=sock: client.on(sock) for sock in kept_many])
+        together([one.ask for one in askers])  # warm-up: as many connections pooled
+        concurrent = {"floor": [], "proxy": []}
+        proxy_cpu = 0.0
+        for _ in range(sizes["rounds"]):
+            concurrent["floor"] += together([lambda sock=sock: client.on(sock) for sock in kept_many])
+            before = cpu_seconds(proxy.pid)
+            concurrent["proxy"] += together([one.ask for one in askers])
+            proxy_cpu += cpu_seconds(proxy.pid) - before
+        print("first question after the idle timeout, %d rounds of %gs..." % (sizes["idle_rounds"], idle + 0.5),
+              flush=True)
+        after_idle = {"floor": [], "proxy": [], "proxy, FINSTEP_PREWARM=1": []}
+        cold_asker, warm_asker = ProxyClient(cold_port), ProxyClient(warm_port)
+        cold_asker.ask()
+        warm_asker.ask()
+        for _ in range(sizes["idle_rounds"]):
+            time.sleep(idle + 0.5)
+            after_idle["floor"].append(client.on(kept))
+            after_idle["proxy"].append(cold_asker.ask())
+            after_idle["proxy, FINSTEP_PREWARM=1"].append(warm_asker.ask())
+        for sock in [kept, asker.sock, cold_asker.sock, warm_asker.sock] + kept_many + [a.sock for a in askers]:
+            sock.close()
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    results = {"machine": {"python": sys.version.split()[0], "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")},
+               "quick": args.quick, "tcp_connect": summary(connects),
+               "sequential": {name: summary(v) for name, v in sequential.items()},
+               "concurrent": {name: summary(v) for name, v in concurrent.items()},
+               "after_idle": {name: summary(v) for name, v in after_idle.items()},
+               "proxy_cpu_ms_per_request": proxy_cpu / len(concurrent["proxy"]) * 1000}
+    print("\nlink: TCP connect p50 %.1f ms (one round trip)" % results["tcp_connect"]["p50_ms"])
+    for workload, title in (("sequential", "sequential questions"),
+                            ("concurrent", "%d concurrent streams after warm-up" % sizes["concurrent"]),
+                            ("after_idle", "first question after the idle timeout")):
+        floor = results[workload]["floor"]["p50_ms"]
+        print("\ntime to first token, %s:" % title)
+        for name, figures in results[workload].items():
+            print("  %-28s p50 %7.1f ms  p90 %7.1f ms  %s" % (
+                name, figures["p50_ms"], figures["p90_ms"],
+                "" if name == "floor" else "over the floor %+.1f ms" % (figures["p50_ms"] - floor)))
+    print("\nproxy CPU per request in the concurrent rounds: %.2f ms (simultaneous requests take turns "
+          "on one interpreter)" % results["proxy_cpu_ms_per_request"])
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: small workloads")
@@ -287,11 +482,17 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", metavar="URL", help="another OpenAI-compatible base URL (…/v1)")
     parser.add_argument("--compare-key", default="bench", help="API key for --compare")
     parser.add_argument("--upstream-port", type=int, default=0, help="fixed port for the fake upstream")
+    parser.add_argument("--network", action="store_true",
+                        help="time to first token over a TLS upstream behind a delayed link (run it inside one, "
+                             "with --upstream-port set to the delayed port)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream is not None:
-        serve_upstream(args.serve_upstream)
+        serve_upstream(args.serve_upstream, CERTIFICATE if args.tls else None)
         return 0
+    if args.network:
+        return network(args)
     sizes = dict(ttft=20, chunks=2000, rounds=1, streams=20, stream_chunks=5, every=0.02, many=50,
                  many_chunks=3, many_every=0.1) if args.quick else \
         dict(ttft=300, chunks=20000, rounds=3, streams=200, stream_chunks=20, every=0.1, many=1000,
