@@ -1348,9 +1348,10 @@ def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
     is consumed and leaves the connection usable."""
     if sock is None:
         return True
-    timeout = sock.gettimeout()
+    timeout = sock.gettimeout()  # 0 for a connection in the pool: no system calls to switch it
     try:
-        sock.settimeout(0)
+        if timeout != 0:
+            sock.settimeout(0)
         # The TCP stream itself, under any TLS: is anything (or the end) waiting?
         if not socket.socket.recv(sock, 1, socket.MSG_PEEK):
             return True
@@ -1363,10 +1364,11 @@ def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
     except OSError:
         return True
     finally:
-        try:
-            sock.settimeout(timeout)
-        except OSError:
-            pass
+        if timeout != 0:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
 
 
 def connection_ready(conn: http.client.HTTPConnection) -> bool:
@@ -1394,7 +1396,7 @@ class UpstreamPool:
     those the server closed, and keeps the warm connection open (keep_warm)."""
 
     max_idle = 32
-    probe_interval = 1.0  # how often idle connections are checked for a server's close
+    probe_interval = 1.0  # how often idle connections are checked for expiry and a server's close
     settle_seconds = 1.0  # how long the end of a response given back may take to come
     warm_retry = 5.0  # after a failed warm connect
 
@@ -1427,17 +1429,17 @@ class UpstreamPool:
                 if conn is None:
                     return None
                 del self.idle[conn]
-                self.changed.notify()  # a warm connection taken: open the next one
+                if self.warm is not None and route == self.warm[0]:
+                    self.changed.notify()  # the warm connection taken: open its successor now
             if connection_ready(conn):
                 return conn
             close_connection(conn)
 
     def give(self, conn: http.client.HTTPConnection) -> None:
         with self.changed:
-            if not self.closed:
+            if not self.closed:  # not woken: its next look, within probe_interval, sees this one
                 self.idle[conn] = (conn.route, self.clock())
                 conn = self.idle.popitem(last=False)[0] if len(self.idle) > self.max_idle else None
-                self.changed.notify()  # its expiry is to be watched
         if conn is not None:
             close_connection(conn)
 
@@ -1487,10 +1489,7 @@ class UpstreamPool:
                     now = self.clock()
                     due = (since + self.idle_timeout - margin - now for _, since in self.idle.values()
                            for margin in (0.0, self.warm_margin))
-                    waits = [wait for wait in due if wait > 0]
-                    if self.idle or self.warm is not None:
-                        waits.append(self.probe_interval)
-                    self.changed.wait(min(waits) if waits else None)
+                    self.changed.wait(min([wait for wait in due if wait > 0] + [self.probe_interval]))
 
     def close(self) -> None:
         with self.changed:
@@ -1796,8 +1795,14 @@ class UpstreamCall:
         if not usable or conn is None or conn.sock is None or self._read is None:
             self.close()
             return
-        self._recycled, self.connection, self._rest_sock = True, None, conn.sock
-        conn.settle = self.read_rest
+        self._rest_sock = conn.sock
+        conn.sock.settimeout(0)  # idle in the pool, it is only ever peeked at: never wait
+        settled = self.read_rest()
+        if settled is False:
+            self.close()
+            return
+        self._recycled, self.connection = True, None
+        conn.settle = None if settled else self.read_rest
         self.pool.give(conn)
 
     def read_rest(self) -> Optional[bool]:
@@ -1806,7 +1811,6 @@ class UpstreamCall:
         request), None while more is due, False when the connection cannot be reused."""
         sock, response = self._rest_sock, self.response
         try:
-            sock.settimeout(0)
             while not self.body_done():
                 if self._decoder is not None and self._decoder.done:  # bytes after the end
                     return False

@@ -1815,7 +1815,8 @@ def test_a_failed_call_closes_its_connection(make_proxy, upstream, failure):
     assert upstream.received[-1]["connection"] != 1  # the failed call's connection is never used again
 
 
-def test_idle_connections_close_after_upstream_idle(make_proxy, upstream):
+def test_idle_connections_close_after_upstream_idle(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
     proxy = make_proxy(upstream_idle=0.2)
     assert ask(proxy) == "默认回答" and metric(proxy, IDLE) == 1
     wait_until(lambda: upstream.closed_connections, what="the idle connection to close")
