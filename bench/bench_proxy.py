@@ -8,6 +8,9 @@ One command, standard library only, traffic on 127.0.0.1 only, stops by itself:
     python bench/bench_proxy.py --compare http://127.0.0.1:4000/v1 --upstream-port 9100
                                                      # a third column: any OpenAI-compatible
                                                      # endpoint pointed at the fake upstream
+    delay-link.sh 8443 20 -- python bench/bench_proxy.py --network --upstream-port 8443
+                                                     # time to first token over a TLS upstream
+                                                     # behind a link delaying port 8443
 
 It starts a fake Finstep upstream and the proxy as separate processes and measures
 every workload twice in the same run, interleaved: through the proxy, and read
@@ -349,13 +352,15 @@ def ask_kept_alive(sock: socket.socket, request: bytes, marker: bytes, began=Non
     began = time.perf_counter() if began is None else began
     sock.sendall(request)
     first, buffer = None, b""
-    while not buffer.endswith(b"0\r\n\r\n"):
+    while not re.search(rb"\r\n\r\n(?:.*\r\n)?0\r\n\r\n$", buffer, re.S):  # the head, then the last chunk
         data = sock.recv(65536)
         if not data:
             raise RuntimeError("the connection closed mid-answer")
         buffer += data
         if first is None and marker in buffer:
             first = time.perf_counter()
+    if first is None:
+        raise RuntimeError("an answer without its answer event: %r" % buffer[-300:])
     return first - began
 
 
@@ -416,12 +421,22 @@ def network(args) -> int:
         kept, asker = client.connect(), ProxyClient(proxy_port)
         client.on(kept)
         asker.ask()  # warm-up: the proxy's pool has its connection
+        other = None
+        if args.proxy_script:  # another version of the proxy, measured in the same run
+            other_process, other_port, _ = start_proxy(port, [sys.executable, args.proxy_script], tls=True)
+            processes.append(other_process)
+            other = ProxyClient(other_port)
+            other.ask()
         print("sequential: %d questions each..." % sizes["sequential"], flush=True)
         sequential = {"floor": [], "new connection": [], "proxy": []}
+        if other:
+            sequential[args.proxy_script] = []
         for _ in range(sizes["sequential"]):  # interleaved, so drift hits every column alike
             sequential["floor"].append(client.on(kept))
             sequential["new connection"].append(client.fresh())
             sequential["proxy"].append(asker.ask())
+            if other:
+                sequential[args.proxy_script].append(other.ask())
         print("%d concurrent, %d rounds..." % (sizes["concurrent"], sizes["rounds"]), flush=True)
         kept_many = [client.connect() for _ in range(sizes["concurrent"])]
         askers = [ProxyClient(proxy_port) for _ in range(sizes["concurrent"])]
@@ -464,7 +479,7 @@ def network(args) -> int:
         floor = results[workload]["floor"]["p50_ms"]
         print("\ntime to first token, %s:" % title)
         for name, figures in results[workload].items():
-            print("  %-28s p50 %7.1f ms  p90 %7.1f ms  %s" % (
+            print("  %-32s p50 %7.1f ms  p90 %7.1f ms  %s" % (
                 name, figures["p50_ms"], figures["p90_ms"],
                 "" if name == "floor" else "over the floor %+.1f ms" % (figures["p50_ms"] - floor)))
     print("\nproxy CPU per request in the concurrent rounds: %.2f ms (simultaneous requests take turns "
@@ -485,6 +500,8 @@ def main(argv=None) -> int:
     parser.add_argument("--network", action="store_true",
                         help="time to first token over a TLS upstream behind a delayed link (run it inside one, "
                              "with --upstream-port set to the delayed port)")
+    parser.add_argument("--proxy-script", metavar="PATH",
+                        help="with --network: another custom_finstep.py measured beside this one (sequential)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
