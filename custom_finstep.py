@@ -346,9 +346,10 @@ KEY_RUN = 8  # no run of this many characters of a key may be shown
 
 @functools.lru_cache(maxsize=1024)
 def key_runs(key: str) -> Tuple[str, ...]:
-    """Every KEY_RUN-character run of a key, lower-cased (a shorter key whole)."""
-    key, size = key.lower(), min(KEY_RUN, len(key))
-    return tuple(key[start:start + size] for start in range(len(key) - size + 1)) if size else ()
+    """Every KEY_RUN-character run of a key, lower-cased. A shorter key has none: hiding
+    it would mangle ordinary words ("k" in "key"), and no upstream echoes a key that short."""
+    key = key.lower()
+    return tuple(key[start:start + KEY_RUN] for start in range(len(key) - KEY_RUN + 1))
 
 
 def hide_keys(text: str, keys: Sequence[str]) -> str:
@@ -2469,6 +2470,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Read the request line and headers; False when there is no request to serve."""
         try:
             self.raw_requestline = self.rfile.readline(MAX_HEAD + 1)
+            self.started = time.monotonic()  # a request is timed from its request line, not the wait for it
             parsed = bool(self.raw_requestline) and not self.dropped and self.parse_request()
         except http.client.LineTooLong:
             self.requestline = self.request_version = ""

@@ -20,6 +20,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import traceback
 import tracemalloc
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -324,10 +325,11 @@ KEY = "AI-ONE-abcdefghijklmnop"
     ("seven " + KEY[:7] + " is fine", "seven " + KEY[:7] + " is fine"),
     ("masked ****" + KEY[-4:], "masked ****" + KEY[-4:]),
     ("twice %s and %s" % (KEY, KEY.lower()), "twice **** and ****"),
-    ("other short-1 and short-1", "other **** and ****"),
+    ("a short key like short-1 or k is left alone", "a short key like short-1 or k is left alone"),
+    ("eight ch " + "8charkey", "eight ch ****"),
 ])
 def test_hide_keys(text, hidden):
-    assert cf.hide_keys(text, (KEY, "short-1")) == hidden
+    assert cf.hide_keys(text, (KEY, "short-1", "k", "8charKEY")) == hidden
 
 
 def agui_input(messages=None, **extra):
@@ -923,11 +925,17 @@ class FakeUpstream:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
         self.server.daemon_threads = True
         self.server.upstream = self
+        self.server.handle_error = self.handle_error
         self.url = "http://127.0.0.1:%d/chat/api/chat/v2/completion" % self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
 
     def reply(self, *steps, **options):
         self.replies.append(Reply(tuple(steps), **options))
+
+    @staticmethod
+    def handle_error(request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a proxy that hung up: expected
+            traceback.print_exc()
 
     def close(self):
         self.server.shutdown()
@@ -2893,6 +2901,29 @@ def wait_for_log(caplog, text):
     """The first log message containing text; the summary line is written just after the response."""
     return wait_until(lambda: next((r.getMessage() for r in caplog.records if text in r.getMessage()), None),
                       what="a log line with " + text)
+
+
+def test_a_request_on_a_kept_alive_connection_is_timed_from_its_request_line(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    conn = proxy.connect()
+    try:
+        for _ in range(2):
+            conn.request("GET", "/v1/models")
+            assert conn.getresponse().read()
+            time.sleep(0.6)  # the connection waits, idle, for its next request
+    finally:
+        conn.close()
+    records = wait_until(lambda: [r for r in caplog.records if "/v1/models" in r.getMessage()][1:] and
+                         [r for r in caplog.records if "/v1/models" in r.getMessage()])
+    assert all(r.fields["duration_ms"] < 500 for r in records), [r.getMessage() for r in records]
+
+
+def test_a_short_pass_through_key_leaves_error_messages_readable(make_proxy, upstream):
+    proxy = make_proxy(api_keys=())
+    upstream.reply(b'{"msg": "bad key"}', status=401, framing="length", content_type="application/json")
+    status, _, body = proxy.chat(headers={"Authorization": "Bearer k"})
+    error = assert_error(status, body, 401, "invalid_api_key")
+    assert error["message"] == "The upstream rejected the API key: bad key"
 
 
 def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
