@@ -34,6 +34,7 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_MAX_BODY   --max-body    8388608  largest request body in bytes
     FINSTEP_BODY_BUDGET --body-budget 67108864  memory all request bodies may take at once (parsed form included)
     FINSTEP_SESSIONS   --sessions    auto     auto: continue upstream sessions exactly; fold: never continue
+    FINSTEP_SYSTEM     --system      fold     system/developer messages: fold (into a new session's query) | drop
     FINSTEP_SESSION_CACHE --session-cache 10000  conversations remembered for continuation (24 h at most)
     FINSTEP_MAX_QUERY  --max-query   20000    longest folded query in characters (oldest turns dropped first)
     FINSTEP_HEARTBEAT  --heartbeat   15       longest silence a streaming client sees (SSE comment keep-alives)
@@ -126,6 +127,7 @@ log = logging.getLogger("custom_finstep")
 DEFAULT_UPSTREAM = "https://product-backend.finstep.cn/chat/api/chat/v2/completion"
 REASONING_MODES = ("reasoning", "think", "content", "drop")
 SESSION_MODES = ("auto", "fold")
+SYSTEM_MODES = ("fold", "drop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
@@ -148,6 +150,7 @@ class Config:
     max_body: int = 8388608
     body_budget: int = 67108864
     sessions: str = "auto"
+    system: str = "fold"
     session_cache: int = 10000
     max_query: int = 20000
     heartbeat: float = 15.0
@@ -273,6 +276,9 @@ SETTINGS = (
     ("sessions", "FINSTEP_SESSIONS", "--sessions", _choice(SESSION_MODES),
      "auto: continue the upstream session when the history matches an earlier answer, else fold the "
      "history into the query; fold: always a new session with the folded history (default auto)"),
+    ("system", "FINSTEP_SYSTEM", "--system", _choice(SYSTEM_MODES),
+     "the client's system and developer messages: fold (into the first query of a new upstream "
+     "session, default) or drop (never sent upstream; the first query is the question alone)"),
     ("session_cache", "FINSTEP_SESSION_CACHE", "--session-cache", _positive_int,
      "conversations remembered in memory for continuation, least recently used evicted (default 10000)"),
     ("max_query", "FINSTEP_MAX_QUERY", "--max-query", _positive_int,
@@ -1137,35 +1143,40 @@ class Turn:
     remember_as: Optional[Tuple[str, Optional[str]]] = None  # (caller, user): remember its fingerprint
     name: Optional[str] = None  # a conversation the client named: its session depends on the key
     mark: Optional[str] = None  # where a named conversation's latest session is remembered
+    asked: Tuple[Tuple[str, str], ...] = ()  # `turns` as a folded query carries them (FINSTEP_SYSTEM)
 
 
 def named_mark(caller: str, name: str) -> str:
     return "named:" + hashlib.sha256(("%s\n%s" % (caller, name)).encode("utf-8")).hexdigest()
 
 
-def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, request: AnswerRequest) -> Turn:
+def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, request: AnswerRequest,
+              system: str = "fold") -> Turn:
     """Decide the upstream sessionId, query and preferred key of a request (rules in the
     README); turn_on_key() settles them for the key the request is finally sent with.
 
-    `caller` tells callers apart (their proxy or pass-through key)."""
+    `caller` tells callers apart (their proxy or pass-through key). With `system` "drop",
+    system text never reaches the upstream; conversations are recognised as before."""
     turns = transcript(request.history)  # ends with the last user message, which has text
+    asked = turns if system == "fold" else tuple(turn for turn in turns if turn[0] != "system")
     question = request.question
     if mode == "fold":
-        return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED if len(turns) > 1 else NEW, turns)
+        return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED if len(asked) > 1 else NEW, turns,
+                    asked=asked)
     name = request.conversation
     if name is not None:
         mark = named_mark(caller, name)
         latest = store.get(mark)  # (sessionId, key) of its last answer here
         if latest is None:
-            return Turn("", fold_query(turns, max_query), EXPLICIT, turns, name=name, mark=mark)
-        return Turn(latest[0], question, EXPLICIT, turns, latest[1], name=name, mark=mark)
+            return Turn("", fold_query(asked, max_query), EXPLICIT, turns, name=name, mark=mark, asked=asked)
+        return Turn(latest[0], question, EXPLICIT, turns, latest[1], name=name, mark=mark, asked=asked)
     remember = (caller, request.user)
-    if len(turns) == 1:
-        return Turn(uuid.uuid4().hex, question, NEW, turns, remember_as=remember)
+    if len(asked) == 1:  # the question alone, or with system text that is dropped
+        return Turn(uuid.uuid4().hex, question, NEW, turns, remember_as=remember, asked=asked)
     entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), consume=True)
     if entry is not None:
-        return Turn(entry[0], question, CONTINUED, turns, entry[1], remember)
-    return Turn(uuid.uuid4().hex, fold_query(turns, max_query), FOLDED, turns, remember_as=remember)
+        return Turn(entry[0], question, CONTINUED, turns, entry[1], remember, asked=asked)
+    return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED, turns, remember_as=remember, asked=asked)
 
 
 def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
@@ -1178,10 +1189,10 @@ def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
         session_id = explicit_session_id(key, turn.name)
         if session_id == turn.session_id:
             return turn
-        return dataclasses.replace(turn, session_id=session_id, query=fold_query(turn.turns, max_query))
+        return dataclasses.replace(turn, session_id=session_id, query=fold_query(turn.asked, max_query))
     if turn.key is None or turn.key == key:
         return turn
-    return dataclasses.replace(turn, session_id=uuid.uuid4().hex, query=fold_query(turn.turns, max_query),
+    return dataclasses.replace(turn, session_id=uuid.uuid4().hex, query=fold_query(turn.asked, max_query),
                                path=FOLDED)
 
 
@@ -2202,7 +2213,7 @@ class AnswerPipeline:
             handler.close_connection = True
             raise shutting_down()
         keys, caller = self.keys()
-        turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, request)
+        turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, request, config.system)
         handler.note = " session=" + turn.path
         if not server.begin_stream():
             raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,

@@ -67,6 +67,8 @@ def test_defaults_without_environment():
     ({"FINSTEP_SESSIONS": "Fold"}, "sessions", "fold"),
     ({"FINSTEP_SESSION_CACHE": "5"}, "session_cache", 5),
     ({"FINSTEP_MAX_QUERY": "100"}, "max_query", 100),
+    ({"FINSTEP_SYSTEM": "Drop"}, "system", "drop"),
+    ({}, "system", "fold"),
     ({"FINSTEP_UPSTREAM_IDLE": "12.5"}, "upstream_idle", 12.5),
     ({"FINSTEP_PREWARM": "1"}, "prewarm", True),
     ({"FINSTEP_PREWARM": "On"}, "prewarm", True),
@@ -108,6 +110,7 @@ def test_flags_override_environment():
     ({"LOG_FORMAT": "xml"}, [], "LOG_FORMAT (--log-format) must be one of"),
     ({"FINSTEP_UPSTREAM_IDLE": "0"}, [], "FINSTEP_UPSTREAM_IDLE (--upstream-idle) must be a positive"),
     ({"FINSTEP_PREWARM": "maybe"}, [], "FINSTEP_PREWARM (--prewarm) must be 1 or 0"),
+    ({"FINSTEP_SYSTEM": "keep"}, [], "FINSTEP_SYSTEM (--system) must be one of fold, drop"),
 ])
 def test_bad_values_name_the_variable(env, argv, named):
     with pytest.raises(cf.ConfigError) as caught:
@@ -693,9 +696,27 @@ def test_session_store_single_use_and_bounds():
     assert len(store) == 1  # expired entries are dropped on the way
 
 
-def plan(store, messages, key="k", mode="auto", user=None, client_session=None):
+def plan(store, messages, key="k", mode="auto", user=None, client_session=None, system="fold"):
     chat = cf.ChatRequest(messages=tuple(messages), stream=False, user=user, conversation=client_session)
-    return cf.turn_on_key(cf.plan_turn(store, mode, 20000, key, chat), key, 20000)
+    return cf.turn_on_key(cf.plan_turn(store, mode, 20000, key, chat, system), key, 20000)
+
+
+@pytest.mark.parametrize("system, first_query, first_path, folded", [
+    ("fold", "System: s\n\nUser: q", "folded", "System: s\n\nUser: q\n\nAssistant: a\n\nUser: q2"),
+    ("drop", "q", "new", "User: q\n\nAssistant: a\n\nUser: q2"),
+])
+def test_plan_turn_system_text_folded_or_dropped(system, first_query, first_path, folded):
+    store = cf.SessionStore(100, 3600)
+    first = plan(store, [("system", "s"), ("user", "q")], system=system)
+    assert (first.path, first.query) == (first_path, first_query)
+    cf.remember_turn(store, first, "k", "a")
+    history = [("developer", "s"), ("user", "q"), ("assistant", "a"), ("user", "q2")]
+    second = plan(store, history, system=system)  # recognised alike: fingerprints keep the system text
+    assert (second.path, second.session_id, second.query) == ("continued", first.session_id, "q2")
+    assert plan(store, history, system=system).query == folded  # consumed: now the history is folded
+    assert plan(store, history, system=system, mode="fold").query == folded
+    assert cf.turn_on_key(cf.plan_turn(store, "auto", 20000, "k", cf.ChatRequest(
+        messages=tuple(history), stream=False, conversation="c"), system), "k", 20000).query == folded
 
 
 def test_plan_turn_continues_only_a_remembered_answer():
@@ -1537,6 +1558,15 @@ def test_long_history_folds_within_max_query(make_proxy, upstream):
     assert len(sent["query"]) <= 300
     assert sent["query"].startswith("System: SYS\n\nUser: turn") and sent["query"].endswith("User: LAST")
     assert "turn 19" in sent["query"] and "turn 0 " not in sent["query"]
+
+
+@pytest.mark.parametrize("system, query", [("fold", "System: You are a helpful assistant.\n\nUser: 你好"),
+                                           ("drop", "你好")])
+def test_system_prompt_folded_or_dropped_end_to_end(make_proxy, upstream, system, query):
+    proxy = make_proxy(system=system)
+    status, _, _ = proxy.chat(messages=[{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": "你好"}])
+    assert status == 200 and upstream.received[-1]["body"]["query"] == query
 
 
 def test_log_line_names_the_session_path(proxy, upstream, caplog):
