@@ -420,6 +420,8 @@ class AnswerRequest:
     stream: bool
     user: Optional[str] = None  # keeps one caller's conversations apart from another's
     conversation: Optional[str] = None  # a conversation the client named (X-Session-Id, threadId)
+    max_output: Optional[int] = None  # output tokens (as estimated) the answer may take
+    stops: Tuple[str, ...] = ()  # the answer ends before the first of these in its text
 
     @property
     def history(self) -> Tuple[Tuple[str, str], ...]:
@@ -535,6 +537,64 @@ def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> 
     return tuple(messages)
 
 
+MAX_STOPS = 16
+MAX_STOP_LENGTH = 256
+
+
+def _unsupported(message: str, param: str) -> ProxyError:
+    return ProxyError(400, message, code="unsupported_parameter", param=param)
+
+
+def read_limit(payload: dict, *names: str) -> Optional[int]:
+    """The smallest of the output limits given under `names`, each a positive whole number."""
+    limits = []
+    for name in names:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _invalid("'%s' must be a positive whole number of tokens" % name, name)
+        limits.append(value)
+    return min(limits) if limits else None
+
+
+def read_stops(value, name: str) -> Tuple[str, ...]:
+    """Stop sequences: a string or a list of strings, none empty."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(stop, str) and stop for stop in values):
+        raise _invalid("'%s' must be a non-empty string or a list of non-empty strings" % name, name)
+    if len(values) > MAX_STOPS or any(len(stop) > MAX_STOP_LENGTH for stop in values):
+        raise _invalid("'%s' takes at most %d sequences of at most %d characters each"
+                       % (name, MAX_STOPS, MAX_STOP_LENGTH), name)
+    return tuple(dict.fromkeys(values))
+
+
+def refuse_unsupported(payload: dict) -> None:
+    """400 for a chat parameter that asks for what Finstep cannot give, saying what can be done
+    instead. Parameters that only tune sampling are accepted and ignored (README)."""
+    n = payload.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _unsupported("'n' must be 1: Finstep gives one answer per request; for several answers, "
+                           "send several requests", "n")
+    if payload.get("logprobs") not in (None, False):
+        raise _unsupported("'logprobs' is not available: Finstep does not report token probabilities; "
+                           "leave it out or false", "logprobs")
+    if payload.get("top_logprobs") is not None:
+        raise _unsupported("'top_logprobs' is not available: Finstep does not report token probabilities; "
+                           "leave it out", "top_logprobs")
+    response_format = payload.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise _unsupported("'response_format' other than {\"type\": \"text\"} is not available: Finstep "
+                           "answers in prose and cannot guarantee JSON. Ask for the format in the prompt and "
+                           "parse the answer leniently, or leave response_format out", "response_format")
+    tool_choice = payload.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise _unsupported("'tool_choice' must be \"auto\" or \"none\": Finstep cannot call tools, it always "
+                           "answers with text; tools may be sent, they are not used", "tool_choice")
+
+
 def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
     """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
     payload = json_object(body)
@@ -556,10 +616,13 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
     session_id = payload.get("session_id")
     if session_id is not None and not (isinstance(session_id, str) and session_id.strip()):
         raise _invalid("'session_id' must be a non-empty string", "session_id")
+    refuse_unsupported(payload)
     user = payload.get("user")
     return ChatRequest(model=model, messages=messages, stream=bool(stream),
                        include_usage=bool(options and options.get("include_usage") is True),
-                       user=user if isinstance(user, str) else None, conversation=session_id)
+                       user=user if isinstance(user, str) else None, conversation=session_id,
+                       max_output=read_limit(payload, "max_tokens", "max_completion_tokens"),
+                       stops=read_stops(payload.get("stop"), "stop"))
 
 
 AGUI_ROLES = ("user", "assistant", "system", "developer")  # tool, reasoning, activity: not conversation
@@ -725,11 +788,36 @@ PHASES = ("THINKING", "ORGANIZING")  # Finstep's phases before it answers
 PHASE_ENDS = ("MSG_START", "MSG_DONE")  # statuses that say the phase is over (as does any answer text)
 
 
+def find_stop(text: str, stops: Sequence[str]) -> Optional[Tuple[int, str]]:
+    """(index, stop sequence) of the earliest stop sequence in `text`, or None."""
+    found = None
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0 and (found is None or index < found[0]):
+            found = (index, stop)
+    return found
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of `text` could begin a stop sequence, and so must wait
+    for the next delta before they can be sent."""
+    for size in range(min(len(text), max(len(stop) for stop in stops) - 1), 0, -1):
+        tail = text[-size:]
+        if any(stop.startswith(tail) for stop in stops):
+            return size
+    return 0
+
+
 class AnswerRouter:
     """Routes upstream answer text per the reasoning mode into TEXT and REASONING events,
-    and keeps the answer: `content` and `reasoning` hold exactly what went to the client."""
+    and keeps the answer: `content` and `reasoning` hold exactly what went to the client.
 
-    def __init__(self, mode: str, prompt: str = ""):
+    With an output limit or stop sequences it also ends the answer where they say: `cut`
+    turns to "length" or "stop" (with `stop_sequence`), and nothing more is routed. Answer
+    text that could begin a stop sequence waits for the next delta; nothing else ever waits."""
+
+    def __init__(self, mode: str, prompt: str = "", max_output: Optional[int] = None,
+                 stops: Sequence[str] = ()):
         self.mode = mode
         self.prompt = prompt  # the query sent upstream, for the usage estimate
         self.content = []  # type: List[str]
@@ -737,16 +825,21 @@ class AnswerRouter:
         self.unfamiliar_types = set()
         self.answer_started = False
         self.think_open = False
+        self.max_output, self.stops = max_output, tuple(stops)
+        self.guarded = max_output is not None or bool(stops)
+        self.cut = None  # type: Optional[str]
+        self.stop_sequence = None  # type: Optional[str]
+        self.held = ""  # answer text that could begin a stop sequence: not sent yet
+        self.spent = (0, 0)  # CJK and other characters sent, counted as estimate_tokens does
 
     def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
-        """(event kind, text) for one RESPONSING event, or None when it is not sent."""
+        """(event kind, text) for one RESPONSING event, or None when nothing is sent."""
+        lead = ""
         if kind == "deepthink":
             mode = self.mode
-            if mode == "reasoning":
-                self.reasoning.append(text)
-                return REASONING, text
             if mode == "drop" or (mode == "think" and self.answer_started):
                 return None  # `think` keeps one block before the answer; late thinking is dropped
+            event, answer = REASONING if mode == "reasoning" else TEXT, False
             if mode == "think" and not self.think_open:
                 self.think_open = True
                 text = THINK_OPEN + text
@@ -754,19 +847,68 @@ class AnswerRouter:
             if kind != "text":
                 self.unfamiliar_types.add(kind)
             self.answer_started = True
+            event, answer = TEXT, True
             if self.think_open:
                 self.think_open = False
-                text = THINK_CLOSE + text
-        self.content.append(text)
-        return TEXT, text
+                lead = THINK_CLOSE
+        if self.guarded:
+            text = self.guard(lead, text, answer)
+            if not text:
+                return None
+        elif lead:
+            text = lead + text
+        (self.content if event == TEXT else self.reasoning).append(text)
+        return event, text
+
+    def guard(self, lead: str, text: str, answer: bool) -> str:
+        """`lead` and `text` as far as the stop sequences (searched in answer text only) and
+        the output limit let them go now."""
+        if self.cut:
+            return ""
+        if answer and self.stops:
+            text, self.held = self.held + text, ""
+            found = find_stop(text, self.stops)
+            if found is not None:
+                text, self.stop_sequence, self.cut = text[:found[0]], found[1], "stop"
+            else:
+                wait = stop_holdback(text, self.stops)
+                if wait:
+                    text, self.held = text[:-wait], text[-wait:]
+        text = lead + text
+        return self.within_limit(text) if self.max_output is not None else text
+
+    def within_limit(self, text: str) -> str:
+        """The part of `text` the output limit allows; at the limit the answer is cut."""
+        cjk, other = self.spent
+        added = len(_CJK.findall(text))
+        if cjk + added + (other + len(text) - added + 3) // 4 <= self.max_output:
+            self.spent = (cjk + added, other + len(text) - added)
+            return text
+        for index, char in enumerate(text):
+            wide = bool(_CJK.match(char))
+            if cjk + wide + (other + (not wide) + 3) // 4 > self.max_output:
+                text = text[:index]
+                break
+            cjk, other = cjk + wide, other + (not wide)
+        self.spent = (cjk, other)
+        self.cut, self.stop_sequence, self.held = "length", None, ""
+        return text
 
     def finish(self) -> Optional[str]:
-        """The text that closes an open <think> block, when one is open."""
-        if not self.think_open:
+        """The text still due when the answer ends: answer text held for a stop sequence
+        that never came, and the end of an open <think> block."""
+        tail = ""
+        if self.held and not self.cut:
+            tail, self.held = self.held, ""
+            if self.max_output is not None:
+                tail = self.within_limit(tail)
+        if self.think_open:
+            self.think_open = False
+            tail += THINK_CLOSE
+        if not tail:
             return None
-        self.think_open = False
-        self.content.append(THINK_CLOSE)
-        return THINK_CLOSE
+        self.content.append(tail)
+        return tail
 
     def usage(self) -> dict:
         return estimate_usage(self.prompt, "".join(self.reasoning) + "".join(self.content))
@@ -862,8 +1004,13 @@ def build_completion(completion_id: str, created: int, model: str, answer: Answe
     if answer.reasoning:
         message["reasoning_content"] = "".join(answer.reasoning)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": chat_finish_reason(answer)}],
             "usage": usage}
+
+
+def chat_finish_reason(answer: AnswerRouter) -> str:
+    return "length" if answer.cut == "length" else "stop"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -914,7 +1061,7 @@ class ChatCompletionsFormat(WireFormat):
         return b"".join([delta(kind, text) for kind, text in events if kind in frames])
 
     def closing(self, answer: AnswerRouter) -> bytes:
-        tail = [self.chunks.chunk({}, "stop")]
+        tail = [self.chunks.chunk({}, chat_finish_reason(answer))]
         if self.include_usage:
             tail.append(self.chunks.usage(answer.usage()))
         tail.append(SSE_DONE)
@@ -1196,11 +1343,12 @@ def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
                                path=FOLDED)
 
 
-def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str) -> None:
-    """After a complete answer: remember the conversation as the client will send it next."""
+def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str, exact: bool = True) -> None:
+    """After a complete answer: remember the conversation as the client will send it next.
+    Only an `exact` answer (the upstream's whole answer) makes its session continuable."""
     if turn.mark is not None:
         store.put(turn.mark, (turn.session_id, key))
-    if turn.remember_as is not None:
+    if turn.remember_as is not None and exact:
         caller, user = turn.remember_as
         turns = turn.turns + transcript([("assistant", answer_content)])
         store.put(conversation_fingerprint(caller, user, turns), (turn.session_id, key))
@@ -2225,7 +2373,7 @@ class AnswerPipeline:
             if request.stream and self.wire.opens_at_once:
                 handler.open_stream()
             turn, key = self.open_upstream(turn, self.key_order(turn, keys), request.title)
-            answer = AnswerRouter(config.reasoning, turn.query)
+            answer = AnswerRouter(config.reasoning, turn.query, request.max_output, request.stops)
             if request.stream:
                 self.stream(turn, key, answer)
             else:
@@ -2317,6 +2465,10 @@ class AnswerPipeline:
                         if routed is not None:
                             events.append(routed)
                             delivered += 1
+                        if answer.cut:  # a limit or stop sequence ended it: the rest is not wanted
+                            upstream.close()
+                            yield events
+                            return
                     elif status == DONE:
                         yield events
                         return
@@ -2368,7 +2520,10 @@ class AnswerPipeline:
 
     def complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
         # Done before the client sees the end, so its next request can never arrive first.
-        remember_turn(self.server.sessions, turn, key, "".join(answer.content))
+        # A cut answer is not the upstream's whole answer: its next turn folds, as the client has it.
+        remember_turn(self.server.sessions, turn, key, "".join(answer.content), exact=not answer.cut)
+        if answer.cut:
+            self.handler.note += " cut=" + answer.cut
         self.handler.upstream.recycle()
         self.release("ok")
 

@@ -503,6 +503,168 @@ def test_unfamiliar_types_are_answer_text_and_remembered():
     assert router.unfamiliar_types == {"card"}
 
 
+# --- Output limits and stop sequences ----------------------------------------------------
+
+@pytest.mark.parametrize("text, stops, found", [
+    ("abc", ("x",), None),
+    ("a。b。", ("。",), (1, "。")),
+    ("Thought: x\nObservation: y", ("\nObservation:", "Thought"), (0, "Thought")),
+    ("one two", ("two", "one"), (0, "one")),
+    ("", ("x",), None),
+])
+def test_find_stop(text, stops, found):
+    assert cf.find_stop(text, stops) == found
+
+
+@pytest.mark.parametrize("text, stops, held", [
+    ("abc", ("x",), 0),  # a one-character stop can never be begun
+    ("abc", ("cd",), 1),
+    ("abc", ("bcd",), 2),
+    ("abc", ("abcd",), 3),
+    ("abc", ("zzz", "c!!"), 1),
+    ("ab\nObs", ("\nObservation:",), 4),
+    ("", ("ab",), 0),
+    ("xyz", ("ab",), 0),
+])
+def test_stop_holdback(text, stops, held):
+    assert cf.stop_holdback(text, stops) == held
+
+
+def route_all(router, deltas):
+    """What the client gets: the routed texts (None for nothing sent), then finish()."""
+    sent = [router.route(kind, text) for kind, text in deltas]
+    return sent, router.finish()
+
+
+def joined_text(sent, tail):
+    return "".join(text for event in sent if event for kind, text in [event] if kind == "text") + (tail or "")
+
+
+ANSWER = "第一句。Second sentence! 第三句"
+
+
+@pytest.mark.parametrize("cut", range(len(ANSWER) + 1))
+@pytest.mark.parametrize("stops, expected, sequence", [
+    (("。",), "第一句", "。"),
+    (("sentence!",), "第一句。Second ", "sentence!"),
+    (("nd se", "。Sec"), "第一句", "。Sec"),
+    (("不在",), ANSWER, None),
+])
+def test_stop_sequences_found_however_the_answer_is_split(cut, stops, expected, sequence):
+    router = cf.AnswerRouter("reasoning", stops=stops)
+    sent, tail = route_all(router, [("text", ANSWER[:cut]), ("text", ANSWER[cut:])])
+    assert joined_text(sent, tail) == expected and "".join(router.content) == expected
+    assert router.stop_sequence == sequence and router.cut == ("stop" if sequence else None)
+
+
+def test_stop_sequences_byte_by_byte_send_every_other_character_at_once():
+    router = cf.AnswerRouter("reasoning", stops=("XY",))
+    sent = [router.route("text", char) for char in "abXcXYd"]
+    assert sent == [("text", "a"), ("text", "b"), None, ("text", "Xc"), None, None, None]
+    assert router.cut == "stop" and router.finish() is None and "".join(router.content) == "abXc"
+
+
+def test_reasoning_is_never_searched_for_stop_sequences():
+    for mode in ("reasoning", "think", "content"):
+        router = cf.AnswerRouter(mode, stops=("。",))
+        sent, tail = route_all(router, [("deepthink", "想。想"), ("text", "答。后")])
+        assert router.cut == "stop", mode
+        assert "".join(router.content).endswith("答") and "后" not in "".join(router.content), mode
+        assert "想。想" in "".join(router.content + router.reasoning), mode
+
+
+def test_think_close_is_not_searched_either():
+    router = cf.AnswerRouter("think", stops=("\n\n",))
+    sent, tail = route_all(router, [("deepthink", "t"), ("text", "a\n\nb")])
+    assert "".join(router.content) == "<think>\nt\n</think>\n\na" and router.cut == "stop"
+
+
+def test_held_text_is_sent_when_the_answer_ends_without_the_stop():
+    router = cf.AnswerRouter("reasoning", stops=("END",))
+    assert router.route("text", "trEN") == ("text", "tr")
+    assert router.finish() == "EN" and "".join(router.content) == "trEN" and router.cut is None
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("deltas", [
+    [("text", "你好，世界。Hello world, this is long.")],
+    [("text", "你"), ("text", "好abc"), ("text", "defgh"), ("text", "ijklmnop")],
+    [("deepthink", "先想一想"), ("text", "answer text here")],
+])
+def test_output_limit_cuts_at_the_estimate(limit, deltas):
+    router = cf.AnswerRouter("reasoning", max_output=limit)
+    sent, tail = route_all(router, deltas)
+    out = "".join(router.reasoning) + "".join(router.content)
+    full = "".join(text for _, text in deltas)
+    assert cf.estimate_tokens(out) <= limit and full.startswith(out)
+    if cf.estimate_tokens(full) > limit:
+        assert router.cut == "length" and cf.estimate_tokens(full[:len(out) + 1]) > limit  # the longest
+        assert router.usage()["completion_tokens"] <= limit
+    else:
+        assert router.cut is None and out == full
+
+
+def test_output_limit_wins_over_a_later_stop_sequence():
+    router = cf.AnswerRouter("reasoning", max_output=2, stops=("。",))
+    route_all(router, [("text", "一二三四。")])
+    assert "".join(router.content) == "一二" and router.cut == "length" and router.stop_sequence is None
+
+
+def test_nothing_is_routed_after_a_cut():
+    router = cf.AnswerRouter("reasoning", max_output=1)
+    assert router.route("text", "长回答") == ("text", "长")
+    assert router.route("text", "更多") is None and router.route("deepthink", "想") is None
+
+
+@pytest.mark.parametrize("payload, param, code", [
+    ({"n": 2}, "n", "unsupported_parameter"),
+    ({"n": True}, "n", "unsupported_parameter"),
+    ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+    ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format", "unsupported_parameter"),
+    ({"tool_choice": "required"}, "tool_choice", "unsupported_parameter"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "unsupported_parameter"),
+    ({"max_tokens": 0}, "max_tokens", "invalid_request"),
+    ({"max_tokens": 1.5}, "max_tokens", "invalid_request"),
+    ({"max_tokens": "10"}, "max_tokens", "invalid_request"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens", "invalid_request"),
+    ({"max_tokens": True}, "max_tokens", "invalid_request"),
+    ({"stop": ""}, "stop", "invalid_request"),
+    ({"stop": ["ok", ""]}, "stop", "invalid_request"),
+    ({"stop": ["ok", 3]}, "stop", "invalid_request"),
+    ({"stop": {"a": 1}}, "stop", "invalid_request"),
+    ({"stop": ["s%d" % i for i in range(17)]}, "stop", "invalid_request"),
+    ({"stop": "x" * 257}, "stop", "invalid_request"),
+])
+def test_parameters_refused_or_invalid_name_the_parameter(payload, param, code):
+    body = json.dumps(dict({"messages": [{"role": "user", "content": "q"}]}, **payload)).encode()
+    with pytest.raises(cf.ProxyError) as caught:
+        cf.parse_chat_request(body, "m")
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, param, code)
+
+
+@pytest.mark.parametrize("payload, max_output, stops", [
+    ({}, None, ()),
+    ({"max_tokens": 60}, 60, ()),
+    ({"max_tokens": 60, "max_completion_tokens": 20}, 20, ()),
+    ({"max_completion_tokens": 7, "max_tokens": None}, 7, ()),
+    ({"stop": "。"}, None, ("。",)),
+    ({"stop": ["\nObservation:", "。", "。"]}, None, ("\nObservation:", "。")),
+    ({"stop": None, "n": 1, "logprobs": False, "response_format": {"type": "text"}, "tool_choice": "auto",
+      "tools": [{"type": "function", "function": {"name": "f"}}], "temperature": 0.2, "top_p": 1,
+      "presence_penalty": 0, "frequency_penalty": 0, "seed": 1, "metadata": {"a": "b"}, "store": False,
+      "parallel_tool_calls": True, "service_tier": "auto", "reasoning_effort": "low",
+      "functions": [{"name": "f"}]}, None, ()),
+    ({"tool_choice": "none"}, None, ()),
+])
+def test_parameters_honoured_or_accepted(payload, max_output, stops):
+    body = json.dumps(dict({"messages": [{"role": "user", "content": "q"}]}, **payload)).encode()
+    chat = cf.parse_chat_request(body, "m")
+    assert (chat.max_output, chat.stops) == (max_output, stops)
+
+
 # --- Chunks, SSE, usage ---------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, field", [("text", "content"), ("reasoning", "reasoning_content")])
@@ -1691,6 +1853,103 @@ def test_https_upstream_is_closed_when_the_client_leaves(tls_upstream):
         proxy.close()
 
 
+# --- Request parameters end to end ------------------------------------------------------
+
+LONG_ANSWER = [ev("MSG_START")] + [ev("RESPONSING", "text", part) for part in
+                                   ("第一句话。", "第二句话，", "还有更多的内容。", "最后一句。")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("extra, content, finish", [
+    ({"max_tokens": 7}, "第一句话。第二", "length"),
+    ({"max_completion_tokens": 3}, "第一句", "length"),
+    ({"stop": "，"}, "第一句话。第二句话", "stop"),
+    ({"stop": ["更多", "。"]}, "第一句话", "stop"),
+])
+def test_a_limit_or_stop_sequence_ends_the_answer_and_closes_the_upstream(proxy, upstream, stream, extra,
+                                                                          content, finish):
+    upstream.reply(*LONG_ANSWER, HOLD)  # never ends by itself: only the proxy can close it
+    status, _, body = proxy.chat(stream=stream, **extra)
+    assert status == 200
+    if stream:
+        payloads = sse_payloads(body)
+        assert joined(payloads) == content and payloads[-1] == "[DONE]"
+        assert [p["choices"][0]["finish_reason"] for p in payloads[:-1] if p["choices"]][-1] == finish
+    else:
+        choice = json.loads(body)["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == (content, finish)
+    assert len(proxy.server.upstream_pool) == 0  # closed before the answer's end went out, not kept
+    wait_until(lambda: upstream.closed_connections, what="the upstream connection to close")
+
+
+def test_a_cut_answer_is_not_continued_next_turn(proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    upstream.reply(*LONG_ANSWER, HOLD)
+    status, _, body = proxy.chat(max_tokens=3)
+    answer = json.loads(body)["choices"][0]["message"]["content"]
+    proxy.chat(messages=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": answer},
+                         {"role": "user", "content": "继续"}])
+    assert upstream.received[-1]["body"]["query"] == "User: 你好\n\nAssistant: 第一句\n\nUser: 继续"
+    assert wait_for_log(caplog, "cut=length")
+
+
+def test_without_stop_sequences_nothing_waits(proxy, upstream):
+    gate = threading.Event()
+    upstream.reply(ev("MSG_START"), ev("RESPONSING", "text", "结尾是X"), gate, ev("RESPONSING", "text", "Y"),
+                   ev("DONE"))
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    try:
+        data = b""
+        while "结尾是X".encode() not in data:  # arrives while the upstream is still held
+            piece = sock.recv(65536)
+            assert piece
+            data += piece
+    finally:
+        gate.set()
+        sock.close()
+
+
+def test_with_stop_sequences_only_a_possible_beginning_waits(proxy, upstream):
+    gate = threading.Event()
+    upstream.reply(ev("MSG_START"), ev("RESPONSING", "text", "结尾是X"), gate, ev("RESPONSING", "text", "Z"),
+                   ev("DONE"))
+    sock = post_raw(proxy.port, {"stream": True, "stop": ["XY"], "messages": [{"role": "user", "content": "q"}]})
+    try:
+        data = b""
+        while "结尾是".encode() not in data:
+            piece = sock.recv(65536)
+            assert piece
+            data += piece
+        assert b"X" not in data.partition(b"\r\n\r\n")[2].replace(b"X-", b"")  # held: it may begin XY
+        gate.set()
+        while b"data: [DONE]" not in data:
+            piece = sock.recv(65536)
+            assert piece
+            data += piece
+        assert '"content":"XZ"' in data.decode()  # sent with the delta that showed it was no stop
+    finally:
+        gate.set()
+        sock.close()
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"response_format": {"type": "json_object"}},
+                                                         "response_format"),
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"),
+])
+def test_refused_parameters_get_400_before_any_upstream_call(proxy, upstream, extra, param):
+    status, _, body = proxy.chat(stream=True, **extra)
+    error = assert_error(status, body, 400)
+    assert error["param"] == param and not upstream.received
+
+
+def test_tools_with_tool_choice_auto_are_accepted(proxy, upstream):
+    status, _, body = proxy.chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                 tool_choice="auto", temperature=0.1, n=1)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "默认回答"
+
+
 def test_no_tls_context_for_an_http_upstream(proxy):
     assert proxy.server.ssl_context is None
 
@@ -1892,7 +2151,7 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
     monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
     caplog.set_level(logging.INFO, logger="custom_finstep")
     proxy = make_proxy(prewarm=True)
-    wait_until(lambda: upstream.connections, what="a connection before any request")
+    wait_until(lambda: len(proxy.server.upstream_pool), what="a connection in the pool before any request")
     assert ask(proxy) == "默认回答"
     assert wait_until(lambda: conn_notes(caplog)) == ["reused"]
     assert upstream.received[0]["connection"] == 1
