@@ -69,11 +69,12 @@ def restart_as_module() -> None:
     except (ImportError, AttributeError):
         return
     folder = os.path.dirname(os.path.abspath(__file__))
-    # sys.path as a script has it: this file's folder first, not the working directory.
+    # sys.path as a script has it: this file's folder first, not the working directory. The
+    # script's path stays on the command line, so `ps` and `pkill -f custom_finstep.py` find it.
     code = ("import sys; '' in sys.path and sys.path.remove(''); sys.path.insert(0, %r); "
-            "import %s; sys.exit(%s.main())" % (folder, name, name))
+            "import %s; sys.exit(%s.main(sys.argv[2:]))" % (folder, name, name))
     try:
-        os.execv(sys.executable, [sys.executable] + options + ["-c", code] + sys.argv[1:])
+        os.execv(sys.executable, [sys.executable] + options + ["-c", code] + sys.argv)
     except OSError:
         pass
 
@@ -834,28 +835,37 @@ class AnswerRouter:
 
     def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
         """(event kind, text) for one RESPONSING event, or None when nothing is sent."""
-        lead = ""
-        if kind == "deepthink":
-            mode = self.mode
-            if mode == "drop" or (mode == "think" and self.answer_started):
-                return None  # `think` keeps one block before the answer; late thinking is dropped
-            event, answer = REASONING if mode == "reasoning" else TEXT, False
-            if mode == "think" and not self.think_open:
-                self.think_open = True
-                text = THINK_OPEN + text
-        else:
+        if kind != "deepthink":
             if kind != "text":
                 self.unfamiliar_types.add(kind)
             self.answer_started = True
-            event, answer = TEXT, True
-            if self.think_open:
-                self.think_open = False
-                lead = THINK_CLOSE
+            if self.think_open or self.guarded:  # the common case stays this short: once per token
+                return self.route_slowly(TEXT, text, True)
+            self.content.append(text)
+            return TEXT, text
+        mode = self.mode
+        if mode == "reasoning" and not self.guarded:
+            self.reasoning.append(text)
+            return REASONING, text
+        if mode == "drop" or (mode == "think" and self.answer_started):
+            return None  # `think` keeps one block before the answer; late thinking is dropped
+        if mode == "think" and not self.think_open:
+            self.think_open = True
+            text = THINK_OPEN + text
+        return self.route_slowly(REASONING if mode == "reasoning" else TEXT, text, False)
+
+    def route_slowly(self, event: str, text: str, answer: bool) -> Optional[Tuple[str, str]]:
+        """route() for answer text that closes a <think> block, for thinking shown as text,
+        and for everything when there are limits to keep."""
+        lead = ""
+        if answer and self.think_open:
+            self.think_open = False
+            lead = THINK_CLOSE
         if self.guarded:
             text = self.guard(lead, text, answer)
             if not text:
                 return None
-        elif lead:
+        else:
             text = lead + text
         (self.content if event == TEXT else self.reasoning).append(text)
         return event, text

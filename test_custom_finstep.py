@@ -3809,7 +3809,7 @@ def test_the_script_restarts_as_a_module_in_the_same_process():
         with open("/proc/%d/cmdline" % process.pid, "rb") as cmdline:  # the PID the caller started
             command = cmdline.read().split(b"\0")
         assert b"-c" in command and any(b"import custom_finstep" in part for part in command)
-        assert command[-5:-1] == [b"--host", b"127.0.0.1", b"--port", b"0"]  # its arguments kept
+        assert command[-6:-1] == [SCRIPT.encode(), b"--host", b"127.0.0.1", b"--port", b"0"]  # as started
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
