@@ -423,6 +423,8 @@ class AnswerRequest:
     conversation: Optional[str] = None  # a conversation the client named (X-Session-Id, threadId)
     max_output: Optional[int] = None  # output tokens (as estimated) the answer may take
     stops: Tuple[str, ...] = ()  # the answer ends before the first of these in its text
+    resume: Optional[Tuple[str, str]] = None  # (sessionId, key) the wire format knows this turn continues
+    fold: bool = False  # the wire format knows the conversation, and that its session cannot continue it
 
     @property
     def history(self) -> Tuple[Tuple[str, str], ...]:
@@ -451,6 +453,14 @@ class AguiRequest(AnswerRequest):
     run_id: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class ResponsesRequest(AnswerRequest):
+    model: str = ""
+    new_input: Tuple[Tuple[str, str], ...] = ()  # this request's own input items, as (role, text)
+    previous_response_id: Optional[str] = None
+    echo: Tuple[Tuple[str, object], ...] = ()  # request fields the response object repeats
+
+
 def _invalid(message: str, param: Optional[str]) -> ProxyError:
     return ProxyError(400, message, code="invalid_request", param=param)
 
@@ -467,7 +477,7 @@ def message_text(content, param: str) -> str:
             texts.append(part)
             continue
         kind = part.get("type") if isinstance(part, dict) else None
-        field = {"text": "text", "input_text": "text", "refusal": "refusal"}.get(kind)
+        field = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}.get(kind)
         if field is None:
             raise _invalid("Only text content is supported: %s[%d] is of type %r"
                            % (param, index, kind), "%s[%d]" % (param, index))
@@ -596,13 +606,7 @@ def refuse_unsupported(payload: dict) -> None:
                            "answers with text; tools may be sent, they are not used", "tool_choice")
 
 
-def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
-    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
-    payload = json_object(body)
-    raw_messages = payload.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise _invalid("'messages' must be a non-empty list", "messages")
-    messages = read_messages(raw_messages)
+def read_model_and_stream(payload: dict, default_model: str) -> Tuple[str, bool]:
     model = payload.get("model")
     if model is None:
         model = default_model
@@ -611,6 +615,17 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("'stream' must be true or false", "stream")
+    return model, bool(stream)
+
+
+def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
+    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
+    payload = json_object(body)
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    messages = read_messages(raw_messages)
+    model, stream = read_model_and_stream(payload, default_model)
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _invalid("'stream_options' must be an object", "stream_options")
@@ -619,7 +634,7 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
         raise _invalid("'session_id' must be a non-empty string", "session_id")
     refuse_unsupported(payload)
     user = payload.get("user")
-    return ChatRequest(model=model, messages=messages, stream=bool(stream),
+    return ChatRequest(model=model, messages=messages, stream=stream,
                        include_usage=bool(options and options.get("include_usage") is True),
                        user=user if isinstance(user, str) else None, conversation=session_id,
                        max_output=read_limit(payload, "max_tokens", "max_completion_tokens"),
@@ -644,6 +659,71 @@ def parse_agui_input(body: bytes) -> AguiRequest:
         raise _invalid("'messages' must be a list", "messages")
     return AguiRequest(messages=read_messages(raw_messages, AGUI_ROLES), stream=True,
                        conversation=thread_id, thread_id=thread_id, run_id=run_id)
+
+
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+RESPONSES_ECHO = ("instructions", "metadata", "parallel_tool_calls", "tool_choice", "tools", "temperature",
+                  "top_p", "max_output_tokens", "store", "user", "truncation", "reasoning", "service_tier")
+
+
+def read_response_input(raw) -> Tuple[Tuple[str, str], ...]:
+    """(role, text) of a Responses `input`: a string, or message items (`type` "message" or
+    none); other items (function calls and their outputs, reasoning) are skipped."""
+    if isinstance(raw, str):
+        return (("user", raw),)
+    if not isinstance(raw, list):
+        raise _invalid("'input' must be a string or a list of input items", "input")
+    messages = []
+    for index, item in enumerate(raw):
+        param = "input[%d]" % index
+        if not isinstance(item, dict):
+            raise _invalid("%s must be an object" % param, param)
+        if item.get("type", "message") != "message":
+            continue
+        if item.get("role") not in RESPONSES_ROLES:
+            raise _invalid("%s.role must be one of %s" % (param, ", ".join(RESPONSES_ROLES)), param + ".role")
+        messages.append((item["role"], message_text(item.get("content"), param + ".content")))
+    return tuple(messages)
+
+
+def parse_responses_request(body: bytes, default_model: str) -> ResponsesRequest:
+    """Validate a /v1/responses body; raises ProxyError(400) saying what is wrong. The history
+    behind `previous_response_id` is the wire format's to add: it is not in the body."""
+    payload = json_object(body)
+    new_input = read_response_input(payload.get("input"))
+    users = [text for role, text in new_input if role == "user"]
+    if not users or not users[-1].strip():
+        raise _invalid("'input' must end its user messages with one that has text", "input")
+    instructions = payload.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("'instructions' must be a string", "instructions")
+    model, stream = read_model_and_stream(payload, default_model)
+    previous = payload.get("previous_response_id")
+    if previous is not None and not (isinstance(previous, str) and previous.strip()):
+        raise _invalid("'previous_response_id' must be a non-empty string", "previous_response_id")
+    conversation = payload.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    if conversation is not None and not (isinstance(conversation, str) and conversation.strip()):
+        raise _invalid("'conversation' must be a non-empty string or an object with an 'id'", "conversation")
+    if conversation is not None and previous is not None:
+        raise _invalid("'conversation' and 'previous_response_id' cannot be used together", "conversation")
+    refuse_unsupported(payload)
+    text = payload.get("text")
+    if isinstance(text, dict) and text.get("format") not in (None, {"type": "text"}):
+        raise _unsupported("'text.format' other than {\"type\": \"text\"} is not available: Finstep answers in "
+                           "prose and cannot guarantee JSON. Ask for the format in the instructions and parse "
+                           "the answer leniently, or leave text.format out", "text.format")
+    if payload.get("background") is True:
+        raise _unsupported("'background' is not available: the proxy answers while the request is open; "
+                           "leave it out and stream instead", "background")
+    user = payload.get("user")
+    system = (("system", instructions),) if instructions else ()
+    return ResponsesRequest(messages=system + new_input, stream=stream, model=model,
+                            user=user if isinstance(user, str) else None, conversation=conversation,
+                            max_output=read_limit(payload, "max_output_tokens"), new_input=new_input,
+                            previous_response_id=previous,
+                            echo=tuple((name, payload[name]) for name in RESPONSES_ECHO if name in payload))
 
 
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
@@ -973,11 +1053,15 @@ class WireFormat:
     # the one sign of failure that a client reading only a format's success events cannot miss.
     ends_cleanly_after_failure = True
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, memory: "SessionStore"):
         self.config = config
+        self.memory = memory  # what the proxy remembers of conversations, shared by every format
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
         raise NotImplementedError
+
+    def answered(self, turn: "Turn", key: str, answer: "AnswerRouter") -> None:
+        """After a complete answer: what a format with its own conversation handles remembers."""
 
     def error_body(self, error: ProxyError) -> dict:
         return error.body()
@@ -1157,12 +1241,192 @@ class AguiFormat(WireFormat):
         return self.close() + agui_event("RUN_ERROR", message=error.message, code=error.code or error.type)
 
 
+# OpenAI's Responses API.
+
+def responses_usage(answer: AnswerRouter) -> dict:
+    usage = answer.usage()
+    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0,
+                                                                            "cache_write_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": estimate_tokens("".join(answer.reasoning))},
+            "total_tokens": usage["total_tokens"]}
+
+
+def output_item(kind: str, item_id: str, text: Optional[str], status: str) -> dict:
+    """A reasoning or message output item; `text` None for one just added, still empty."""
+    if kind == REASONING:
+        return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
+                "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def content_part(kind: str, text: str) -> dict:
+    if kind == REASONING:
+        return {"type": "reasoning_text", "text": text}
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+class ResponsesFormat(WireFormat):
+    """POST /v1/responses: OpenAI's Responses API. A response id is the conversation handle:
+    each completed response is remembered (its sessionId, key, parent and turn), so a request
+    naming it in `previous_response_id` continues its session with only the new input; a
+    second continuation of the same response (a fork) starts a new session with the history
+    folded in. Streamed as `event:` + `data:` pairs with increasing `sequence_number`; one
+    output item open at a time (reasoning, then the message), each added and done."""
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
+        request = parse_responses_request(body, self.config.models[0])
+        named = (headers.get("X-Session-Id") or "").strip()
+        if named and request.conversation is None and request.previous_response_id is None:
+            request = dataclasses.replace(request, conversation=named)
+        if request.previous_response_id is not None:
+            request = self.continuing(request)
+        self.request = request
+        self.response_id, self.created = "resp_" + uuid.uuid4().hex, int(time.time())
+        self.sequence, self.opened = 0, False
+        self.items = []  # type: List[dict]  # output items done, in order
+        self.open_kind = None  # type: Optional[str]  # REASONING or TEXT: the item open
+        self.open_id, self.open_text = "", []  # type: Tuple[str, List[str]]
+        self.frame = (b"", b"")
+        return request
+
+    def continuing(self, request: ResponsesRequest) -> ResponsesRequest:
+        """The request with the history its previous response stands for, and how its session
+        goes on: resumed the first time that response is continued, folded afresh after."""
+        previous = request.previous_response_id
+        entry = self.memory.get("resp:" + previous)
+        if entry is None:
+            raise ProxyError(400, "Previous response with id %r not found: it is unknown here, or older than "
+                             "the proxy remembers (24 hours, FINSTEP_SESSION_CACHE entries)" % previous[:100],
+                             code="previous_response_not_found", param="previous_response_id")
+        history, ancestor = [], entry
+        while ancestor is not None and len(history) < 2 * MAX_RESPONSE_CHAIN:
+            history[:0] = [("user", ancestor[4]), ("assistant", ancestor[5])]
+            ancestor = self.memory.get("resp:" + ancestor[3]) if ancestor[3] else None
+        system = request.messages[:len(request.messages) - len(request.new_input)]
+        messages = system + tuple(history) + request.new_input
+        if self.memory.claim("continued:" + previous):
+            return dataclasses.replace(request, messages=messages, resume=(entry[1], entry[2]))
+        return dataclasses.replace(request, messages=messages, fold=True)
+
+    def answered(self, turn: "Turn", key: str, answer: AnswerRouter) -> None:
+        question = next(text for role, text in reversed(self.request.new_input) if role == "user")
+        self.memory.put("resp:" + self.response_id, ("response", turn.session_id, key,
+                                                     self.request.previous_response_id or "",
+                                                     question.strip(), "".join(answer.content).strip()))
+        if answer.cut:  # not the upstream's whole answer: a continuation folds, as with fingerprints
+            self.memory.claim("continued:" + self.response_id)
+
+    def event(self, kind: str, **fields) -> bytes:
+        fields["type"], fields["sequence_number"] = kind, self.sequence
+        self.sequence += 1
+        return b"event: %s\ndata: %s\n\n" % (kind.encode("ascii"), _dumps(fields).encode("utf-8"))
+
+    def response(self, status: str, output: List[dict], answer: Optional[AnswerRouter] = None,
+                 error: Optional[ProxyError] = None) -> dict:
+        body = {"id": self.response_id, "object": "response", "created_at": self.created, "status": status,
+                "model": self.request.model, "output": output, "error": None, "incomplete_details": None,
+                "instructions": None, "metadata": {}, "parallel_tool_calls": True, "tool_choice": "auto",
+                "tools": [], "previous_response_id": self.request.previous_response_id,
+                "text": {"format": {"type": "text"}}, "usage": None}
+        body.update(self.request.echo)
+        if answer is not None:
+            body["usage"] = responses_usage(answer)
+            if status != "in_progress":
+                body["completed_at"] = int(time.time())
+        if status == "incomplete":
+            body["incomplete_details"] = {"reason": "max_output_tokens"}
+        if error is not None:
+            body["error"] = {"code": "rate_limit_exceeded" if error.status == 429 else "server_error",
+                             "message": error.message, "type": error.code or error.type}
+        return body
+
+    def opening(self) -> bytes:
+        self.opened = True
+        started = self.response("in_progress", [])
+        return self.event("response.created", response=started) + self.event("response.in_progress",
+                                                                            response=started)
+
+    def render(self, events: List[Tuple[str, str]]) -> bytes:
+        out = []
+        for kind, text in events:
+            if kind == self.open_kind:  # more of the open item
+                self.open_text.append(text)
+                head, tail = self.frame
+                out.append(head + _dumps(text).encode("utf-8") + tail + str(self.sequence).encode() + b"}\n\n")
+                self.sequence += 1
+            elif kind in (TEXT, REASONING):
+                out.append(self.close("completed") + self.begin(kind))
+                out.append(self.render([(kind, text)]))
+        return b"".join(out)
+
+    def begin(self, kind: str) -> bytes:
+        """Add an output item, and its one content part, still empty."""
+        self.open_kind, self.open_text = kind, []
+        self.open_id = ("rs_" if kind == REASONING else "msg_") + uuid.uuid4().hex
+        index = len(self.items)
+        event = "response.reasoning_text.delta" if kind == REASONING else "response.output_text.delta"
+        fields = {"type": event, "item_id": self.open_id, "output_index": index, "content_index": 0}
+        if kind == TEXT:
+            fields["logprobs"] = []
+        head = b"event: %s\ndata: %s" % (event.encode("ascii"), _dumps(fields).encode("utf-8")[:-1])
+        self.frame = (head + b',"delta":', b',"sequence_number":')
+        return (self.event("response.output_item.added", output_index=index,
+                           item=output_item(kind, self.open_id, None, "in_progress"))
+                + self.event("response.content_part.added", item_id=self.open_id, output_index=index,
+                             content_index=0, part=content_part(kind, "")))
+
+    def close(self, status: str) -> bytes:
+        """Finish the open item, if any: its text done, its part done, the item done."""
+        kind, self.open_kind = self.open_kind, None
+        if kind is None:
+            return b""
+        text, index, item_id = "".join(self.open_text), len(self.items), self.open_id
+        item = output_item(kind, item_id, text, status)
+        self.items.append(item)
+        if kind == REASONING:
+            done = self.event("response.reasoning_text.done", item_id=item_id, output_index=index,
+                              content_index=0, text=text)
+        else:
+            done = self.event("response.output_text.done", item_id=item_id, output_index=index,
+                              content_index=0, text=text, logprobs=[])
+        return (done + self.event("response.content_part.done", item_id=item_id, output_index=index,
+                                  content_index=0, part=content_part(kind, text))
+                + self.event("response.output_item.done", output_index=index, item=item))
+
+    def closing(self, answer: AnswerRouter) -> bytes:
+        status = "incomplete" if answer.cut == "length" else "completed"
+        done = self.close(status)
+        return done + self.event("response." + status, response=self.response(status, self.items, answer))
+
+    def failure(self, error: ProxyError) -> bytes:
+        # After a heartbeat carried the head, the upstream may fail before the opening went out.
+        start = b"" if self.opened else self.opening()
+        done = self.close("incomplete")
+        return start + done + self.event("response.failed", response=self.response("failed", self.items,
+                                                                                  error=error))
+
+    def document(self, answer: AnswerRouter) -> dict:
+        status = "incomplete" if answer.cut == "length" else "completed"
+        output = []
+        if answer.reasoning:
+            output.append(output_item(REASONING, "rs_" + uuid.uuid4().hex, "".join(answer.reasoning), "completed"))
+        output.append(output_item(TEXT, "msg_" + uuid.uuid4().hex, "".join(answer.content), status))
+        return self.response(status, output, answer)
+
+
+MAX_RESPONSE_CHAIN = 500  # turns of a previous_response_id chain folded into a forked session
+
+
 # Routes: a wire format is one class and one line here.
 WIRE_FORMATS = {
     "/v1/chat/completions": ChatCompletionsFormat,
     "/chat/completions": ChatCompletionsFormat,
     "/agui": AguiFormat,
     "/v1/agui": AguiFormat,
+    "/v1/responses": ResponsesFormat,
+    "/responses": ResponsesFormat,
 }
 
 
@@ -1278,15 +1542,28 @@ class SessionStore:
                 self._entries[fingerprint] = entry
             return entry[0]
 
-    def put(self, fingerprint: str, value: Tuple[str, str]) -> None:
+    def claim(self, name: str) -> bool:
+        """Remember `name` unless it is remembered already: True for the one caller that did."""
         with self._lock:
-            now = self.clock()
-            self._entries.pop(fingerprint, None)
-            self._entries[fingerprint] = (value, now)
-            entries = self._entries
-            while entries and (len(entries) > self.max_entries
-                               or now - next(iter(entries.values()))[1] > self.ttl):
-                entries.popitem(last=False)
+            entry = self._entries.get(name)
+            if entry is not None and self.clock() - entry[1] <= self.ttl:
+                return False
+            self._store(name, ("claimed",))
+            return True
+
+    def put(self, fingerprint: str, value: tuple) -> None:
+        with self._lock:
+            self._store(fingerprint, value)
+
+    def _store(self, fingerprint: str, value: tuple) -> None:
+        """put(), with the lock held."""
+        now = self.clock()
+        self._entries.pop(fingerprint, None)
+        self._entries[fingerprint] = (value, now)
+        entries = self._entries
+        while entries and (len(entries) > self.max_entries
+                           or now - next(iter(entries.values()))[1] > self.ttl):
+            entries.popitem(last=False)
 
 
 @dataclasses.dataclass
@@ -1317,7 +1594,9 @@ def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, reque
     turns = transcript(request.history)  # ends with the last user message, which has text
     asked = turns if system == "fold" else tuple(turn for turn in turns if turn[0] != "system")
     question = request.question
-    if mode == "fold":
+    if request.resume is not None:  # the wire format's own conversation handle (a response id)
+        return Turn(request.resume[0], question, CONTINUED, turns, request.resume[1], asked=asked)
+    if mode == "fold" or request.fold:
         return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED if len(asked) > 1 else NEW, turns,
                     asked=asked)
     name = request.conversation
@@ -2532,6 +2811,7 @@ class AnswerPipeline:
         # Done before the client sees the end, so its next request can never arrive first.
         # A cut answer is not the upstream's whole answer: its next turn folds, as the client has it.
         remember_turn(self.server.sessions, turn, key, "".join(answer.content), exact=not answer.cut)
+        self.wire.answered(turn, key, answer)
         if answer.cut:
             self.handler.note += " cut=" + answer.cut
         self.handler.upstream.recycle()
@@ -2810,7 +3090,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def wire_format(self) -> WireFormat:
         """The wire format of this request's path, which also shapes its errors (OpenAI's by default)."""
         if self.wire is None:
-            self.wire = WIRE_FORMATS.get(self.route_path(), ChatCompletionsFormat)(self.server.config)
+            self.wire = WIRE_FORMATS.get(self.route_path(), ChatCompletionsFormat)(self.server.config,
+                                                                                   self.server.sessions)
         return self.wire
 
     def route_path(self) -> str:

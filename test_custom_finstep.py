@@ -678,7 +678,7 @@ def test_fast_delta_equals_the_built_chunk(kind, field, text):
 
 
 def agui_format():
-    wire = cf.AguiFormat(cf.Config())
+    wire = cf.AguiFormat(cf.Config(), cf.SessionStore(10, 60))
     wire.parse(json.dumps(agui_input()).encode(), {})
     return wire
 
@@ -1174,6 +1174,10 @@ class Proxy:
         """(status, headers, body) of one AG-UI run."""
         return self.request("POST", path, agui_input(messages, **extra), dict({"Accept": "text/event-stream"},
                                                                                **(headers or {})))
+
+    def responses(self, input="你好", headers=None, path="/v1/responses", **extra):
+        """(status, headers, body) of one Responses API request."""
+        return self.request("POST", path, dict({"model": "finstep-proxy", "input": input}, **extra), headers)
 
     def chat(self, stream=False, messages=None, headers=None, **extra):
         payload = dict({"model": "finstep-proxy", "stream": stream,
@@ -2504,6 +2508,189 @@ def test_agui_preflight_and_metrics(proxy, upstream):
     proxy.agui()
     line = 'finstep_proxy_requests_total{path="/agui",status="200"} 1'
     wait_until(lambda: line in proxy.request("GET", "/metrics")[2].decode().splitlines(), what=line)
+
+
+# --- The Responses API end to end ------------------------------------------------------------
+
+def responses_events(body):
+    """The events of a Responses stream, checked against the protocol as the openai SDK's
+    stream helper holds it: `event:` names match `type`, sequence numbers count up from 0,
+    one response id, every item added before its parts and deltas and done with the same id,
+    and exactly one terminal event, last."""
+    assert isinstance(body, Body) and not body.cut and body.endswith(b"\n\n"), body[-200:]
+    events = []
+    for block in body.decode().split("\n\n")[:-1]:
+        lines = [line for line in block.split("\n") if not line.startswith(":")]
+        if not lines:
+            continue  # a heartbeat comment
+        name, data = lines[0], lines[1]
+        assert name.startswith("event: ") and data.startswith("data: ") and len(lines) == 2, block
+        event = json.loads(data[6:])
+        assert event["type"] == name[7:]
+        events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created" and events[1]["type"] == "response.in_progress"
+    terminal = [e for e in events if e["type"] in ("response.completed", "response.incomplete", "response.failed")]
+    assert terminal == [events[-1]]
+    assert len({e["response"]["id"] for e in events if "response" in e}) == 1
+    added, done, parts = {}, {}, set()
+    for e in events:
+        if e["type"] == "response.output_item.added":
+            assert e["output_index"] == len(added) and not parts - set(done)  # one open item at a time
+            added[e["output_index"]] = e["item"]["id"]
+        elif e["type"] == "response.content_part.added":
+            parts.add(e["output_index"])
+        elif e["type"].endswith(".delta"):
+            assert e["output_index"] in parts and e["item_id"] == added[e["output_index"]]
+        elif e["type"] == "response.output_item.done":
+            assert e["item"]["id"] == added[e["output_index"]]
+            done[e["output_index"]] = e["item"]
+    assert set(added) == set(done)
+    final = events[-1]["response"]
+    assert [item["id"] for item in final["output"]] == [done[i]["id"] for i in sorted(done)]
+    return events
+
+
+def output_text(response):
+    return "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                   for part in item["content"] if part["type"] == "output_text")
+
+
+def test_responses_stream_of_a_plain_answer(proxy, upstream):
+    upstream.reply(*answer_events("你", "好"))
+    status, headers, body = proxy.responses(stream=True)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = responses_events(body)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["你", "好"]
+    assert all(e["logprobs"] == [] for e in events if e["type"] == "response.output_text.delta")
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and output_text(final) == "你好" and final["model"] == "finstep-proxy"
+    assert final["output"][0]["id"].startswith("msg_") and final["id"].startswith("resp_")
+    assert set(final["usage"]) >= {"input_tokens", "output_tokens", "total_tokens"}
+
+
+def test_responses_stream_with_reasoning_has_its_item_first(proxy, upstream):
+    upstream.reply(*answer_events("答", thinking=["想", "再想"]))
+    events = responses_events(proxy.responses(stream=True)[2])
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "想再想"}]
+    assert [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"] == ["想", "再想"]
+    assert output_text(final) == "答" and final["usage"]["output_tokens_details"]["reasoning_tokens"] == 3
+
+
+def test_responses_document(proxy, upstream):
+    upstream.reply(*answer_events("答案", thinking=["想"]))
+    status, _, body = proxy.responses(instructions="简短", metadata={"a": "b"}, tools=[], temperature=0.5)
+    response = json.loads(body)
+    assert status == 200 and response["object"] == "response" and response["status"] == "completed"
+    assert [item["type"] for item in response["output"]] == ["reasoning", "message"]
+    assert output_text(response) == "答案" and response["instructions"] == "简短"
+    assert response["metadata"] == {"a": "b"} and response["previous_response_id"] is None
+    assert {"parallel_tool_calls", "tool_choice", "tools", "created_at", "usage"} <= set(response)
+    assert upstream.received[-1]["body"]["query"] == "System: 简短\n\nUser: 你好"
+
+
+def test_responses_previous_response_id_continues_then_forks(proxy, upstream):
+    upstream.reply(*answer_events("回答一"))
+    first = json.loads(proxy.responses(input="问题一")[2])
+    upstream.reply(*answer_events("回答二"))
+    second = json.loads(proxy.responses(input=[{"role": "user", "content": "问题二"}],
+                                        previous_response_id=first["id"])[2])
+    sent = [r["body"] for r in upstream.received]
+    assert (sent[1]["sessionId"], sent[1]["query"]) == (sent[0]["sessionId"], "问题二")  # only the new input
+    assert second["previous_response_id"] == first["id"]
+    proxy.responses(input="问题三", previous_response_id=first["id"])  # back to the first: a fork
+    assert sent[0]["sessionId"] != upstream.received[2]["body"]["sessionId"]
+    assert upstream.received[2]["body"]["query"] == "User: 问题一\n\nAssistant: 回答一\n\nUser: 问题三"
+    proxy.responses(input="问题四", previous_response_id=second["id"], stream=True)
+    assert upstream.received[3]["body"]["query"] == "问题四"  # the second response continues its session
+    assert upstream.received[3]["body"]["sessionId"] == sent[0]["sessionId"]
+
+
+def test_responses_unknown_previous_response_id(proxy, upstream):
+    status, _, body = proxy.responses(previous_response_id="resp_unknown", stream=True)
+    error = assert_error(status, body, 400, "previous_response_not_found", "invalid_request_error")
+    assert error["param"] == "previous_response_id" and not upstream.received
+
+
+def test_responses_conversation_is_a_named_session(proxy, upstream):
+    proxy.responses(conversation={"id": "conv-1"})
+    proxy.responses(input="再问", conversation="conv-1")
+    sent = [r["body"] for r in upstream.received]
+    assert sent[0]["sessionId"] == sent[1]["sessionId"] and sent[1]["query"] == "再问"
+
+
+@pytest.mark.parametrize("input, query", [
+    ("只是字符串", "只是字符串"),
+    ([{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "部分"}]}], "部分"),
+    ([{"role": "developer", "content": "规则"}, {"type": "function_call", "call_id": "c", "name": "f",
+                                                "arguments": "{}"},
+      {"type": "function_call_output", "call_id": "c", "output": "x"}, {"role": "user", "content": "问"}],
+     "System: 规则\n\nUser: 问"),
+])
+def test_responses_inputs(proxy, upstream, input, query):
+    status, _, _ = proxy.responses(input=input)
+    assert status == 200 and upstream.received[-1]["body"]["query"] == query
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content[0]"),
+    ({"input": [{"role": "assistant", "content": "只有回答"}]}, "input"),
+    ({"input": 5}, "input"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+    ({"background": True}, "background"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"conversation": "c", "previous_response_id": "resp_x"}, "conversation"),
+])
+def test_responses_bad_requests_are_400_naming_the_parameter(proxy, upstream, extra, param):
+    status, _, body = proxy.responses(**extra)
+    assert assert_error(status, body, 400)["param"] == param and not upstream.received
+
+
+def test_responses_limit_ends_incomplete(proxy, upstream):
+    upstream.reply(*LONG_ANSWER, HOLD)
+    events = responses_events(proxy.responses(stream=True, max_output_tokens=3)[2])
+    final = events[-1]
+    assert final["type"] == "response.incomplete" and final["response"]["status"] == "incomplete"
+    assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert output_text(final["response"]) == "第一句"
+    upstream.reply(*LONG_ANSWER, HOLD)
+    document = json.loads(proxy.responses(max_output_tokens=3)[2])
+    assert document["status"] == "incomplete" and output_text(document) == "第一句"
+
+
+def test_responses_failure_before_the_head_is_an_http_error(proxy, upstream):
+    upstream.reply(b"busy", status=503, framing="length")
+    status, _, body = proxy.responses(stream=True)
+    assert_error(status, body, 502, "upstream_http_503")
+
+
+def test_responses_failure_after_a_heartbeat_carried_the_head_still_opens_the_response(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=0.1)
+    upstream.reply(b"busy", status=503, framing="length", before_head=0.4)
+    status, _, body = proxy.responses(stream=True)
+    events = responses_events(body)
+    assert status == 200 and body.startswith(b": keep-alive")
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.failed"]
+
+
+def test_responses_failure_after_the_head_is_response_failed_and_a_clean_end(proxy, upstream):
+    upstream.reply(ev("MSG_START"), ev("RESPONSING", "text", "半句"), CUT)
+    status, _, body = proxy.responses(stream=True)
+    events = responses_events(body)  # checks the clean end and the one terminal event
+    failed = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and failed["status"] == "failed"
+    assert failed["error"]["code"] == "server_error" and failed["error"]["message"]
+    assert failed["output"][0]["status"] == "incomplete" and output_text(failed) == "半句"
+    proxy.responses(previous_response_id=failed["id"])  # a failed response is not remembered
+    assert len(upstream.received) == 1
 
 
 # --- Failures that no client can mistake for success ----------------------------------------
