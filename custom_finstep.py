@@ -1,4 +1,4 @@
-"""custom_finstep: Finstep's chat API served as OpenAI's chat completions and as AG-UI.
+"""custom_finstep: Finstep's chat API served as OpenAI's chat completions and Responses, and as AG-UI.
 
 One file, standard library only, Python 3.8 or newer. Finstep answers one
 `query` per request as a stream of status events; OpenAI clients (the `openai`
@@ -16,6 +16,7 @@ Run:
 Endpoints:
     POST /v1/chat/completions, POST /chat/completions   # OpenAI chat completions
     POST /agui, POST /v1/agui                 # AG-UI 1.0: a RunAgentInput in, an AG-UI event stream out
+    POST /v1/responses, POST /responses       # OpenAI Responses API (previous_response_id continues)
     GET  /v1/models, /models, /v1/models/{id}, /models/{id}
     GET  /health                              # no upstream call
     GET  /metrics                             # Prometheus text format
