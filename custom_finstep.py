@@ -462,6 +462,11 @@ class ResponsesRequest(AnswerRequest):
     echo: Tuple[Tuple[str, object], ...] = ()  # request fields the response object repeats
 
 
+@dataclasses.dataclass(frozen=True)
+class MessagesRequest(AnswerRequest):
+    model: str = ""
+
+
 def _invalid(message: str, param: Optional[str]) -> ProxyError:
     return ProxyError(400, message, code="invalid_request", param=param)
 
@@ -725,6 +730,49 @@ def parse_responses_request(body: bytes, default_model: str) -> ResponsesRequest
                             max_output=read_limit(payload, "max_output_tokens"), new_input=new_input,
                             previous_response_id=previous,
                             echo=tuple((name, payload[name]) for name in RESPONSES_ECHO if name in payload))
+
+
+ANTHROPIC_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "tool_use", "tool_result", "server_tool_use",
+                            "web_search_tool_result")
+
+
+def anthropic_text(content, param: str) -> str:
+    """The text of an Anthropic message's content or system: a string, or blocks whose `text`
+    blocks are joined; thinking and tool blocks are skipped, others (images, documents) refused."""
+    if isinstance(content, list):
+        content = [block for block in content
+                   if not (isinstance(block, dict) and block.get("type") in ANTHROPIC_SKIPPED_BLOCKS)]
+    return message_text(content, param)
+
+
+def parse_messages_request(body: bytes, default_model: str, counting: bool = False) -> MessagesRequest:
+    """Validate an Anthropic /v1/messages body (`counting`: a count_tokens body, which has no
+    max_tokens); raises ProxyError(400) saying what is wrong."""
+    payload = json_object(body)
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("messages: must be a non-empty list", "messages")
+    messages = []
+    for index, message in enumerate(raw_messages):
+        param = "messages[%d]" % index
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise _invalid("%s: must be an object with role 'user' or 'assistant'" % param, param + ".role")
+        messages.append((message["role"], anthropic_text(message.get("content"), param + ".content")))
+    read_messages([{"role": role, "content": text} for role, text in messages])  # a user question last
+    if "max_tokens" not in payload and not counting:
+        raise _invalid("max_tokens: Field required", "max_tokens")
+    model, stream = read_model_and_stream(payload, default_model)
+    system = anthropic_text(payload.get("system"), "system")
+    tool_choice = payload.get("tool_choice")
+    if isinstance(tool_choice, dict) and tool_choice.get("type") not in (None, "auto", "none"):
+        raise _unsupported("tool_choice: only 'auto' or 'none': Finstep cannot call tools, it always answers "
+                           "with text; tools may be sent, they are not used", "tool_choice")
+    metadata = payload.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return MessagesRequest(messages=((("system", system),) if system.strip() else ()) + tuple(messages),
+                           stream=stream, model=model, user=user if isinstance(user, str) else None,
+                           max_output=read_limit(payload, "max_tokens"),
+                           stops=read_stops(payload.get("stop_sequences"), "stop_sequences"))
 
 
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
@@ -1420,6 +1468,110 @@ class ResponsesFormat(WireFormat):
 MAX_RESPONSE_CHAIN = 500  # turns of a previous_response_id chain folded into a forked session
 
 
+# Anthropic's Messages API.
+
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                         503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+
+
+def anthropic_event(kind: str, **fields) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (kind.encode("ascii"), _dumps(dict(type=kind, **fields)).encode("utf-8"))
+
+
+class MessagesFormat(WireFormat):
+    """POST /v1/messages: Anthropic's Messages API. Every frame an `event:` line and a
+    `data:` line; thinking and text as content blocks, one open at a time; `ping` frames keep
+    the stream alive; after the head, a failure is the protocol's own `error` frame."""
+
+    heartbeat = anthropic_event("ping")
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
+        request = parse_messages_request(body, self.config.models[0])
+        named = (headers.get("X-Session-Id") or "").strip()
+        if named:
+            request = dataclasses.replace(request, conversation=named)
+        self.model, self.message_id = request.model, "msg_" + uuid.uuid4().hex
+        self.prompt_tokens = 0
+        self.index = -1  # the open content block's, when one is open
+        self.open_kind = None  # type: Optional[str]
+        self.frame = (b"", b"")
+        return request
+
+    def error_body(self, error: ProxyError) -> dict:
+        kind = ANTHROPIC_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+    def message(self, answer: Optional[AnswerRouter], content: List[dict]) -> dict:
+        usage = answer.usage() if answer is not None else {"prompt_tokens": 0, "completion_tokens": 0}
+        stop_reason = None
+        if answer is not None:
+            stop_reason = {"length": "max_tokens", "stop": "stop_sequence"}.get(answer.cut, "end_turn")
+        return {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": stop_reason,
+                "stop_sequence": answer.stop_sequence if answer is not None else None,
+                "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}}
+
+    def opening(self) -> bytes:
+        return anthropic_event("message_start", message=self.message(None, []))
+
+    def render(self, events: List[Tuple[str, str]]) -> bytes:
+        out = []
+        for kind, text in events:
+            if kind == self.open_kind:
+                head, tail = self.frame
+                out.append(head + _dumps(text).encode("utf-8") + tail)
+            elif kind in (TEXT, REASONING):
+                out.append(self.close() + self.begin(kind))
+                out.append(self.render([(kind, text)]))
+        return b"".join(out)
+
+    def begin(self, kind: str) -> bytes:
+        self.open_kind, self.index = kind, self.index + 1
+        if kind == REASONING:
+            block, delta = {"type": "thinking", "thinking": "", "signature": ""}, ("thinking_delta", "thinking")
+        else:
+            block, delta = {"type": "text", "text": ""}, ("text_delta", "text")
+        self.frame = sse_frame({"type": "content_block_delta", "index": self.index,
+                                "delta": {"type": delta[0], delta[1]: PLACEHOLDER}})
+        self.frame = (b"event: content_block_delta\n" + self.frame[0], self.frame[1])
+        return anthropic_event("content_block_start", index=self.index, content_block=block)
+
+    def close(self) -> bytes:
+        kind, self.open_kind = self.open_kind, None
+        if kind is None:
+            return b""
+        signature = b""
+        if kind == REASONING:  # a thinking block ends with its signature: Finstep's thinking has none
+            signature = anthropic_event("content_block_delta", index=self.index,
+                                        delta={"type": "signature_delta", "signature": ""})
+        return signature + anthropic_event("content_block_stop", index=self.index)
+
+    def closing(self, answer: AnswerRouter) -> bytes:
+        final = self.message(answer, [])
+        return (self.close()
+                + anthropic_event("message_delta", delta={"stop_reason": final["stop_reason"],
+                                                          "stop_sequence": final["stop_sequence"]},
+                                  usage={"output_tokens": final["usage"]["output_tokens"]})
+                + anthropic_event("message_stop"))
+
+    def failure(self, error: ProxyError) -> bytes:
+        return anthropic_event("error", error=self.error_body(error)["error"])
+
+    def document(self, answer: AnswerRouter) -> dict:
+        content = []
+        if answer.reasoning:
+            content.append({"type": "thinking", "thinking": "".join(answer.reasoning), "signature": ""})
+        content.append({"type": "text", "text": "".join(answer.content)})
+        return self.message(answer, content)
+
+
+def count_tokens(body: bytes, default_model: str) -> dict:
+    """POST /v1/messages/count_tokens: the input estimate of a Messages body, as usage counts it."""
+    request = parse_messages_request(body, default_model, counting=True)
+    return {"input_tokens": estimate_tokens(fold_query(transcript(request.messages), 10 ** 9))}
+
+
 # Routes: a wire format is one class and one line here.
 WIRE_FORMATS = {
     "/v1/chat/completions": ChatCompletionsFormat,
@@ -1428,11 +1580,16 @@ WIRE_FORMATS = {
     "/v1/agui": AguiFormat,
     "/v1/responses": ResponsesFormat,
     "/responses": ResponsesFormat,
+    "/v1/messages": MessagesFormat,
+    "/messages": MessagesFormat,
 }
+COUNT_TOKENS_PATHS = ("/v1/messages/count_tokens", "/messages/count_tokens")
 
 
 def route_for(path: str) -> Optional[Dict[str, str]]:
     """The handler method names by HTTP method for a path, or None for an unknown path."""
+    if path in COUNT_TOKENS_PATHS:
+        return {"POST": "count_tokens"}
     if path in WIRE_FORMATS:
         return {"POST": "answer"}
     if path in ("/v1/models", "/models"):
@@ -3091,8 +3248,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def wire_format(self) -> WireFormat:
         """The wire format of this request's path, which also shapes its errors (OpenAI's by default)."""
         if self.wire is None:
-            self.wire = WIRE_FORMATS.get(self.route_path(), ChatCompletionsFormat)(self.server.config,
-                                                                                   self.server.sessions)
+            path = self.route_path()
+            wire = MessagesFormat if path in COUNT_TOKENS_PATHS else WIRE_FORMATS.get(path, ChatCompletionsFormat)
+            self.wire = wire(self.server.config, self.server.sessions)
         return self.wire
 
     def route_path(self) -> str:
@@ -3149,6 +3307,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def model_card(self, model: str) -> dict:
         return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep"}
+
+    def count_tokens(self, path: str) -> None:
+        self.send_json(200, count_tokens(self.read_body(), self.server.config.models[0]))
 
     def answer(self, path: str) -> None:
         wire = self.wire_format()

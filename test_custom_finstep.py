@@ -1179,6 +1179,12 @@ class Proxy:
         """(status, headers, body) of one Responses API request."""
         return self.request("POST", path, dict({"model": "finstep-proxy", "input": input}, **extra), headers)
 
+    def messages(self, messages=None, headers=None, path="/v1/messages", **extra):
+        """(status, headers, body) of one Anthropic Messages request."""
+        payload = dict({"model": "finstep-proxy", "max_tokens": 1024,
+                        "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
+        return self.request("POST", path, payload, dict({"anthropic-version": "2023-06-01"}, **(headers or {})))
+
     def chat(self, stream=False, messages=None, headers=None, **extra):
         payload = dict({"model": "finstep-proxy", "stream": stream,
                         "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
@@ -2691,6 +2697,161 @@ def test_responses_failure_after_the_head_is_response_failed_and_a_clean_end(pro
     assert failed["output"][0]["status"] == "incomplete" and output_text(failed) == "半句"
     proxy.responses(previous_response_id=failed["id"])  # a failed response is not remembered
     assert len(upstream.received) == 1
+
+
+# --- Anthropic's Messages API end to end -------------------------------------------------------
+
+def anthropic_frames(body, clean=True):
+    """(event, data) of each frame of a Messages stream: every frame has its `event:` line,
+    matching the data's type; `ping` frames are kept."""
+    assert isinstance(body, Body) and body.cut is not clean and body.endswith(b"\n\n"), body[-200:]
+    frames = []
+    for block in body.decode().split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), block
+        payload = json.loads(data[6:])
+        assert payload["type"] == name[7:]
+        frames.append(payload)
+    return frames
+
+
+def test_messages_stream_of_an_answer_with_thinking(proxy, upstream):
+    upstream.reply(*answer_events("答", "案", thinking=["想"]))
+    status, headers, body = proxy.messages(stream=True)
+    frames = anthropic_frames(body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert [(f["type"], f.get("index")) for f in frames] == [
+        ("message_start", None), ("content_block_start", 0), ("content_block_delta", 0),
+        ("content_block_delta", 0), ("content_block_stop", 0), ("content_block_start", 1),
+        ("content_block_delta", 1), ("content_block_delta", 1), ("content_block_stop", 1),
+        ("message_delta", None), ("message_stop", None)]
+    start = frames[0]["message"]
+    assert start["id"].startswith("msg_") and start["content"] == [] and start["stop_reason"] is None
+    assert frames[1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert frames[2]["delta"] == {"type": "thinking_delta", "thinking": "想"}
+    assert frames[3]["delta"] == {"type": "signature_delta", "signature": ""}
+    assert frames[5]["content_block"] == {"type": "text", "text": ""}
+    assert [f["delta"]["text"] for f in frames[6:8]] == ["答", "案"]
+    assert frames[9]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert frames[9]["usage"]["output_tokens"] == 3
+
+
+def test_messages_stream_of_a_plain_answer(proxy, upstream):
+    upstream.reply(*answer_events("你好"))
+    frames = anthropic_frames(proxy.messages(stream=True)[2])
+    assert [f["type"] for f in frames] == ["message_start", "content_block_start", "content_block_delta",
+                                           "content_block_stop", "message_delta", "message_stop"]
+
+
+def test_messages_document_and_system(proxy, upstream):
+    upstream.reply(*answer_events("答案", thinking=["想"]))
+    status, _, body = proxy.messages(system=[{"type": "text", "text": "你是金融助手"}],
+                                     messages=[{"role": "user", "content": [{"type": "text", "text": "你好"}]}],
+                                     metadata={"user_id": "u1"}, thinking={"type": "enabled", "budget_tokens": 1024})
+    message = json.loads(body)
+    assert status == 200 and (message["type"], message["role"]) == ("message", "assistant")
+    assert message["content"] == [{"type": "thinking", "thinking": "想", "signature": ""},
+                                  {"type": "text", "text": "答案"}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("end_turn", None)
+    assert set(message["usage"]) == {"input_tokens", "output_tokens"} and message["model"] == "finstep-proxy"
+    assert upstream.received[-1]["body"]["query"] == "System: 你是金融助手\n\nUser: 你好"
+
+
+@pytest.mark.parametrize("extra, reason, sequence, text", [
+    ({"max_tokens": 3}, "max_tokens", None, "第一句"),
+    ({"stop_sequences": ["，"]}, "stop_sequence", "，", "第一句话。第二句话"),
+])
+def test_messages_limits_and_stop_sequences(proxy, upstream, extra, reason, sequence, text):
+    upstream.reply(*LONG_ANSWER, HOLD)
+    message = json.loads(proxy.messages(**extra)[2])
+    assert (message["stop_reason"], message["stop_sequence"], message["content"][-1]["text"]) == (
+        reason, sequence, text)
+    upstream.reply(*LONG_ANSWER, HOLD)
+    frames = anthropic_frames(proxy.messages(stream=True, **extra)[2])
+    assert frames[-2]["delta"] == {"stop_reason": reason, "stop_sequence": sequence}
+
+
+def test_messages_skip_thinking_and_tool_blocks_and_refuse_images(proxy, upstream):
+    history = [{"role": "user", "content": "问"},
+               {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                                                 {"type": "text", "text": "答"},
+                                                 {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r"},
+                                            {"type": "text", "text": "再问"}]}]
+    assert proxy.messages(messages=history)[0] == 200
+    assert upstream.received[-1]["body"]["query"] == "User: 问\n\nAssistant: 答\n\nUser: 再问"
+    image = [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": "x"}}]}]
+    status, _, body = proxy.messages(messages=image)
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"max_tokens": None}, "max_tokens"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0]"),
+    ({"stop_sequences": [""]}, "stop_sequences"),
+    ({"tool_choice": {"type": "any"}}, "tool_choice"),
+])
+def test_messages_bad_requests_in_anthropic_shape(proxy, upstream, payload, message):
+    body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "q"}]}
+    body.update(payload)
+    body = {k: v for k, v in body.items() if v is not None}
+    status, _, answer = proxy.request("POST", "/v1/messages", body)
+    error = json.loads(answer)
+    assert status == 400 and error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert message in error["error"]["message"] and not upstream.received
+
+
+@pytest.mark.parametrize("upstream_status, status, kind", [
+    (401, 401, "authentication_error"), (429, 429, "rate_limit_error"), (500, 502, "api_error")])
+def test_messages_errors_before_the_head_in_anthropic_shape(proxy, upstream, upstream_status, status, kind):
+    upstream.reply(b'{"msg": "no"}', status=upstream_status, framing="length", content_type="application/json",
+                   headers={"Retry-After": "7"} if upstream_status == 429 else {})
+    got, headers, body = proxy.messages(stream=True)
+    assert got == status and json.loads(body) == {"type": "error", "error": {"type": kind, "message": ANY_TEXT}}
+    if status == 429:
+        assert headers["Retry-After"] == "7"
+
+
+def test_messages_failure_after_the_head_is_an_error_frame_and_a_clean_end(proxy, upstream):
+    upstream.reply(ev("MSG_START"), ev("RESPONSING", "text", "半"), CUT)
+    frames = anthropic_frames(proxy.messages(stream=True)[2])
+    assert frames[-1]["type"] == "error" and frames[-1]["error"]["type"] == "api_error"
+    assert "message_stop" not in [f["type"] for f in frames]
+
+
+def test_messages_heartbeats_are_ping_frames(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=0.1)
+    upstream.reply(*answer_events("好"), before_head=0.35)
+    frames = anthropic_frames(proxy.messages(stream=True)[2])
+    assert frames[0] == {"type": "ping"} and frames[-1]["type"] == "message_stop"
+    assert [f["type"] for f in frames if f["type"] != "ping"][0] == "message_start"
+
+
+def test_messages_x_api_key_is_the_client_key_or_the_proxy_key(make_proxy, upstream):
+    passing = make_proxy(api_keys=())
+    assert passing.messages(headers={"x-api-key": "client-key-0123456789"})[0] == 200
+    assert upstream.received[-1]["headers"]["Authorization"] == "client-key-0123456789"
+    guarded = make_proxy(proxy_keys=("proxy-key-0123456789",))
+    assert guarded.messages(headers={"x-api-key": "proxy-key-0123456789"})[0] == 200
+    status, _, body = guarded.messages(headers={"x-api-key": "wrong-key-0123456789"})
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+
+
+def test_messages_count_tokens_without_an_upstream_call(proxy, upstream):
+    status, _, body = proxy.request("POST", "/v1/messages/count_tokens", {
+        "model": "m", "system": "系统", "messages": [{"role": "user", "content": "你好世界"}]})
+    assert status == 200 and json.loads(body) == {"input_tokens": cf.estimate_tokens("System: 系统\n\nUser: 你好世界")}
+    assert not upstream.received
+    status, _, body = proxy.request("POST", "/v1/messages/count_tokens", {"messages": []})
+    assert status == 400 and json.loads(body)["type"] == "error"
+
+
+class _AnyText:
+    def __eq__(self, other):
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT = _AnyText()
 
 
 # --- Failures that no client can mistake for success ----------------------------------------
