@@ -1,4 +1,5 @@
-"""custom_finstep: Finstep's chat API served as OpenAI's chat completions and Responses, and as AG-UI.
+"""custom_finstep: Finstep's chat API served as OpenAI's chat completions and Responses, as
+Anthropic's Messages, and as AG-UI.
 
 One file, standard library only, Python 3.8 or newer. Finstep answers one
 `query` per request as a stream of status events; OpenAI clients (the `openai`
@@ -17,6 +18,8 @@ Endpoints:
     POST /v1/chat/completions, POST /chat/completions   # OpenAI chat completions
     POST /agui, POST /v1/agui                 # AG-UI 1.0: a RunAgentInput in, an AG-UI event stream out
     POST /v1/responses, POST /responses       # OpenAI Responses API (previous_response_id continues)
+    POST /v1/messages, POST /messages         # Anthropic Messages API (x-api-key works as a key)
+    POST /v1/messages/count_tokens            # Anthropic's token count, estimated, no upstream call
     GET  /v1/models, /models, /v1/models/{id}, /models/{id}
     GET  /health                              # no upstream call
     GET  /metrics                             # Prometheus text format
@@ -3296,7 +3299,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def list_models(self, path: str) -> None:
-        self.send_json(200, {"object": "list", "data": [self.model_card(m) for m in self.server.config.models]})
+        models = self.server.config.models  # one list for OpenAI's clients and Anthropic's
+        self.send_json(200, {"object": "list", "data": [self.model_card(m) for m in models],
+                             "has_more": False, "first_id": models[0], "last_id": models[-1]})
 
     def retrieve_model(self, path: str) -> None:
         model = urllib.parse.unquote(path.split("/models/", 1)[1])
@@ -3306,7 +3311,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, self.model_card(model))
 
     def model_card(self, model: str) -> dict:
-        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep"}
+        created = datetime.datetime.fromtimestamp(self.server.started, datetime.timezone.utc)
+        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep",
+                "type": "model", "display_name": model, "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
     def count_tokens(self, path: str) -> None:
         self.send_json(200, count_tokens(self.read_body(), self.server.config.models[0]))

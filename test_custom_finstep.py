@@ -3497,6 +3497,10 @@ def test_models_list_and_retrieve(make_proxy):
     assert all(m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
                for m in listing["data"])
     assert json.loads(proxy.request("GET", "/models")[2]) == listing
+    # What Anthropic's clients read from the same list:
+    assert (listing["has_more"], listing["first_id"], listing["last_id"]) == (False, "finstep-proxy", "finstep-deep")
+    assert all(m["type"] == "model" and m["display_name"] == m["id"] and
+               re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["created_at"]) for m in listing["data"])
     status, _, body = proxy.request("GET", "/v1/models/finstep-deep")
     assert status == 200 and json.loads(body)["id"] == "finstep-deep"
     status, _, body = proxy.request("GET", "/v1/models/unknown")
