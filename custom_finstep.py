@@ -21,6 +21,8 @@ Endpoints:
     POST /v1/messages, POST /messages         # Anthropic Messages API (x-api-key works as a key)
     POST /v1/messages/count_tokens            # Anthropic's token count, estimated, no upstream call
     GET  /v1/models, /models, /v1/models/{id}, /models/{id}
+    GET  /                                    # a page: ask in the browser, watch the status (FINSTEP_PAGE)
+    GET  /status                              # the page's status, as JSON
     GET  /health                              # no upstream call
     GET  /metrics                             # Prometheus text format
     OPTIONS on every path                     # CORS preflight
@@ -46,6 +48,7 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_DRAIN_SECONDS --drain-seconds 8   on SIGTERM, how long streams in flight may finish
     FINSTEP_UPSTREAM_IDLE --upstream-idle 30  seconds an unused upstream connection is kept for reuse
     FINSTEP_PREWARM    --prewarm     0        1: keep one upstream connection open even when idle
+    FINSTEP_PAGE       --page        on       on: GET / is a page to try the proxy and watch its status; off: 404
     LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
     LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
 """
@@ -88,6 +91,7 @@ if __name__ == "__main__":
 
 
 import argparse
+import base64
 import collections
 import dataclasses
 import datetime
@@ -163,6 +167,7 @@ class Config:
     drain_seconds: float = 8.0
     upstream_idle: float = 30.0
     prewarm: bool = False
+    page: bool = True
     log_level: str = "INFO"
     log_format: str = "text"
     demo: bool = False
@@ -299,6 +304,8 @@ SETTINGS = (
     ("prewarm", "FINSTEP_PREWARM", "--prewarm", _switch,
      "1: keep one upstream connection open at all times, so even the first request after a quiet "
      "spell skips the TCP and TLS handshakes (default 0)"),
+    ("page", "FINSTEP_PAGE", "--page", _switch,
+     "on: GET / serves a page to try the proxy and see its status; off: / is a 404 (default on)"),
     ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
      "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     ("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
@@ -1603,6 +1610,10 @@ def route_for(path: str) -> Optional[Dict[str, str]]:
         return {"GET": "health"}
     if path == "/metrics":
         return {"GET": "metrics"}
+    if path == "/status":
+        return {"GET": "show_status"}
+    if path == "/":
+        return {"GET": "show_page"}
     return None
 
 
@@ -1838,6 +1849,12 @@ class KeyPool:
     def cool_down(self, key: str, seconds: float) -> None:
         with self._lock:
             self._cooling[key] = self.clock() + seconds
+
+    def cooling(self) -> List[Tuple[str, float]]:
+        """(key, seconds until it is tried again, 0 when ready) of every key, in order."""
+        with self._lock:
+            now = self.clock()
+            return [(key, max(0.0, self._cooling.get(key, 0.0) - now)) for key in self.keys]
 
 
 def retry_after_seconds(value: Optional[str], default: float = 60.0) -> float:
@@ -2812,7 +2829,7 @@ class AnswerPipeline:
             raise shutting_down()
         keys, caller = self.keys()
         turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, request, config.system)
-        handler.note = " session=" + turn.path
+        handler.note, handler.session_path = " session=" + turn.path, turn.path
         if not server.begin_stream():
             raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
                              code="server_busy", headers={"Retry-After": "1"})
@@ -2895,6 +2912,7 @@ class AnswerPipeline:
                 continue
             self.first_byte = time.monotonic() - began
             handler.note = " session=%s key=%s conn=%s" % (sent.path, mask_key(key), upstream.conn_note)
+            handler.session_path = sent.path
             return sent, key
         raise error
 
@@ -2979,6 +2997,298 @@ class AnswerPipeline:
         self.release("ok")
 
 
+# --- The page at /: try the proxy in a browser, see how it is doing ----------------------
+#
+# One document, no external asset: the chat goes through the proxy's own chat completions,
+# the status comes from GET /status. The Content-Security-Policy allows exactly this style
+# and this script (by their hashes) and requests to the proxy itself.
+
+PAGE_STYLE = r"""
+:root{--fg:#1d2430;--muted:#6b7685;--line:#dde3ea;--bg:#f6f8fa;--accent:#1f6feb;--bad:#c62828}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.6 -apple-system,"Segoe UI","PingFang SC","Microsoft YaHei",sans-serif;color:var(--fg);background:var(--bg)}
+header{display:flex;align-items:center;gap:12px;padding:10px 16px;background:#fff;border-bottom:1px solid var(--line)}
+header h1{font-size:17px;margin:0}
+#version{color:var(--muted);font-size:13px;flex:1}
+button{font:inherit;padding:6px 14px;border:1px solid var(--line);border-radius:6px;background:#fff;cursor:pointer}
+button[type=submit]{background:var(--accent);border-color:var(--accent);color:#fff}
+button:disabled{opacity:.45;cursor:default}
+main{display:grid;grid-template-columns:minmax(0,1fr) 300px;gap:16px;max-width:1180px;margin:0 auto;padding:16px}
+section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px}
+#log{min-height:240px}
+.turn{margin:0 0 14px}
+.turn.user{margin-left:auto;width:fit-content;max-width:85%;background:#e8f0fe;border-radius:8px;padding:8px 12px;white-space:pre-wrap}
+.turn.assistant .answer{overflow-x:auto}
+details{margin:0 0 6px;color:var(--muted);font-size:14px}
+.thinking{white-space:pre-wrap;border-left:3px solid var(--line);padding-left:10px}
+.meta{color:var(--muted);font-size:12px}
+.wait{color:var(--muted)}
+.error{color:var(--bad);font-size:14px}
+textarea,input{width:100%;font:inherit;padding:8px;border:1px solid var(--line);border-radius:6px}
+.row{display:flex;gap:8px;margin-top:8px}
+table{border-collapse:collapse;margin:6px 0}
+th,td{border:1px solid var(--line);padding:4px 8px;text-align:left}
+pre{background:var(--bg);padding:8px;overflow-x:auto}
+code{background:var(--bg);padding:0 3px}
+h2{font-size:16px;margin:0 0 8px}
+h3{font-size:14px;margin:12px 0 4px}
+dl{display:grid;grid-template-columns:auto 1fr;gap:2px 10px;margin:0;font-size:14px}
+dt{color:var(--muted)}
+dd{margin:0;word-break:break-word}
+#keys{margin:0;padding-left:18px;font-size:14px}
+.cool{color:var(--bad)}
+@media (max-width:760px){main{grid-template-columns:1fr;padding:8px}}
+"""
+
+PAGE_SCRIPT = r"""
+"use strict";
+const T = {
+  zh: {send: "发送", stop: "停止", clear: "新对话", ask: "问 Finstep 一个问题，例如：分析一下药明康德最近会涨么",
+       status: "状态", keys: "上游 Key", reasoning: "思考过程", waiting: "思考中…", session: "会话",
+       cut: "回答没有正常结束（传输中断）", stopped: "已停止", error: "出错", keyLabel: "这个代理需要 Key（PROXY_API_KEY），只保存在本标签页：",
+       save: "保存", version: "版本", uptime: "运行时间", upstream: "上游", modes: "模式", streams: "进行中的流",
+       requests: "请求", results: "上游结果", connections: "上游连接", ready: "可用", cooling: "冷却中，剩余",
+       clients: "使用每个客户端自己的 Key", idle: "空闲", reused: "复用", fresh: "新建"},
+  en: {send: "Send", stop: "Stop", clear: "New chat", ask: "Ask Finstep something, e.g. how is WuXi AppTec likely to move?",
+       status: "Status", keys: "Upstream keys", reasoning: "Reasoning", waiting: "Thinking…", session: "session",
+       cut: "the answer did not end properly (transfer cut)", stopped: "stopped", error: "Error",
+       keyLabel: "This proxy needs a key (PROXY_API_KEY), kept in this tab only:", save: "Save", version: "Version",
+       uptime: "Uptime", upstream: "Upstream", modes: "Modes", streams: "Streams in flight", requests: "Requests",
+       results: "Upstream results", connections: "Upstream connections", ready: "ready", cooling: "cooling down,",
+       clients: "each client's own key", idle: "idle", reused: "reused", fresh: "new"}
+};
+let lang = "zh", history = [], controller = null, status = null;
+let key = sessionStorage.getItem("finstep-key") || "";
+const $ = (id) => document.getElementById(id);
+const t = (name) => T[lang][name];
+
+// Markdown. Every character of the text is escaped first; the rules below only wrap parts of
+// the escaped text in the tags they name, so the upstream can never add a tag or attribute.
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+}
+function inline(text) {
+  return text.replace(/`([^`]+)`/g, "<code>$1</code>").replace(/\*\*([^*]+)\*\*/g, "<strong>$1</strong>");
+}
+const LIST = /^\s*([-*+]|\d+[.)])\s+(.*)$/, ROW = /^\s*\|.*\|\s*$/, RULE = /^\s*\|?[\s:|-]*-[\s:|-]*\|?\s*$/;
+const cells = (line) => line.trim().replace(/^\||\|$/g, "").split("|").map((cell) => inline(cell.trim()));
+function markdown(text) {
+  const lines = escapeHtml(text).split("\n"), out = [];
+  for (let i = 0; i < lines.length;) {
+    const line = lines[i];
+    let m;
+    if (/^```/.test(line)) {
+      const code = [];
+      for (i++; i < lines.length && !/^```/.test(lines[i]); i++) code.push(lines[i]);
+      i++;
+      out.push("<pre><code>" + code.join("\n") + "</code></pre>");
+    } else if ((m = /^(#{1,6})\s+(.*)$/.exec(line))) {
+      const level = Math.min(6, m[1].length + 2);
+      out.push("<h" + level + ">" + inline(m[2]) + "</h" + level + ">");
+      i++;
+    } else if (ROW.test(line) && i + 1 < lines.length && RULE.test(lines[i + 1])) {
+      const head = cells(line), rows = [];
+      for (i += 2; i < lines.length && ROW.test(lines[i]); i++) rows.push(cells(lines[i]));
+      out.push("<table><thead><tr>" + head.map((c) => "<th>" + c + "</th>").join("") + "</tr></thead><tbody>"
+               + rows.map((r) => "<tr>" + r.map((c) => "<td>" + c + "</td>").join("") + "</tr>").join("")
+               + "</tbody></table>");
+    } else if ((m = LIST.exec(line))) {
+      const ordered = /\d/.test(m[1]), items = [];
+      for (; i < lines.length && (m = LIST.exec(lines[i])) && /\d/.test(m[1]) === ordered; i++) {
+        items.push("<li>" + inline(m[2]) + "</li>");
+      }
+      out.push((ordered ? "<ol>" : "<ul>") + items.join("") + (ordered ? "</ol>" : "</ul>"));
+    } else if (!line.trim()) {
+      i++;
+    } else {
+      const paragraph = [inline(line)];
+      for (i++; i < lines.length && lines[i].trim() && !/^(```|#{1,6}\s)/.test(lines[i])
+           && !LIST.test(lines[i]) && !ROW.test(lines[i]); i++) paragraph.push(inline(lines[i]));
+      out.push("<p>" + paragraph.join("<br>") + "</p>");
+    }
+  }
+  return out.join("");
+}
+
+function headers() {
+  const h = {"Content-Type": "application/json"};
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+function askForKey() {
+  $("keyform").hidden = false;
+  $("key").focus();
+}
+
+async function ask(question) {
+  history.push({role: "user", content: question});
+  $("log").append(element("div", "turn user", question));
+  const turn = element("div", "turn assistant"), details = element("details"), thinking = element("div", "thinking");
+  const answer = element("div", "answer"), meta = element("div", "meta");
+  details.append(element("summary", "", t("reasoning")), thinking);
+  details.open = true;
+  details.hidden = true;
+  answer.append(element("span", "wait", t("waiting")));
+  turn.append(details, answer, meta);
+  $("log").append(turn);
+  controller = new AbortController();
+  setBusy(true);
+  let text = "", reasoning = "", ended = false;
+  try {
+    const response = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), signal: controller.signal,
+      body: JSON.stringify({model: "finstep-proxy", stream: true, messages: history})});
+    meta.textContent = t("session") + ": " + (response.headers.get("X-Finstep-Session") || "-");
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      if (response.status === 401) askForKey();
+      throw new Error((body.error && body.error.message) || "HTTP " + response.status);
+    }
+    const reader = response.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      const events = buffer.split("\n\n");
+      buffer = events.pop();
+      for (const event of events) {
+        const data = event.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+        if (!data) continue;
+        if (data === "[DONE]") { ended = true; continue; }
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const delta = ((chunk.choices || [])[0] || {}).delta || {};
+        if (delta.reasoning_content) {
+          reasoning += delta.reasoning_content;
+          details.hidden = false;
+          thinking.textContent = reasoning;
+        }
+        if (delta.content) {
+          text += delta.content;
+          answer.innerHTML = markdown(text);
+          details.open = false;
+        }
+      }
+    }
+    if (!ended) throw new Error(t("cut"));
+    history.push({role: "assistant", content: text});
+  } catch (error) {
+    if (!text) answer.textContent = "";
+    turn.append(element("div", "error", error.name === "AbortError" ? t("stopped") : t("error") + ": " + error.message));
+    history.pop();  // unanswered: the question leaves the history the next turn sends
+  } finally {
+    controller = null;
+    setBusy(false);
+  }
+}
+
+function duration(seconds) {
+  const d = Math.floor(seconds / 86400), h = Math.floor(seconds % 86400 / 3600), m = Math.floor(seconds % 3600 / 60);
+  return (d ? d + "d " : "") + (d || h ? h + "h " : "") + m + "m " + seconds % 60 + "s";
+}
+const counts = (object) => Object.entries(object).filter(([, n]) => n).map(([k, n]) => k + " " + n).join(", ") || "0";
+function renderStatus() {
+  if (!status) return;
+  const s = status, c = s.upstream_connections;
+  $("version").textContent = "v" + s.version;
+  const rows = [[t("version"), s.version], [t("uptime"), duration(s.uptime_seconds)],
+    [t("upstream"), s.upstream + (s.demo ? " (demo)" : "")],
+    [t("modes"), "reasoning=" + s.reasoning + " · sessions=" + s.sessions + " · system=" + s.system],
+    [t("streams"), s.streams_in_flight + " / " + s.max_streams], [t("requests"), counts(s.requests)],
+    [t("results"), counts(s.upstream_results)],
+    [t("connections"), t("idle") + " " + c.idle + " · " + t("reused") + " " + c.reused + " · " + t("fresh") + " " + c.new]];
+  $("facts").replaceChildren(...rows.flatMap(([name, value]) => [element("dt", "", name), element("dd", "", String(value))]));
+  const keys = s.keys.map((k) => k.cooling_down_seconds > 0
+    ? element("li", "cool", k.key + " — " + t("cooling") + " " + Math.ceil(k.cooling_down_seconds) + "s")
+    : element("li", "", k.key + " — " + t("ready")));
+  $("keys").replaceChildren(...(keys.length ? keys : [element("li", "", t("clients"))]));
+}
+async function refresh() {
+  try {
+    const response = await fetch("/status", {headers: headers()});
+    if (response.status === 401) return askForKey();
+    status = await response.json();
+    renderStatus();
+  } catch (error) { /* the proxy is restarting: the next refresh tells */ }
+}
+function applyLanguage() {
+  document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
+  document.querySelectorAll("[data-t]").forEach((node) => { node.textContent = t(node.dataset.t); });
+  $("question").placeholder = t("ask");
+  $("lang").textContent = lang === "zh" ? "English" : "中文";
+  renderStatus();
+}
+
+$("ask").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const question = $("question").value.trim();
+  if (!question || controller) return;
+  $("question").value = "";
+  ask(question);
+});
+$("question").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("ask").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => controller && controller.abort());
+$("clear").addEventListener("click", () => { if (!controller) { history = []; $("log").replaceChildren(); } });
+$("lang").addEventListener("click", () => { lang = lang === "zh" ? "en" : "zh"; applyLanguage(); });
+$("keyform").addEventListener("submit", (event) => {
+  event.preventDefault();
+  key = $("key").value.trim();
+  sessionStorage.setItem("finstep-key", key);
+  $("keyform").hidden = true;
+  refresh();
+});
+applyLanguage();
+refresh();
+setInterval(refresh, 3000);
+"""
+
+PAGE_BODY = """
+<header><h1>custom_finstep</h1><span id="version"></span><button id="lang" type="button">English</button></header>
+<main>
+<section id="chat">
+<div id="log"></div>
+<form id="ask"><textarea id="question" rows="3"></textarea>
+<div class="row"><button id="send" type="submit" data-t="send"></button><button id="stop" type="button" data-t="stop" disabled></button><button id="clear" type="button" data-t="clear"></button></div></form>
+<form id="keyform" hidden><p data-t="keyLabel"></p><input id="key" type="password" autocomplete="off"><div class="row"><button type="submit" data-t="save"></button></div></form>
+</section>
+<section id="status"><h2 data-t="status"></h2><dl id="facts"></dl><h3 data-t="keys"></h3><ul id="keys"></ul></section>
+</main>
+"""
+
+
+def csp_hash(text: str) -> str:
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+PAGE = ('<!doctype html>\n<html lang="zh-CN">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>custom_finstep</title>\n'
+        "<style>%s</style>\n</head>\n<body>%s<script>%s</script>\n</body>\n</html>\n" % (PAGE_STYLE, PAGE_BODY, PAGE_SCRIPT))
+PAGE_HEADERS = (
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Content-Security-Policy", "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
+                                "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+     % (csp_hash(PAGE_SCRIPT), csp_hash(PAGE_STYLE))),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+)
+
+
 # --- HTTP handler --------------------------------------------------------------
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -3014,7 +3324,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = "custom_finstep/" + __version__
     sys_version = ""
     cors_headers = (("Access-Control-Allow-Origin", "*"),
-                    ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After"))
+                    ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, X-Finstep-Session"))
     allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
 
     def version_string(self) -> str:
@@ -3052,6 +3362,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.stream_open = False
         self.chunked = None  # type: Optional[bool]  # set when the event-stream head goes out
         self.head_held = False  # the event-stream head waits for the first bytes of the body
+        self.session_path = None  # type: Optional[str]  # how the answer reaches its upstream session
         self.interrupted = self.dropped = None  # type: Optional[str]
         self.framing = None  # type: Optional[Tuple[str, int]]  # of the body still unread
         self.reserved = 0  # bytes of the body budget this request holds
@@ -3263,7 +3574,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def endpoint(self, path: str) -> str:
         """The handler method for this request, once its key is checked; raises ProxyError."""
         routes = route_for(path)
-        if path != "/health":
+        if path == "/" and not self.server.config.page:
+            routes = None
+        if path not in ("/health", "/"):  # the page holds no data: it asks for the key itself
             self.check_proxy_key()
         if routes is None:
             raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
@@ -3293,6 +3606,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 + "\n").encode("utf-8")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def show_status(self, path: str) -> None:
+        self.send_json(200, self.server.status(), {"Cache-Control": "no-store"})
+
+    def show_page(self, path: str) -> None:
+        data = PAGE.encode("utf-8")
+        self.send_response(200)
+        for name, value in PAGE_HEADERS:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
@@ -3436,6 +3762,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for name, value in self.cors_headers:
             self.send_header(name, value)
         self.send_header("X-Request-Id", self.request_id)
+        if self.session_path:
+            self.send_header("X-Finstep-Session", self.session_path)
         if self.close_connection or self.body_pending:  # a body left unread cannot be skipped safely
             self.send_header("Connection", "close")  # and http.server closes after the response
         super().end_headers()
@@ -3618,6 +3946,27 @@ class ProxyServer(ThreadingHTTPServer):
         finally:
             with self.connections_lock:
                 self.connections -= 1
+
+    def status(self) -> dict:
+        """What GET /status shows: no key in clear, nothing a client sent."""
+        config, metrics = self.config, self.metrics
+        with metrics.lock:
+            requests = collections.Counter()
+            for (_, status), count in metrics.requests.items():
+                requests["%dxx" % (status // 100)] += count
+            outcomes, in_flight = dict(metrics.outcomes), metrics.in_flight
+        pool = self.upstream_pool
+        return {"version": __version__, "uptime_seconds": int(time.time()) - self.started,
+                "upstream": urllib.parse.urlsplit(config.upstream_url).hostname, "demo": config.demo,
+                "reasoning": config.reasoning, "sessions": config.sessions, "system": config.system,
+                "streams_in_flight": in_flight, "max_streams": config.max_streams,
+                "requests": dict(requests), "upstream_results": {outcome: outcomes.get(outcome, 0)
+                                                                  for outcome in OUTCOMES},
+                "upstream_connections": {"idle": len(pool), "reused": pool.requests["true"],
+                                         "new": pool.requests["false"]},
+                "keys": [{"key": mask_key(key), "cooling_down_seconds": round(seconds, 1)}
+                         for key, seconds in (self.key_pool.cooling() if self.key_pool else [])],
+                "key_source": "configured" if config.api_keys else "each client"}
 
     def begin_stream(self) -> bool:
         """Take one of the FINSTEP_MAX_STREAMS upstream slots, if one is free."""

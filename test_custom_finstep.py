@@ -68,6 +68,8 @@ def test_defaults_without_environment():
     ({"FINSTEP_SESSION_CACHE": "5"}, "session_cache", 5),
     ({"FINSTEP_MAX_QUERY": "100"}, "max_query", 100),
     ({"FINSTEP_SYSTEM": "Drop"}, "system", "drop"),
+    ({"FINSTEP_PAGE": "off"}, "page", False),
+    ({}, "page", True),
     ({}, "system", "fold"),
     ({"FINSTEP_UPSTREAM_IDLE": "12.5"}, "upstream_idle", 12.5),
     ({"FINSTEP_PREWARM": "1"}, "prewarm", True),
@@ -778,8 +780,13 @@ def test_estimate_usage_totals():
     ("/models", {"GET": "list_models"}),
     ("/v1/models/finstep-proxy", {"GET": "retrieve_model"}),
     ("/health", {"GET": "health"}),
+    ("/v1/responses", {"POST": "answer"}),
+    ("/v1/messages", {"POST": "answer"}),
+    ("/v1/messages/count_tokens", {"POST": "count_tokens"}),
+    ("/status", {"GET": "show_status"}),
+    ("/", {"GET": "show_page"}),
     ("/v2/chat/completions", None),
-    ("/", None),
+    ("/index.html", None),
 ])
 def test_route_for(path, routes):
     assert cf.route_for(path) == routes
@@ -3534,6 +3541,77 @@ def test_cors_header_on_every_response(proxy, upstream):
     upstream.reply(*answer_events("x"))
     for response in (proxy.request("GET", "/health"), proxy.request("GET", "/nope"), proxy.chat(stream=True)):
         assert response[1]["Access-Control-Allow-Origin"] == "*"
+
+
+# --- The page at / and GET /status -------------------------------------------------------------
+
+def test_the_page_is_one_document_with_strict_headers(proxy, upstream):
+    status, headers, body = proxy.request("GET", "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+    assert headers["Cache-Control"] == "no-cache" and len(body) < 30 * 1024
+    policy = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+    style = re.search(r"<style>(.*)</style>", page, re.S).group(1)
+    assert policy["script-src"] == cf.csp_hash(script) and policy["style-src"] == cf.csp_hash(style)
+    assert not re.search(r"(?i)(https?:|//[a-z0-9])", page.replace("</", ""))  # nothing from elsewhere
+    assert not re.search(r"(?i)\son[a-z]+=", page)  # no inline handlers: the policy would block them
+    assert "/v1/chat/completions" in script and "/status" in script and not upstream.received
+
+
+def test_the_page_needs_no_key_but_status_does(make_proxy):
+    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))
+    assert proxy.request("GET", "/")[0] == 200
+    assert_error(*proxy.request("GET", "/status")[::2], 401)
+    status, _, body = proxy.request("GET", "/status", headers={"Authorization": "Bearer proxy-key-0123456789"})
+    assert status == 200 and json.loads(body)["version"] == cf.__version__
+
+
+def test_page_off_keeps_the_root_a_404(make_proxy):
+    proxy = make_proxy(page=False)
+    assert_error(*proxy.request("GET", "/")[::2], 404)
+    assert proxy.request("GET", "/status")[0] == 200
+
+
+def test_status_shows_the_proxy_without_a_key_in_clear(make_proxy, upstream):
+    keys = ("first-key-0123456789abcd", "second-key-0123456789ab")
+    proxy = make_proxy(api_keys=keys)
+    upstream.reply(b'{"msg": "slow down"}', status=429, framing="length", content_type="application/json",
+                   headers={"Retry-After": "90"})
+    assert proxy.chat()[0] == 200  # the first key is refused, the second answers
+    wait_until(lambda: json.loads(proxy.request("GET", "/status")[2])["requests"].get("2xx", 0) >= 1)
+    status, headers, body = proxy.request("GET", "/status")
+    data = json.loads(body)
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    assert not any(key in body.decode() for key in keys)
+    assert data["upstream"] == "127.0.0.1" and data["max_streams"] == 256 and data["streams_in_flight"] == 0
+    assert (data["reasoning"], data["sessions"], data["system"]) == ("reasoning", "auto", "fold")
+    assert data["upstream_results"]["ok"] == 1 and data["upstream_connections"]["new"] >= 1
+    cooling = {k["key"]: k["cooling_down_seconds"] for k in data["keys"]}
+    assert cooling == {cf.mask_key(keys[0]): pytest.approx(90, abs=5), cf.mask_key(keys[1]): 0}
+
+
+@pytest.mark.parametrize("call, path", [
+    (lambda p: p.chat(), "new"), (lambda p: p.chat(stream=True), "new"),
+    (lambda p: p.chat(headers={"X-Session-Id": "s1"}), "explicit"),
+    (lambda p: p.responses(), "new"), (lambda p: p.messages(stream=True), "new"),
+    (lambda p: p.agui(), "explicit"),
+])
+def test_every_answer_says_how_it_reached_its_session(proxy, upstream, call, path):
+    status, headers, _ = call(proxy)
+    assert status == 200 and headers["X-Finstep-Session"] == path
+
+
+def test_a_continued_conversation_says_so(proxy, upstream):
+    upstream.reply(*answer_events("答"))
+    proxy.chat(stream=True)
+    _, headers, _ = proxy.chat(stream=True, messages=[{"role": "user", "content": "你好"},
+                                                      {"role": "assistant", "content": "答"},
+                                                      {"role": "user", "content": "再问"}])
+    assert headers["X-Finstep-Session"] == "continued"
+    assert "X-Finstep-Session" in headers["Access-Control-Expose-Headers"]
 
 
 # --- Logs -----------------------------------------------------------------------------------
