@@ -363,6 +363,12 @@ KEY_RUN = 8  # no run of this many characters of a key may be shown
 
 
 @functools.lru_cache(maxsize=1024)
+def key_digest(key: str) -> str:
+    """What the proxy remembers of a key, in memory and in Redis: never the key itself."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1024)
 def key_runs(key: str) -> Tuple[str, ...]:
     """Every KEY_RUN-character run of a key, lower-cased. A shorter key has none: hiding
     it would mangle ordinary words ("k" in "key"), and no upstream echoes a key that short."""
@@ -1371,7 +1377,7 @@ class ResponsesFormat(WireFormat):
 
     def answered(self, turn: "Turn", key: str, answer: AnswerRouter) -> None:
         question = next(text for role, text in reversed(self.request.new_input) if role == "user")
-        self.memory.put("resp:" + self.response_id, ("response", turn.session_id, key,
+        self.memory.put("resp:" + self.response_id, ("response", turn.session_id, key_digest(key),
                                                      self.request.previous_response_id or "",
                                                      question.strip(), "".join(answer.content).strip()))
         if answer.cut:  # not the upstream's whole answer: a continuation folds, as with fingerprints
@@ -1745,7 +1751,7 @@ class Turn:
     query: str
     path: str  # new, continued, folded or explicit
     turns: Tuple[Tuple[str, str], ...]  # the conversation up to its question, as it counts
-    key: Optional[str] = None  # the upstream key its session belongs to, tried first; None: any
+    key: Optional[str] = None  # the digest of the key its session belongs to, tried first; None: any
     remember_as: Optional[Tuple[str, Optional[str]]] = None  # (caller, user): remember its fingerprint
     name: Optional[str] = None  # a conversation the client named: its session depends on the key
     mark: Optional[str] = None  # where a named conversation's latest session is remembered
@@ -1798,7 +1804,7 @@ def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
         if session_id == turn.session_id:
             return turn
         return dataclasses.replace(turn, session_id=session_id, query=fold_query(turn.asked, max_query))
-    if turn.key is None or turn.key == key:
+    if turn.key is None or turn.key == key_digest(key):
         return turn
     return dataclasses.replace(turn, session_id=uuid.uuid4().hex, query=fold_query(turn.asked, max_query),
                                path=FOLDED)
@@ -1808,11 +1814,11 @@ def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str
     """After a complete answer: remember the conversation as the client will send it next.
     Only an `exact` answer (the upstream's whole answer) makes its session continuable."""
     if turn.mark is not None:
-        store.put(turn.mark, (turn.session_id, key))
+        store.put(turn.mark, (turn.session_id, key_digest(key)))
     if turn.remember_as is not None and exact:
         caller, user = turn.remember_as
         turns = turn.turns + transcript([("assistant", answer_content)])
-        store.put(conversation_fingerprint(caller, user, turns), (turn.session_id, key))
+        store.put(conversation_fingerprint(caller, user, turns), (turn.session_id, key_digest(key)))
 
 
 def stable_index(name: str, size: int) -> int:
@@ -1831,9 +1837,9 @@ class KeyPool:
         self._lock = threading.Lock()
 
     def order(self, name: Optional[str] = None, prefer: Optional[str] = None) -> List[str]:
-        """The keys to try, each once: `prefer` first, then from the hash of `name` on, or in
-        round-robin order without a name; those cooling down are left out, and when all are
-        cooling down only the one that recovers soonest remains."""
+        """The keys to try, each once: the key whose digest is `prefer` first, then from the
+        hash of `name` on, or in round-robin order without a name; those cooling down are left
+        out, and when all are cooling down only the one that recovers soonest remains."""
         with self._lock:
             if name is None:
                 start, self._next = self._next, (self._next + 1) % len(self.keys)
@@ -1841,8 +1847,9 @@ class KeyPool:
                 start = stable_index(name, len(self.keys))
             now, cooling = self.clock(), self._cooling
             rotated = self.keys[start:] + self.keys[:start]
-            if prefer in rotated:
-                rotated = (prefer,) + tuple(key for key in rotated if key != prefer)
+            preferred = tuple(key for key in rotated if key_digest(key) == prefer)
+            if preferred:
+                rotated = preferred + tuple(key for key in rotated if key not in preferred)
             ready = [key for key in rotated if cooling.get(key, 0.0) <= now]
             return ready or [min(rotated, key=cooling.__getitem__)]
 

@@ -920,7 +920,7 @@ def test_named_conversation_on_another_key_is_a_new_session_with_the_history():
     later = [("system", "s"), ("user", "q"), ("assistant", "a"), ("user", "q2")]
     planned = cf.plan_turn(store, "auto", 20000, "k", cf.ChatRequest(messages=tuple(later), stream=False,
                                                                       conversation="c"))
-    assert planned.key == "k"  # the key of its last answer is tried first
+    assert planned.key == cf.key_digest("k")  # the key of its last answer is tried first (known by its digest)
     moved = cf.turn_on_key(planned, "k2", 20000)
     assert moved.session_id == cf.explicit_session_id("k2", "c") and moved.path == "explicit"
     assert moved.query == "System: s\n\nUser: q\n\nAssistant: a\n\nUser: q2"
@@ -936,7 +936,7 @@ def test_continued_conversation_on_another_key_folds_into_a_new_session():
     cf.remember_turn(store, first, "k", "a1")
     planned = cf.plan_turn(store, "auto", 20000, "k", cf.ChatRequest(
         messages=(("user", "q1"), ("assistant", "a1"), ("user", "q2")), stream=False))
-    assert (planned.path, planned.key) == ("continued", "k")
+    assert (planned.path, planned.key) == ("continued", cf.key_digest("k"))
     assert cf.turn_on_key(planned, "k", 20000) is planned
     moved = cf.turn_on_key(planned, "k2", 20000)
     assert moved.path == "folded" and moved.session_id != first.session_id
@@ -2173,10 +2173,12 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
     assert wait_until(lambda: conn_notes(caplog)) == ["reused"]
     assert upstream.received[0]["connection"] == 1
     # Taken by a request, the warm connection has a successor: the next request finds one too.
-    wait_until(lambda: len(upstream.connections) == 2, what="a new warm connection")
+    wait_until(lambda: len(upstream.connections) == 2, 5, what="a new warm connection")
+    wait_until(lambda: len(proxy.server.upstream_pool) == 2, 5, what="both connections idle in the pool")
     for sock in upstream.connections:
         sock.shutdown(socket.SHUT_RDWR)  # the server closes both while idle
-    wait_until(lambda: len(upstream.connections) == 3, what="the warm connection to be opened again")
+    wait_until(lambda: len(upstream.connections) == 3, 5, what="the warm connection to be opened again")
+    wait_until(lambda: len(proxy.server.upstream_pool) == 1, 5, what="only the new one in the pool")
     assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
 
 
@@ -3813,11 +3815,11 @@ def test_key_pool_order_for_a_named_conversation_is_stable_and_prefers_its_key()
     stable = list(("a", "b", "c")[start:] + ("a", "b", "c")[:start])
     assert [pool.order("conv") for _ in range(3)] == [stable] * 3  # the round robin does not move it
     assert pool.order() == ["a", "b", "c"]
-    assert pool.order("conv", prefer=stable[2]) == [stable[2], stable[0], stable[1]]
-    assert pool.order(None, prefer="c")[0] == "c"
+    assert pool.order("conv", prefer=cf.key_digest(stable[2])) == [stable[2], stable[0], stable[1]]
+    assert pool.order(None, prefer=cf.key_digest("c"))[0] == "c"
     pool.cool_down(stable[0], 10)
     assert pool.order("conv") == stable[1:]
-    assert pool.order("conv", prefer=stable[0]) == stable[1:]  # a cooling key is not preferred
+    assert pool.order("conv", prefer=cf.key_digest(stable[0])) == stable[1:]  # a cooling key is not preferred
 
 
 @pytest.mark.parametrize("value, seconds", [(None, 60), ("", 60), ("7", 7), ("soon", 60),
