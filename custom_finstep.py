@@ -49,6 +49,9 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_UPSTREAM_IDLE --upstream-idle 30  seconds an unused upstream connection is kept for reuse
     FINSTEP_PREWARM    --prewarm     0        1: keep one upstream connection open even when idle
     FINSTEP_PAGE       --page        on       on: GET / is a page to try the proxy and watch its status; off: 404
+    FINSTEP_REDIS_URL  --redis-url   unset    redis://… or rediss://…: memory shared by replicas
+    FINSTEP_REDIS_PREFIX --redis-prefix finstep:  prefix of the proxy's Redis keys
+    FINSTEP_REDIS_TIMEOUT --redis-timeout 0.25  seconds a Redis call may take
     LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
     LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
 """
@@ -168,6 +171,9 @@ class Config:
     upstream_idle: float = 30.0
     prewarm: bool = False
     page: bool = True
+    redis_url: str = ""
+    redis_prefix: str = "finstep:"
+    redis_timeout: float = 0.25
     log_level: str = "INFO"
     log_format: str = "text"
     demo: bool = False
@@ -231,6 +237,13 @@ def _switch(raw: str) -> bool:
     if value not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
         raise ValueError("must be 1 or 0 (also true/false, yes/no, on/off)")
     return value in ("1", "true", "yes", "on")
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    if parse_redis_url(value) is None:
+        raise ValueError("must be redis://[user:password@]host[:port][/db] or rediss://… (TLS)")
+    return value
 
 
 def _url(raw: str) -> str:
@@ -306,6 +319,13 @@ SETTINGS = (
      "spell skips the TCP and TLS handshakes (default 0)"),
     ("page", "FINSTEP_PAGE", "--page", _switch,
      "on: GET / serves a page to try the proxy and see its status; off: / is a 404 (default on)"),
+    ("redis_url", "FINSTEP_REDIS_URL", "--redis-url", _redis_url,
+     "redis://[user:password@]host:port/db or rediss://… (TLS): conversations, response ids and key "
+     "cool-downs shared by every replica; unset: each process remembers on its own"),
+    ("redis_prefix", "FINSTEP_REDIS_PREFIX", "--redis-prefix", _text,
+     "prefix of every Redis key the proxy writes (default finstep:)"),
+    ("redis_timeout", "FINSTEP_REDIS_TIMEOUT", "--redis-timeout", _positive_float,
+     "seconds a Redis call may take before the request goes on without it (default 0.25)"),
     ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
      "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     ("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
@@ -1832,6 +1852,7 @@ class KeyPool:
 
     def __init__(self, keys: Sequence[str], clock=time.monotonic):
         self.keys, self.clock = tuple(keys), clock
+        self.announce = None  # tells other replicas of a cool-down (SharedCooldowns)
         self._next = 0
         self._cooling = {}  # type: Dict[str, float]
         self._lock = threading.Lock()
@@ -1853,9 +1874,11 @@ class KeyPool:
             ready = [key for key in rotated if cooling.get(key, 0.0) <= now]
             return ready or [min(rotated, key=cooling.__getitem__)]
 
-    def cool_down(self, key: str, seconds: float) -> None:
+    def cool_down(self, key: str, seconds: float, announce: bool = True) -> None:
         with self._lock:
-            self._cooling[key] = self.clock() + seconds
+            self._cooling[key] = max(self._cooling.get(key, 0.0), self.clock() + seconds)
+        if announce and self.announce is not None:
+            self.announce(key, seconds)
 
     def cooling(self) -> List[Tuple[str, float]]:
         """(key, seconds until it is tried again, 0 when ready) of every key, in order."""
@@ -1876,6 +1899,275 @@ def retry_after_seconds(value: Optional[str], default: float = 60.0) -> float:
         except (TypeError, ValueError, IndexError, OverflowError):
             pass
     return default
+
+
+# --- Shared memory: Redis, for several replicas --------------------------------------
+#
+# With FINSTEP_REDIS_URL, what SessionStore keeps (fingerprints, named conversations, response
+# ids) and the keys' cool-downs live in Redis, so any replica continues any conversation and a
+# key refused on one rests on all. Redis is never a reason to fail a request: while it cannot
+# be reached, each process remembers on its own, as without Redis.
+
+RedisTarget = collections.namedtuple("RedisTarget", "tls host port user password db")
+
+
+def parse_redis_url(url: str) -> Optional[RedisTarget]:
+    """redis://[user:password@]host[:port][/db] or rediss://… as its parts; None when malformed."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment:
+        return None
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        return None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return None
+    unquote = urllib.parse.unquote
+    return RedisTarget(parts.scheme == "rediss", parts.hostname, port, unquote(parts.username or "") or None,
+                       unquote(parts.password) if parts.password is not None else None, int(db or 0))
+
+
+class RedisError(Exception):
+    """Redis answered a command with an error."""
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be asked now: unreachable, slow, refusing, or known to be down."""
+
+
+def resp_command(*args) -> bytes:
+    """A command in RESP, Redis' protocol: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def parse_reply(buffer: bytes, start: int = 0) -> Optional[Tuple[object, int]]:
+    """One RESP2 reply at buffer[start:]: (value, where it ends), or None while incomplete.
+    Simple strings come as str, errors as RedisError, integers as int, bulk strings as bytes,
+    arrays as lists; a nil bulk string or array as None. Raises ValueError on anything else."""
+    end = buffer.find(b"\r\n", start)
+    if end < 0:
+        return None
+    kind, line, position = buffer[start:start + 1], buffer[start + 1:end], end + 2
+    if kind == b"+":
+        return line.decode("utf-8", "replace"), position
+    if kind == b"-":
+        return RedisError(line.decode("utf-8", "replace")), position
+    if kind == b":":
+        return int(line), position
+    if kind == b"$":
+        size = int(line)
+        if size < 0:
+            return None, position
+        if len(buffer) < position + size + 2:
+            return None
+        return buffer[position:position + size], position + size + 2
+    if kind == b"*":
+        count, items = int(line), []
+        if count < 0:
+            return None, position
+        for _ in range(count):
+            parsed = parse_reply(buffer, position)
+            if parsed is None:
+                return None
+            item, position = parsed
+            items.append(item)
+        return items, position
+    raise ValueError("not a RESP reply: %r" % buffer[start:start + 20])
+
+
+class RedisConnection:
+    """One connection: commands are sent together and their replies read in order."""
+
+    def __init__(self, target: RedisTarget, timeout: float, context: Optional[ssl.SSLContext]):
+        sock = socket.create_connection((target.host, target.port), timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=target.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.buffer = sock, b""
+        setup = []
+        if target.password is not None:
+            setup.append(("AUTH", target.user, target.password) if target.user else ("AUTH", target.password))
+        if target.db:
+            setup.append(("SELECT", target.db))
+        for reply in self.call(*setup) if setup else ():
+            if isinstance(reply, RedisError):
+                self.close()
+                raise reply
+
+    def call(self, *commands) -> list:
+        self.sock.sendall(b"".join(resp_command(*command) for command in commands))
+        replies = []
+        while len(replies) < len(commands):
+            parsed = parse_reply(self.buffer)
+            if parsed is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                self.buffer += data
+                continue
+            reply, end = parsed
+            self.buffer = self.buffer[end:]
+            replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class RedisClient:
+    """A few connections to one Redis, reused across requests, each call bounded by `timeout`.
+    Any trouble marks Redis down: calls then fail at once, without waiting on it, and a
+    background check every second brings it back. One log line for each change, not one per
+    request."""
+
+    max_idle = 4
+    check_interval = 1.0
+
+    def __init__(self, target: RedisTarget, timeout: float):
+        self.target, self.timeout = target, timeout
+        self.context = ssl.create_default_context() if target.tls else None
+        self.idle = []  # type: List[RedisConnection]
+        self.up, self.errors = True, 0
+        self.lock = threading.Lock()
+        self.tasks = []  # functions the background thread runs while Redis is up
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="redis", daemon=True)
+        self.thread.start()
+
+    @property
+    def where(self) -> str:
+        return "%s:%d/%d" % (self.target.host, self.target.port, self.target.db)
+
+    def call(self, *commands) -> list:
+        """The replies to `commands`, sent together; raises RedisUnavailable."""
+        if not self.up:
+            raise RedisUnavailable("down")
+        with self.lock:
+            conn = self.idle.pop() if self.idle else None
+        try:
+            if conn is None:
+                conn = RedisConnection(self.target, self.timeout, self.context)
+            replies = conn.call(*commands)
+        except (OSError, ValueError, RedisError) as exc:
+            if conn is not None:
+                conn.close()
+            self.went_down(exc)
+            raise RedisUnavailable(str(exc)) from None
+        with self.lock:
+            keep = len(self.idle) < self.max_idle
+            if keep:
+                self.idle.append(conn)
+        if not keep:
+            conn.close()
+        return replies
+
+    def went_down(self, exc: Exception) -> None:
+        with self.lock:
+            self.errors += 1
+            was_up, self.up = self.up, False
+            doomed, self.idle = self.idle, []
+        for conn in doomed:
+            conn.close()
+        if was_up:
+            log.warning("Redis at %s cannot be reached (%s): each process remembers on its own until it is "
+                        "back", self.where, exc.__class__.__name__ if not str(exc) else exc)
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.check_interval):
+            if not self.up:
+                try:
+                    RedisConnection(self.target, self.timeout, self.context).close()
+                except (OSError, ValueError, RedisError):
+                    continue
+                self.up = True
+                log.info("Redis at %s is back: memory is shared again", self.where)
+            for task in self.tasks:
+                try:
+                    task()
+                except RedisUnavailable:
+                    break
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(1.0)
+        with self.lock:
+            doomed, self.idle = self.idle, []
+        for conn in doomed:
+            conn.close()
+
+
+class SharedStore:
+    """SessionStore's interface over Redis (values as JSON, expiring with the store's ttl),
+    and the process's own SessionStore while Redis is down. A consuming get is one GETDEL
+    and a claim one SET NX, so two replicas never both continue the same session."""
+
+    def __init__(self, redis: RedisClient, local: SessionStore, prefix: str):
+        self.redis, self.local, self.prefix = redis, local, prefix
+        self.ttl = max(1, int(local.ttl))
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def get(self, name: str, consume: bool = False) -> Optional[tuple]:
+        try:
+            reply, = self.redis.call(("GETDEL" if consume else "GET", self.prefix + name))
+        except RedisUnavailable:
+            return self.local.get(name, consume)
+        if isinstance(reply, RedisError):
+            self.redis.went_down(reply)
+            return self.local.get(name, consume)
+        return tuple(json.loads(reply)) if reply is not None else None
+
+    def put(self, name: str, value: tuple) -> None:
+        try:
+            self.redis.call(("SET", self.prefix + name, _dumps(list(value)), "EX", self.ttl))
+        except RedisUnavailable:
+            self.local.put(name, value)
+
+    def claim(self, name: str) -> bool:
+        try:
+            reply, = self.redis.call(("SET", self.prefix + name, "1", "NX", "EX", self.ttl))
+        except RedisUnavailable:
+            return self.local.claim(name)
+        return reply == "OK"
+
+
+class SharedCooldowns:
+    """Key cool-downs through Redis: a key refused on one replica rests on all. Each cool-down
+    is written at once (SET … PX under the key's digest); every replica reads them all back
+    each second in one round trip."""
+
+    def __init__(self, redis: RedisClient, pool: KeyPool, prefix: str):
+        self.redis, self.pool, self.prefix = redis, pool, prefix
+        pool.announce = self.publish
+        redis.tasks.append(self.sync)
+
+    def name(self, key: str) -> str:
+        return self.prefix + "cool:" + key_digest(key)
+
+    def publish(self, key: str, seconds: float) -> None:
+        try:
+            self.redis.call(("SET", self.name(key), "1", "PX", max(1, int(seconds * 1000))))
+        except RedisUnavailable:
+            pass
+
+    def sync(self) -> None:
+        keys = self.pool.keys
+        for key, left in zip(keys, self.redis.call(*[("PTTL", self.name(key)) for key in keys])):
+            if isinstance(left, int) and left > 0:
+                self.pool.cool_down(key, left / 1000.0, announce=False)
 
 
 # --- Upstream I/O ------------------------------------------------------------
@@ -3606,11 +3898,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- endpoints
 
     def health(self, path: str) -> None:
-        self.send_json(200, {"status": "ok"})
+        redis = self.server.redis  # down is no failure: the proxy answers without it
+        self.send_json(200, {"status": "ok"} if redis is None else {"status": "ok",
+                                                                   "redis": "up" if redis.up else "down"})
 
     def metrics(self, path: str) -> None:
-        data = (self.server.metrics.render() + "\n".join(self.server.upstream_pool.render_metrics())
-                + "\n").encode("utf-8")
+        lines = self.server.upstream_pool.render_metrics()
+        redis = self.server.redis
+        if redis is not None:
+            lines += ["# HELP finstep_proxy_redis_errors_total Redis calls that failed; the proxy went on "
+                      "without Redis.", "# TYPE finstep_proxy_redis_errors_total counter",
+                      "finstep_proxy_redis_errors_total %d" % redis.errors,
+                      "# HELP finstep_proxy_redis_up Whether Redis is in use (1) or the proxy remembers alone (0).",
+                      "# TYPE finstep_proxy_redis_up gauge", "finstep_proxy_redis_up %d" % redis.up]
+        data = (self.server.metrics.render() + "\n".join(lines) + "\n").encode("utf-8")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -3907,6 +4208,12 @@ class ProxyServer(ThreadingHTTPServer):
                                                                       config.connect_timeout))
         self.sessions = SessionStore(config.session_cache, config.session_ttl)
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
+        self.redis = None  # type: Optional[RedisClient]
+        if config.redis_url:
+            self.redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout)
+            self.sessions = SharedStore(self.redis, self.sessions, config.redis_prefix)
+            if self.key_pool is not None:
+                SharedCooldowns(self.redis, self.key_pool, config.redis_prefix)
         self.metrics = Metrics()
         self.body_budget = MemoryBudget(config.body_budget)
         self.log_filter = KeyFilter(config.api_keys + config.proxy_keys)
@@ -4007,6 +4314,8 @@ class ProxyServer(ThreadingHTTPServer):
         super().server_close()
         self.watchdog.stop()
         self.upstream_pool.close()
+        if self.redis is not None:
+            self.redis.close()
         log.removeFilter(self.log_filter)
 
     def handle_error(self, request, client_address) -> None:

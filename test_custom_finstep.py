@@ -1020,6 +1020,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do
         self.served = 0
         self.server.upstream.connections.append(self.connection)
         self.number = len(self.server.upstream.connections)  # this connection's, counting from 1
@@ -2098,6 +2099,21 @@ def test_a_response_saying_connection_close_is_not_reused(proxy, upstream):
     assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
 
 
+def all_at_once(calls, gate, upstream, upstream_requests):
+    """The results of `calls`, run in threads while the upstream holds its answers behind
+    `gate`, which opens once it has seen `upstream_requests` requests in all."""
+    results = [None] * len(calls)
+    threads = [threading.Thread(target=lambda index=index, call=call: results.__setitem__(index, call()))
+               for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(upstream.received) == upstream_requests, what="requests upstream at once")
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    return results
+
+
 def hang_up_mid_answer(proxy, upstream):
     upstream.reply(ev("THINKING"), HOLD)
     sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
@@ -2144,14 +2160,7 @@ def test_the_idle_pool_is_bounded(make_proxy, upstream, monkeypatch):
     release = threading.Event()
     for _ in range(4):
         upstream.reply(release, *answer_events("并发"))
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(ask(proxy))) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(upstream.received) == 4, what="four upstream requests at once")
-    release.set()
-    for thread in threads:
-        thread.join(5)
+    results = all_at_once([lambda: ask(proxy)] * 4, release, upstream, 4)
     assert results == ["并发"] * 4 and len(upstream.connections) == 4
     assert metric(proxy, IDLE) == 2
     wait_until(lambda: len(upstream.closed_connections) == 2, what="the two beyond the bound to close")
@@ -3614,6 +3623,179 @@ def test_a_continued_conversation_says_so(proxy, upstream):
                                                       {"role": "user", "content": "再问"}])
     assert headers["X-Finstep-Session"] == "continued"
     assert "X-Finstep-Session" in headers["Access-Control-Expose-Headers"]
+
+
+# --- Redis: memory shared by replicas -------------------------------------------------------
+
+@pytest.mark.parametrize("data, value", [
+    (b"+OK\r\n", "OK"),
+    (b":42\r\n", 42),
+    (b"$5\r\nhello\r\n", b"hello"),
+    (b"$0\r\n\r\n", b""),
+    (b"$-1\r\n", None),
+    (b"*-1\r\n", None),
+    (b"*3\r\n$1\r\na\r\n:7\r\n$-1\r\n", [b"a", 7, None]),
+    (b"*2\r\n*1\r\n+x\r\n$2\r\n\r\n\r\n", [["x"], b"\r\n"]),
+])
+def test_parse_reply(data, value):
+    assert cf.parse_reply(data + b"+next\r\n") == (value, len(data))
+    for cut in range(len(data)):  # a reply split anywhere is incomplete, never wrong
+        assert cf.parse_reply(data[:cut]) is None
+
+
+def test_parse_reply_error_and_garbage():
+    error, end = cf.parse_reply(b"-ERR unknown command 'GETDEL'\r\n")
+    assert isinstance(error, cf.RedisError) and "unknown command" in str(error) and end == 31
+    with pytest.raises(ValueError):
+        cf.parse_reply(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_resp_command():
+    assert cf.resp_command("SET", "k", "值", "EX", 5) == b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\xe5\x80\xbc\r\n$2\r\nEX\r\n$1\r\n5\r\n"
+
+
+@pytest.mark.parametrize("url, target", [
+    ("redis://localhost", cf.RedisTarget(False, "localhost", 6379, None, None, 0)),
+    ("redis://10.0.0.2:6380/3", cf.RedisTarget(False, "10.0.0.2", 6380, None, None, 3)),
+    ("rediss://:p%40ss@cache:6390", cf.RedisTarget(True, "cache", 6390, None, "p@ss", 0)),
+    ("redis://user:pw@cache/0", cf.RedisTarget(False, "cache", 6379, "user", "pw", 0)),
+    ("http://cache:6379", None), ("redis://", None), ("redis://cache:port", None), ("redis://cache/db", None),
+])
+def test_parse_redis_url(url, target):
+    assert cf.parse_redis_url(url) == target
+
+
+def test_bad_redis_url_names_the_variable():
+    with pytest.raises(cf.ConfigError) as caught:
+        cf.load_config({"FINSTEP_REDIS_URL": "cache:6379"}, [])
+    assert str(caught.value).startswith("FINSTEP_REDIS_URL (--redis-url) must be redis://")
+
+
+class RedisServer:
+    """A real redis-server on a free port, without persistence, for one test."""
+
+    def __init__(self, password=None):
+        self.port, self.password, self.process = free_port(), password, None
+        self.start()
+
+    @property
+    def url(self):
+        return "redis://%s127.0.0.1:%d/0" % (":%s@" % self.password if self.password else "", self.port)
+
+    def start(self):
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no"] + (["--requirepass", self.password] if self.password else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), 5, "redis-server to listen")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(5)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(make_proxy, redis_server, monkeypatch):
+    monkeypatch.setattr(cf.RedisClient, "check_interval", 0.05)
+    return [make_proxy(redis_url=redis_server.url) for _ in range(2)]
+
+
+def follow_up(proxy, answer="默认回答", question="再问"):
+    return proxy.chat(messages=[{"role": "user", "content": "你好"}, {"role": "assistant", "content": answer},
+                                {"role": "user", "content": question}])
+
+
+def test_a_conversation_continues_on_another_replica(replicas, upstream):
+    first, second = replicas
+    assert first.chat()[0] == 200
+    _, headers, _ = follow_up(second)
+    sent = [r["body"] for r in upstream.received]
+    assert (sent[1]["sessionId"], sent[1]["query"]) == (sent[0]["sessionId"], "再问")
+    assert headers["X-Finstep-Session"] == "continued"
+    _, headers, _ = follow_up(first)  # consumed on the second replica: the first cannot continue it too
+    assert headers["X-Finstep-Session"] == "folded"
+
+
+def test_two_replicas_racing_for_one_follow_up_continue_it_once(replicas, upstream):
+    first, second = replicas
+    first.chat()
+    gate = threading.Event()
+    upstream.reply(gate, *answer_events("甲"))
+    upstream.reply(gate, *answer_events("乙"))
+    all_at_once([lambda proxy=proxy: follow_up(proxy) for proxy in replicas], gate, upstream, 3)
+    queries = sorted(r["body"]["query"] for r in upstream.received[1:])
+    assert queries == ["User: 你好\n\nAssistant: 默认回答\n\nUser: 再问", "再问"]
+
+
+def test_a_key_refused_on_one_replica_rests_on_all(make_proxy, upstream, redis_server, monkeypatch):
+    monkeypatch.setattr(cf.RedisClient, "check_interval", 0.05)
+    keys = ("first-key-0123456789ab", "second-key-0123456789a")
+    first, second = [make_proxy(redis_url=redis_server.url, api_keys=keys) for _ in range(2)]
+    upstream.reply(b'{"msg": "slow down"}', status=429, framing="length", content_type="application/json",
+                   headers={"Retry-After": "60"})
+    assert first.chat()[0] == 200  # refused on its first key, answered on the second
+
+    def cooling_on_second():
+        status = json.loads(second.request("GET", "/status")[2])
+        return {k["key"]: k["cooling_down_seconds"] for k in status["keys"]}[cf.mask_key(keys[0])] > 50
+    wait_until(cooling_on_second, what="the other replica to rest the key")
+    raw = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan"], capture_output=True, text=True)
+    assert keys[0] not in raw.stdout and "finstep:cool:" + cf.key_digest(keys[0]) in raw.stdout
+
+
+def test_redis_down_costs_no_request_and_sharing_resumes(replicas, upstream, redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    first, second = replicas
+    first.chat()
+    redis_server.stop()
+    for _ in range(3):  # each answered, folding at worst
+        assert follow_up(second)[0] == 200
+    assert json.loads(second.request("GET", "/health")[2]) == {"status": "ok", "redis": "down"}
+    assert metric(second, "finstep_proxy_redis_errors_total") >= 1 and metric(second, "finstep_proxy_redis_up") == 0
+    warnings = [r for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(warnings) == 2 and {r.levelno for r in warnings} == {logging.WARNING}  # one a replica, not a request
+    redis_server.start()
+    for proxy in replicas:
+        wait_until(lambda: json.loads(proxy.request("GET", "/health")[2])["redis"] == "up", 5, "Redis back")
+    assert wait_for_log(caplog, "is back")
+    upstream.reply(*answer_events("新回答"))
+    first.chat(messages=[{"role": "user", "content": "新对话"}])
+    _, headers, _ = second.chat(messages=[{"role": "user", "content": "新对话"}, {"role": "assistant", "content": "新回答"},
+                                          {"role": "user", "content": "接着问"}])
+    assert headers["X-Finstep-Session"] == "continued"
+
+
+def test_a_password_protected_redis(make_proxy, upstream, monkeypatch):
+    server = RedisServer(password="s3cret-pass")
+    try:
+        first, second = [make_proxy(redis_url=server.url) for _ in range(2)]
+        first.chat()
+        assert follow_up(second)[1]["X-Finstep-Session"] == "continued"
+        wrong = make_proxy(redis_url=server.url.replace("s3cret-pass", "wrong"))
+        assert wrong.chat()[0] == 200  # refused by Redis: the request goes on without it
+        assert json.loads(wrong.request("GET", "/health")[2])["redis"] == "down"
+    finally:
+        server.stop()
 
 
 # --- Logs -----------------------------------------------------------------------------------
