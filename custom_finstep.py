@@ -56,7 +56,7 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
 """
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 import os
 import sys
