@@ -3879,9 +3879,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.check_proxy_key()
         if routes is None:
             raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
-        name = routes.get(self.command)
+        name = routes.get("GET" if self.command == "HEAD" else self.command)  # HEAD: GET's head alone
         if name is None:
-            allowed = ", ".join(sorted(routes)) + ", OPTIONS"
+            allowed = ", ".join(sorted(set(routes) | ({"HEAD"} if "GET" in routes else set()))) + ", OPTIONS"
             raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
                              code="method_not_allowed", headers={"Allow": allowed})
         return name

@@ -3154,8 +3154,16 @@ def test_not_found_and_method_not_allowed(proxy):
     for method in ("PUT", "DELETE", "PATCH"):
         status, _, body = proxy.request(method, "/v1/models")
         assert_error(status, body, 405)
-    status, _, body = proxy.request("POST", "/health", b"{}")
+    status, headers, body = proxy.request("POST", "/health", b"{}")
     assert_error(status, body, 405)
+    assert headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/", "/status", "/metrics"])
+def test_head_is_get_without_its_body(proxy, path):
+    status, headers, body = proxy.request("HEAD", path)
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    assert proxy.request("GET", path)[1]["Content-Type"] == headers["Content-Type"]
 
 
 # --- Hostile connections cost only themselves -------------------------------------------
