@@ -582,12 +582,18 @@ def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> 
             raise _invalid("%s must be an object with a string 'role'" % param, param)
         if roles is None or message["role"] in roles:
             messages.append((message["role"], message_text(message.get("content"), param + ".content")))
+    require_question(messages)
+    return tuple(messages)
+
+
+def require_question(messages: Sequence[Tuple[str, str]]) -> None:
+    """Refuse `messages` (as listed in the body's `messages`) unless a user message with text
+    comes last among the user messages: the question the upstream is asked."""
     users = [index for index, (role, _) in enumerate(messages) if role == "user"]
     if not users:
         raise _invalid("'messages' must contain a user message", "messages")
     if not messages[users[-1]][1].strip():
         raise _invalid("The last user message has no text", "messages[%d].content" % users[-1])
-    return tuple(messages)
 
 
 MAX_STOPS = 16
@@ -794,7 +800,7 @@ def parse_messages_request(body: bytes, default_model: str, counting: bool = Fal
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise _invalid("%s: must be an object with role 'user' or 'assistant'" % param, param + ".role")
         messages.append((message["role"], anthropic_text(message.get("content"), param + ".content")))
-    read_messages([{"role": role, "content": text} for role, text in messages])  # a user question last
+    require_question(messages)
     if "max_tokens" not in payload and not counting:
         raise _invalid("max_tokens: Field required", "max_tokens")
     model, stream = read_model_and_stream(payload, default_model)
@@ -1115,6 +1121,11 @@ def format_sse(payload) -> bytes:
     return b"data: " + _dumps(payload).encode("utf-8") + b"\n\n"
 
 
+def named_sse(kind: str, payload: dict) -> bytes:
+    """One SSE event with its `event:` line, as the Responses and Messages APIs frame them."""
+    return b"event: " + kind.encode("ascii") + b"\n" + format_sse(payload)
+
+
 def sse_frame(payload: dict) -> Tuple[bytes, bytes]:
     """The bytes of an SSE event split around its one PLACEHOLDER string, so that each text
     is framed by two concatenations instead of encoding the whole event again."""
@@ -1147,6 +1158,12 @@ class WireFormat:
 
     def answered(self, turn: "Turn", key: str, answer: "AnswerRouter") -> None:
         """After a complete answer: what a format with its own conversation handles remembers."""
+
+    @staticmethod
+    def named_by_header(request: AnswerRequest, headers: Mapping[str, str]) -> AnswerRequest:
+        """The request as its X-Session-Id header names its conversation, if it has the header."""
+        named = (headers.get("X-Session-Id") or "").strip()
+        return dataclasses.replace(request, conversation=named) if named else request
 
     def error_body(self, error: ProxyError) -> dict:
         return error.body()
@@ -1229,8 +1246,7 @@ class ChatCompletionsFormat(WireFormat):
         chat = parse_chat_request(body, self.config.models[0])
         self.include_usage = chat.include_usage
         self.chunks = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
-        named = (headers.get("X-Session-Id") or "").strip()
-        return dataclasses.replace(chat, conversation=named) if named else chat
+        return self.named_by_header(chat, headers)
 
     def opening(self) -> bytes:
         return self.chunks.chunk({"role": "assistant", "content": ""})
@@ -1362,9 +1378,8 @@ class ResponsesFormat(WireFormat):
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
         request = parse_responses_request(body, self.config.models[0])
-        named = (headers.get("X-Session-Id") or "").strip()
-        if named and request.conversation is None and request.previous_response_id is None:
-            request = dataclasses.replace(request, conversation=named)
+        if request.conversation is None and request.previous_response_id is None:
+            request = self.named_by_header(request, headers)
         if request.previous_response_id is not None:
             request = self.continuing(request)
         self.request = request
@@ -1406,7 +1421,7 @@ class ResponsesFormat(WireFormat):
     def event(self, kind: str, **fields) -> bytes:
         fields["type"], fields["sequence_number"] = kind, self.sequence
         self.sequence += 1
-        return b"event: %s\ndata: %s\n\n" % (kind.encode("ascii"), _dumps(fields).encode("utf-8"))
+        return named_sse(kind, fields)
 
     def response(self, status: str, output: List[dict], answer: Optional[AnswerRouter] = None,
                  error: Optional[ProxyError] = None) -> dict:
@@ -1512,7 +1527,7 @@ ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 4
 
 
 def anthropic_event(kind: str, **fields) -> bytes:
-    return b"event: %s\ndata: %s\n\n" % (kind.encode("ascii"), _dumps(dict(type=kind, **fields)).encode("utf-8"))
+    return named_sse(kind, dict(type=kind, **fields))
 
 
 class MessagesFormat(WireFormat):
@@ -1523,10 +1538,7 @@ class MessagesFormat(WireFormat):
     heartbeat = anthropic_event("ping")
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
-        request = parse_messages_request(body, self.config.models[0])
-        named = (headers.get("X-Session-Id") or "").strip()
-        if named:
-            request = dataclasses.replace(request, conversation=named)
+        request = self.named_by_header(parse_messages_request(body, self.config.models[0]), headers)
         self.model, self.message_id = request.model, "msg_" + uuid.uuid4().hex
         self.prompt_tokens = 0
         self.index = -1  # the open content block's, when one is open
@@ -2099,6 +2111,13 @@ class RedisClient:
                 except RedisUnavailable:
                     break
 
+    def render_metrics(self) -> List[str]:
+        return ["# HELP finstep_proxy_redis_errors_total Redis calls that failed; the proxy went on without Redis.",
+                "# TYPE finstep_proxy_redis_errors_total counter",
+                "finstep_proxy_redis_errors_total %d" % self.errors,
+                "# HELP finstep_proxy_redis_up Whether Redis is in use (1) or the proxy remembers alone (0).",
+                "# TYPE finstep_proxy_redis_up gauge", "finstep_proxy_redis_up %d" % self.up]
+
     def close(self) -> None:
         self.stopped.set()
         self.thread.join(1.0)
@@ -2297,12 +2316,13 @@ def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
                 pass
 
 
-def connection_ready(conn: http.client.HTTPConnection) -> bool:
+def connection_ready(conn: http.client.HTTPConnection) -> Optional[bool]:
     """Whether an idle connection can carry the next request: the end of its last response
-    has come, and the server has not closed it since."""
+    has come, and the server has not closed it since; None while that end is still due."""
     if conn.settle is not None:
-        if conn.settle() is not True:
-            return False
+        settled = conn.settle()
+        if settled is not True:
+            return settled
         conn.settle = None
     return not idle_connection_closed(conn.sock)
 
@@ -2357,7 +2377,7 @@ class UpstreamPool:
                 del self.idle[conn]
                 if self.warm is not None and route == self.warm[0]:
                     self.changed.notify()  # the warm connection taken: open its successor now
-            if connection_ready(conn):
+            if connection_ready(conn):  # a connection whose end is still due is not waited for
                 return conn
             close_connection(conn)
 
@@ -2377,14 +2397,10 @@ class UpstreamPool:
     def usable(self, conn: http.client.HTTPConnection, since: float, now: float) -> bool:
         if now - since >= self.idle_timeout:
             return False
-        if conn.settle is not None:
-            settled = conn.settle()
-            if settled is None:  # the end of its last response is still due
-                return now - since < self.settle_seconds
-            conn.settle = None
-            if not settled:
-                return False
-        return not idle_connection_closed(conn.sock)
+        ready = connection_ready(conn)
+        if ready is None:  # the end of its last response is still due
+            return now - since < self.settle_seconds
+        return ready
 
     def run(self) -> None:
         """Close idle connections that expired or that the server closed; keep the warm one."""
@@ -3904,13 +3920,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def metrics(self, path: str) -> None:
         lines = self.server.upstream_pool.render_metrics()
-        redis = self.server.redis
-        if redis is not None:
-            lines += ["# HELP finstep_proxy_redis_errors_total Redis calls that failed; the proxy went on "
-                      "without Redis.", "# TYPE finstep_proxy_redis_errors_total counter",
-                      "finstep_proxy_redis_errors_total %d" % redis.errors,
-                      "# HELP finstep_proxy_redis_up Whether Redis is in use (1) or the proxy remembers alone (0).",
-                      "# TYPE finstep_proxy_redis_up gauge", "finstep_proxy_redis_up %d" % redis.up]
+        if self.server.redis is not None:
+            lines += self.server.redis.render_metrics()
         data = (self.server.metrics.render() + "\n".join(lines) + "\n").encode("utf-8")
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

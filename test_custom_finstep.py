@@ -2987,9 +2987,7 @@ def test_upstream_200_with_a_json_body_is_502(proxy, upstream):
 
 
 def test_refused_connection_is_502(make_proxy):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    port = free_port()  # nothing listens there once the socket closes
     status, _, body = make_proxy(upstream_url="http://127.0.0.1:%d/x" % port).chat()
     assert_error(status, body, 502, "upstream_unreachable")
 

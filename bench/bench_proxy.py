@@ -327,10 +327,8 @@ class TlsUpstreamClient:
     def __init__(self, port: int):
         self.port = port
         self.context = ssl.create_default_context(cafile=CERTIFICATE)
-        body = json.dumps({"userId": "1", "sessionId": "0" * 32, "query": FIRST_TOKEN_QUERY,
-                           "sessionTitle": "bench"}).encode()
-        self.request = (b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        # The loopback benchmark's direct request, kept alive.
+        self.request = direct_target(port).request(FIRST_TOKEN_QUERY).replace(b"Connection: close\r\n", b"")
 
     def connect(self) -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=30)
