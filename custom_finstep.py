@@ -30,6 +30,7 @@ Endpoints:
 Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_API_KEY    --api-key     unset    upstream key(s), comma-separated; unset = the client's key is passed through
     PROXY_API_KEY      --proxy-key   unset    key(s) clients must present (Bearer or x-api-key); needs FINSTEP_API_KEY
+    FINSTEP_ORIGINS    --origins     loopback  web origins that may use a key the proxy holds without asking one
     FINSTEP_API_URL    --upstream    https://product-backend.finstep.cn/chat/api/chat/v2/completion
     HOST               --host        0.0.0.0  listen address
     PORT               --port        4001     listen port
@@ -42,6 +43,7 @@ Environment (each has a command-line flag that overrides it; empty = unset):
     FINSTEP_SESSIONS   --sessions    auto     auto: continue upstream sessions exactly; fold: never continue
     FINSTEP_SYSTEM     --system      fold     system/developer messages: fold (into a new session's query) | drop
     FINSTEP_SESSION_CACHE --session-cache 10000  conversations remembered for continuation (24 h at most)
+    FINSTEP_SESSION_MEMORY --session-memory 67108864  bytes those remembered conversations may take
     FINSTEP_MAX_QUERY  --max-query   20000    longest folded query in characters (oldest turns dropped first)
     FINSTEP_HEARTBEAT  --heartbeat   15       longest silence a streaming client sees (SSE comment keep-alives)
     FINSTEP_MAX_STREAMS --max-streams 256     concurrent upstream requests; above it 503 with Retry-After
@@ -104,6 +106,7 @@ import hashlib
 import hmac
 import http.client
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -152,6 +155,7 @@ class ConfigError(ValueError):
 class Config:
     api_keys: Tuple[str, ...] = ()
     proxy_keys: Tuple[str, ...] = ()
+    origins: Tuple[str, ...] = ()  # () = pages on loopback origins and the proxy's own page
     upstream_url: str = DEFAULT_UPSTREAM
     host: str = "0.0.0.0"
     port: int = 4001
@@ -164,6 +168,7 @@ class Config:
     sessions: str = "auto"
     system: str = "fold"
     session_cache: int = 10000
+    session_memory: int = 67108864
     max_query: int = 20000
     heartbeat: float = 15.0
     max_streams: int = 256
@@ -263,6 +268,19 @@ def _choice(choices: Sequence[str], fold=str.lower):
     return convert
 
 
+def _origins(raw: str) -> Tuple[str, ...]:
+    origins = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not origins:
+        raise ValueError("must list at least one origin, or *")
+    for origin in origins:
+        if any(ord(c) < 33 or ord(c) > 126 for c in origin):
+            raise ValueError("must not contain spaces or control characters")
+        parts = urllib.parse.urlsplit(origin)
+        if parts.scheme in ("http", "https") and (parts.path not in ("", "/") or parts.query or not parts.hostname):
+            raise ValueError("takes origins like https://chat.example.com:8443, without a path")
+    return tuple(normal_origin(origin) for origin in origins)
+
+
 def _models(raw: str) -> Tuple[str, ...]:
     ids = tuple(part.strip() for part in raw.split(",") if part.strip())
     if not ids:
@@ -279,6 +297,11 @@ SETTINGS = (
     ("proxy_keys", "PROXY_API_KEY", "--proxy-key", _keys,
      "key(s) clients must present as 'Authorization: Bearer <key>' or x-api-key (comma-separated); "
      "requires FINSTEP_API_KEY"),
+    ("origins", "FINSTEP_ORIGINS", "--origins", _origins,
+     "web origins (scheme://host[:port], comma-separated, * for any) whose pages may call a proxy that "
+     "holds FINSTEP_API_KEY and asks no PROXY_API_KEY; others get 403 (default: http and https on "
+     "localhost, 127.0.0.1 and [::1], any port, and the proxy's own page). With a key to present, any "
+     "origin may call"),
     ("upstream_url", "FINSTEP_API_URL", "--upstream", _url,
      "upstream endpoint (default %s)" % DEFAULT_UPSTREAM),
     ("host", "HOST", "--host", _text, "listen address (default 0.0.0.0)"),
@@ -304,6 +327,9 @@ SETTINGS = (
      "session, default) or drop (never sent upstream; the first query is the question alone)"),
     ("session_cache", "FINSTEP_SESSION_CACHE", "--session-cache", _positive_int,
      "conversations remembered in memory for continuation, least recently used evicted (default 10000)"),
+    ("session_memory", "FINSTEP_SESSION_MEMORY", "--session-memory", _positive_int,
+     "bytes the remembered conversations and responses may take in memory, least recently used "
+     "evicted (default 67108864)"),
     ("max_query", "FINSTEP_MAX_QUERY", "--max-query", _positive_int,
      "longest folded query in characters; the oldest turns are dropped first (default 20000)"),
     ("heartbeat", "FINSTEP_HEARTBEAT", "--heartbeat", _positive_float,
@@ -372,28 +398,33 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
     return Config(**values)
 
 
+# --- Keys and control characters kept out of logs and messages -------------------------
+
 def mask_key(key: Optional[str]) -> str:
-    """A key as it may appear in a log: short keys hidden whole, long ones by all but the last 4."""
+    """A key as it may appear in a log: short keys hidden whole, long ones by all but the last 4
+    (escaped: a pass-through key's tail is a client's text)."""
     if not key:
         return "-"
-    return "****" if len(key) < 12 else "****" + key[-4:]
+    return "****" if len(key) < 12 else "****" + printable(key[-4:])
 
 
 KEY_RUN = 8  # no run of this many characters of a key may be shown
+MAX_KEY_LENGTH = 256  # a pass-through key longer than any real key is refused before it is remembered
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024)  # at most 1024 x (MAX_KEY_LENGTH + 100) bytes: about 0.4 MB
 def key_digest(key: str) -> str:
     """What the proxy remembers of a key, in memory and in Redis: never the key itself."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=64)  # at most 64 x MAX_KEY_LENGTH runs of 8 characters: about 1 MB
 def key_runs(key: str) -> Tuple[str, ...]:
-    """Every KEY_RUN-character run of a key, lower-cased. A shorter key has none: hiding
-    it would mangle ordinary words ("k" in "key"), and no upstream echoes a key that short."""
+    """Every KEY_RUN-character run of a key, lower-cased, each once: a position of a text then
+    begins at most one of them, whatever the key repeats. A shorter key has none: hiding it
+    would mangle ordinary words ("k" in "key"), and no upstream echoes a key that short."""
     key = key.lower()
-    return tuple(key[start:start + KEY_RUN] for start in range(len(key) - KEY_RUN + 1))
+    return tuple(dict.fromkeys(key[start:start + KEY_RUN] for start in range(len(key) - KEY_RUN + 1)))
 
 
 def hide_keys(text: str, keys: Sequence[str]) -> str:
@@ -417,6 +448,26 @@ def hide_keys(text: str, keys: Sequence[str]) -> str:
             out.append("****")
         shown = max(shown, end)
     return "".join(out) + text[shown:]
+
+
+# C0 and C1 controls and DEL (terminal escapes, backspaces), and the characters that break a
+# line or reorder the text shown (line separators, bidirectional overrides).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match) -> str:
+    code = ord(match.group())
+    return "\\x%02x" % code if code < 256 else "\\u%04x" % code
+
+
+def printable(text: str, lines: bool = False) -> str:
+    """`text` with every control character escaped (ESC as \\x1b), line feeds kept when
+    `lines`: what a client sent may reach a log line, never as a terminal's escape sequence."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    if lines:
+        return "\n".join(_UNPRINTABLE.sub(_escape, line) for line in text.split("\n"))
+    return _UNPRINTABLE.sub(_escape, text)
 
 
 # --- Protocol: pure functions, no sockets ------------------------------------
@@ -460,14 +511,15 @@ class AnswerRequest:
     conversation: Optional[str] = None  # a conversation the client named (X-Session-Id, threadId)
     max_output: Optional[int] = None  # output tokens (as estimated) the answer may take
     stops: Tuple[str, ...] = ()  # the answer ends before the first of these in its text
-    resume: Optional[Tuple[str, str]] = None  # (sessionId, key) the wire format knows this turn continues
+    resume: Optional["SessionRef"] = None  # the session the wire format knows this turn continues
     fold: bool = False  # the wire format knows the conversation, and that its session cannot continue it
 
     @property
     def history(self) -> Tuple[Tuple[str, str], ...]:
         """The messages up to and including the last user message."""
-        last = max(index for index, (role, _) in enumerate(self.messages) if role == "user")
-        return self.messages[:last + 1]
+        messages = self.messages
+        last = next(index for index in range(len(messages) - 1, -1, -1) if messages[index][0] == "user")
+        return messages[:last + 1]
 
     @property
     def question(self) -> str:
@@ -475,7 +527,8 @@ class AnswerRequest:
 
     @property
     def title(self) -> str:
-        return session_title(next(text for role, text in self.messages if role == "user" and text.strip()))
+        return session_title(next(text for role, text in self.messages
+                                  if role == "user" and text and not text.isspace()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,22 +586,40 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def _children(value):
+    return iter(value.items()) if isinstance(value, dict) else enumerate(value)
+
+
+def _surrogate_in(value) -> bool:
+    """Whether a string, or an object's field name, holds a lone surrogate."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    return isinstance(value, dict) and any(_SURROGATE.search(name) for name in value)
+
+
 def lone_surrogate_at(payload) -> Optional[str]:
     """Where in a parsed JSON value a string holds a lone surrogate (text no encoding can
-    carry): its path, like messages[0].content; "" for the top level or a field's name."""
-    stack = [(payload, "")]
+    carry): its path, like messages[0].content; "" for the top level or a field's name. One
+    walk, depth first, holding only the path to where it is: no string made per value."""
+    if _surrogate_in(payload):
+        return ""
+    if not isinstance(payload, (dict, list)):
+        return None
+    steps, stack = [], [_children(payload)]
     while stack:
-        value, path = stack.pop()
-        if isinstance(value, str):
-            if _SURROGATE.search(value):
-                return path
-        elif isinstance(value, dict):
-            for name, item in value.items():
-                if _SURROGATE.search(name):
-                    return path
-                stack.append((item, "%s.%s" % (path, name) if path else name))
-        elif isinstance(value, list):
-            stack.extend((item, "%s[%d]" % (path, index)) for index, item in enumerate(value))
+        for step, item in stack[-1]:
+            if _surrogate_in(item):
+                steps.append(step)
+                return "".join("[%d]" % step if isinstance(step, int) else ("." if at else "") + step
+                               for at, step in enumerate(steps))
+            if isinstance(item, (dict, list)):
+                steps.append(step)
+                stack.append(_children(item))
+                break
+        else:
+            stack.pop()
+            if steps:
+                steps.pop()
     return None
 
 
@@ -577,11 +648,14 @@ def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> 
     unread); refused unless a user message comes last among them with text."""
     messages = []
     for index, message in enumerate(raw_messages):
-        param = "messages[%d]" % index
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str):
+            param = "messages[%d]" % index
             raise _invalid("%s must be an object with a string 'role'" % param, param)
-        if roles is None or message["role"] in roles:
-            messages.append((message["role"], message_text(message.get("content"), param + ".content")))
+        if roles is None or role in roles:
+            content = message.get("content")  # a string mostly: no call, no parameter name made
+            text = content if isinstance(content, str) else message_text(content, "messages[%d].content" % index)
+            messages.append((role, text))
     require_question(messages)
     return tuple(messages)
 
@@ -589,11 +663,11 @@ def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> 
 def require_question(messages: Sequence[Tuple[str, str]]) -> None:
     """Refuse `messages` (as listed in the body's `messages`) unless a user message with text
     comes last among the user messages: the question the upstream is asked."""
-    users = [index for index, (role, _) in enumerate(messages) if role == "user"]
-    if not users:
+    last = next((index for index in range(len(messages) - 1, -1, -1) if messages[index][0] == "user"), None)
+    if last is None:
         raise _invalid("'messages' must contain a user message", "messages")
-    if not messages[users[-1]][1].strip():
-        raise _invalid("The last user message has no text", "messages[%d].content" % users[-1])
+    if not messages[last][1] or messages[last][1].isspace():
+        raise _invalid("The last user message has no text", "messages[%d].content" % last)
 
 
 MAX_STOPS = 16
@@ -796,10 +870,13 @@ def parse_messages_request(body: bytes, default_model: str, counting: bool = Fal
         raise _invalid("messages: must be a non-empty list", "messages")
     messages = []
     for index, message in enumerate(raw_messages):
-        param = "messages[%d]" % index
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("user", "assistant"):
+            param = "messages[%d]" % index
             raise _invalid("%s: must be an object with role 'user' or 'assistant'" % param, param + ".role")
-        messages.append((message["role"], anthropic_text(message.get("content"), param + ".content")))
+        content = message.get("content")  # a string mostly: no call, no parameter name made
+        messages.append((role, content if isinstance(content, str)
+                         else anthropic_text(content, "messages[%d].content" % index)))
     require_question(messages)
     if "max_tokens" not in payload and not counting:
         raise _invalid("max_tokens: Field required", "max_tokens")
@@ -817,9 +894,19 @@ def parse_messages_request(body: bytes, default_model: str, counting: bool = Fal
                            stops=read_stops(payload.get("stop_sequences"), "stop_sequences"))
 
 
+_WORDS = re.compile(r"\S+")
+
+
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
-    """A session title from a message: whitespace collapsed, cut to `limit` characters."""
-    title = " ".join(text.split())
+    """A session title from a message: whitespace collapsed, cut to `limit` characters. Only
+    the words the title needs are looked at, however long the message."""
+    words, size = [], -1
+    for match in _WORDS.finditer(text):
+        words.append(match.group())
+        size += len(words[-1]) + 1
+        if size > limit:
+            break
+    title = " ".join(words)
     return title if len(title) <= limit else title[:limit - 1] + "…"
 
 
@@ -960,24 +1047,74 @@ PHASES = ("THINKING", "ORGANIZING")  # Finstep's phases before it answers
 PHASE_ENDS = ("MSG_START", "MSG_DONE")  # statuses that say the phase is over (as does any answer text)
 
 
-def find_stop(text: str, stops: Sequence[str]) -> Optional[Tuple[int, str]]:
-    """(index, stop sequence) of the earliest stop sequence in `text`, or None."""
-    found = None
-    for stop in stops:
-        index = text.find(stop)
-        if index >= 0 and (found is None or index < found[0]):
-            found = (index, stop)
-    return found
+class StopScanner:
+    """Finds a request's stop sequences in the answer text as it streams, and how much of its
+    end could begin one. An Aho-Corasick automaton over all the sequences, built once per
+    request: each character of the answer is read once, whatever the text and the sequences
+    hold (searching the held text again on every delta would cost the square of a
+    sequence's length each time), and while nothing is begun a regular expression jumps, in
+    C, to the next character that could begin one."""
 
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.order = {stop: index for index, stop in enumerate(self.stops)}
+        self.longest = max(map(len, self.stops))
+        children, depth, ends = [{}], [0], [None]  # by node: the trie's edges, its depth, a sequence ending
+        for stop in self.stops:
+            node = 0
+            for char in stop:
+                if char not in children[node]:
+                    children[node][char] = len(children)
+                    children.append({})
+                    depth.append(depth[node] + 1)
+                    ends.append(None)
+                node = children[node][char]
+            ends[node] = ends[node] or stop
+        # Breadth first: each node's failure link (its longest proper suffix in the trie) and the
+        # longest sequence that ends it, its own or its failure link's.
+        fail, found, queue = [0] * len(children), list(ends), list(children[0].values())
+        for node in queue:  # grows as it goes: every node once, parents first
+            for char, child in children[node].items():
+                link = fail[node]
+                while link and char not in children[link]:
+                    link = fail[link]
+                fail[child] = children[link].get(char, 0) if node else 0
+                found[child] = found[child] or found[fail[child]]
+                queue.append(child)
+        self.children, self.depth, self.fail, self.found = children, depth, fail, found
+        self.begins = re.compile("[%s]" % "".join(re.escape(stop[0]) for stop in self.stops))
+        self.node = 0  # the longest end of the text read that begins some sequence
 
-def stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """How many characters at the end of `text` could begin a stop sequence, and so must wait
-    for the next delta before they can be sent."""
-    for size in range(min(len(text), max(len(stop) for stop in stops) - 1), 0, -1):
-        tail = text[-size:]
-        if any(stop.startswith(tail) for stop in stops):
-            return size
-    return 0
+    def feed(self, text: str) -> Optional[Tuple[int, str]]:
+        """Read `text`: (where in it the earliest stop sequence ending in it begins, negative
+        when it began in text read before; that sequence), or None."""
+        children, fail, ends = self.children, self.fail, self.found
+        node, position, size, best = self.node, 0, len(text), None
+        while position < size:
+            if node == 0:
+                hit = self.begins.search(text, position)
+                if hit is None:
+                    break
+                position = hit.start()
+            char = text[position]
+            while node and char not in children[node]:
+                node = fail[node]
+            node = children[node].get(char, 0)
+            position += 1
+            stop = ends[node]
+            if stop is not None:
+                start = position - len(stop)
+                if best is None or (start, self.order[stop]) < (best[0], self.order[best[1]]):
+                    best = (start, stop)
+                if position - self.longest >= best[0]:  # no sequence ending later can begin earlier
+                    break
+        self.node = node
+        return best
+
+    @property
+    def partial(self) -> int:
+        """How many characters at the end of the text read could begin a stop sequence."""
+        return self.depth[self.node]
 
 
 class AnswerRouter:
@@ -998,11 +1135,12 @@ class AnswerRouter:
         self.answer_started = False
         self.think_open = False
         self.max_output, self.stops = max_output, tuple(stops)
+        self.scanner = StopScanner(self.stops) if self.stops else None
         self.guarded = max_output is not None or bool(stops)
         self.cut = None  # type: Optional[str]
         self.stop_sequence = None  # type: Optional[str]
         self.held = ""  # answer text that could begin a stop sequence: not sent yet
-        self.spent = (0, 0)  # CJK and other characters sent, counted as estimate_tokens does
+        self.spent = (0, 0)  # wide and other characters sent, counted as estimate_tokens does
 
     def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
         """(event kind, text) for one RESPONSING event, or None when nothing is sent."""
@@ -1047,12 +1185,13 @@ class AnswerRouter:
         if self.cut:
             return ""
         if answer and self.stops:
-            text, self.held = self.held + text, ""
-            found = find_stop(text, self.stops)
-            if found is not None:
-                text, self.stop_sequence, self.cut = text[:found[0]], found[1], "stop"
+            found = self.scanner.feed(text)
+            held, self.held = self.held, ""
+            text = held + text
+            if found is not None:  # it begins in this text, or in the held text before it
+                text, self.stop_sequence, self.cut = text[:len(held) + found[0]], found[1], "stop"
             else:
-                wait = stop_holdback(text, self.stops)
+                wait = min(self.scanner.partial, len(text))
                 if wait:
                     text, self.held = text[:-wait], text[-wait:]
         text = lead + text
@@ -1060,18 +1199,18 @@ class AnswerRouter:
 
     def within_limit(self, text: str) -> str:
         """The part of `text` the output limit allows; at the limit the answer is cut."""
-        cjk, other = self.spent
-        added = len(_CJK.findall(text))
-        if cjk + added + (other + len(text) - added + 3) // 4 <= self.max_output:
-            self.spent = (cjk + added, other + len(text) - added)
+        spent_wide, other = self.spent
+        added = count_wide(text)
+        if spent_wide + added + (other + len(text) - added + 3) // 4 <= self.max_output:
+            self.spent = (spent_wide + added, other + len(text) - added)
             return text
         for index, char in enumerate(text):
-            wide = bool(_CJK.match(char))
-            if cjk + wide + (other + (not wide) + 3) // 4 > self.max_output:
+            wide = char >= WIDE
+            if spent_wide + wide + (other + (not wide) + 3) // 4 > self.max_output:
                 text = text[:index]
                 break
-            cjk, other = cjk + wide, other + (not wide)
-        self.spent = (cjk, other)
+            spent_wide, other = spent_wide + wide, other + (not wide)
+        self.spent = (spent_wide, other)
         self.cut, self.stop_sequence, self.held = "length", None, ""
         return text
 
@@ -1095,19 +1234,198 @@ class AnswerRouter:
         return estimate_usage(self.prompt, "".join(self.reasoning) + "".join(self.content))
 
 
-_CJK = re.compile("[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
+WIDE = "\u0800"  # from here on, a character is about a token of its own
+_WIDE_LEADS = bytes(1 if 0xE0 <= byte <= 0xF7 else 0 for byte in range(256))  # of 3- and 4-byte UTF-8
+
+
+def count_wide(text: str) -> int:
+    """The characters from U+0800 on (Chinese, Japanese, Korean and most other scripts,
+    symbols, emoji) in `text`: the lead bytes of its 3- and 4-byte UTF-8 sequences, counted
+    in two passes of C, however the text mixes them."""
+    if text.isascii():
+        return 0
+    return text.encode("utf-8", "surrogatepass").translate(_WIDE_LEADS).count(1)
 
 
 def estimate_tokens(text: str) -> int:
-    """An estimate, not a tokenizer: one token per CJK character, one per ~4 other characters."""
-    cjk = len(_CJK.findall(text))
-    return cjk + (len(text) - cjk + 3) // 4
+    """An estimate, not a tokenizer: one token per character from U+0800 on (CJK, kana,
+    Hangul…), one per ~4 other characters."""
+    wide = count_wide(text)
+    return wide + (len(text) - wide + 3) // 4
 
 
 def estimate_usage(prompt: str, completion: str) -> dict:
     prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens(completion)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# --- Callers and browsers: who may use the proxy, and what each may see -----------------
+
+PROXY_KEY, PASS_THROUGH, DEPLOYMENT = "proxy-key", "pass-through", "deployment"
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who a request is for. Everything the proxy remembers (conversations, their names,
+    response ids, claims) is scoped by `id`, a digest, never a key: one caller never sees,
+    continues or uses up another's. The caller is the proxy key a request presented; else the
+    pass-through key it brought; else the deployment itself, named by its upstream keys (one
+    operator: a proxy that holds the key and asks none)."""
+    kind: str  # PROXY_KEY, PASS_THROUGH or DEPLOYMENT
+    id: str
+    keys: Tuple[str, ...]  # the upstream keys its requests may use
+
+
+def deployment_caller(config: Config) -> Optional[Caller]:
+    """The caller of every request to a proxy that holds its keys and asks none."""
+    if not config.api_keys or config.proxy_keys:
+        return None
+    return Caller(DEPLOYMENT, "d:" + key_digest("\n".join(sorted(config.api_keys))), config.api_keys)
+
+
+def caller_of(config: Config, headers: Mapping[str, str], deployment: Optional[Caller] = None) -> Caller:
+    """The caller a request's headers prove; raises ProxyError(401). Only the headers are
+    read: nothing is remembered, claimed or parsed before this."""
+    if deployment is not None:
+        return deployment
+    presented = client_key(headers)
+    if config.proxy_keys:
+        given = (presented or "").encode("utf-8")
+        matched = [key for key in config.proxy_keys if hmac.compare_digest(given, key.encode("utf-8"))]
+        if not matched:
+            raise ProxyError(401, "Invalid or missing API key for this proxy: send "
+                                  "'Authorization: Bearer <PROXY_API_KEY>'", code="invalid_api_key")
+        return Caller(PROXY_KEY, "p:" + key_digest(matched[0]), config.api_keys)
+    if config.api_keys:
+        return deployment_caller(config)
+    if not presented:
+        raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
+                              "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
+    if len(presented) > MAX_KEY_LENGTH or not all("!" <= c <= "~" for c in presented):
+        raise ProxyError(401, "That is not a Finstep key: a key is at most %d visible ASCII characters"
+                         % MAX_KEY_LENGTH, code="invalid_api_key")
+    return Caller(PASS_THROUGH, "c:" + key_digest(presented), (presented,))
+
+
+def normal_origin(origin: str) -> str:
+    """A web origin as compared: lower case, no trailing slash, no default port."""
+    origin = origin.strip().lower().rstrip("/")
+    for scheme, port in (("http://", ":80"), ("https://", ":443")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[:-len(port)]
+    return origin
+
+
+def host_of(authority: str) -> str:
+    """The host of a `Host` header or an origin's authority: no port, no brackets, lower case."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[1:end] if end > 0 else authority
+    if authority.count(":") == 1:  # host:port (a bare IPv6 address has several colons)
+        authority = authority.split(":", 1)[0]
+    return authority.rstrip(".")
+
+
+LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))  # the usual ones, known without parsing
+
+
+def loopback_name(host: str) -> bool:
+    """localhost, a name under .localhost, or a loopback address: names no DNS answer can
+    point elsewhere (RFC 6761), so no page on another site can take them over."""
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class BrowserPolicy:
+    """Which web pages may call the proxy, and which Host names it answers to.
+
+    A browser sends a page's requests with the user's network position: to a proxy that
+    holds the Finstep key and asks none, any page the user opens could spend that key, with
+    a "simple" request that needs no preflight, or read the answer through a DNS name it
+    rebinds to the proxy's address. So, for such a proxy only, a request whose `Origin` is
+    not allowed is refused before anything else, and when the proxy listens on loopback only,
+    so is a `Host` that is not a loopback name (as Ollama does). Where callers present a key,
+    the key is what protects, and any origin may call. Requests without `Origin` (SDKs,
+    curl, servers) are unaffected."""
+
+    def __init__(self, config: Config):
+        self.guarded = bool(config.api_keys) and not config.proxy_keys
+        self.any_origin = not self.guarded or "*" in config.origins
+        self.origins = frozenset(config.origins) if config.origins else None  # None: loopback origins
+        # Names an operator gave in FINSTEP_ORIGINS are answered to, behind a reverse proxy too.
+        self.hosts = frozenset(host_of(urllib.parse.urlsplit(origin).netloc) for origin in config.origins
+                               if "://" in origin)
+        listens = host_of(config.host)
+        self.check_host = self.guarded and not self.any_origin and loopback_name(listens)
+        self.static_headers = (("Access-Control-Allow-Origin", "*"),) if self.any_origin else ()
+
+    def describe(self) -> str:
+        """The policy in force, for the start-up log."""
+        if not self.guarded:
+            return "any web origin may call: every caller presents a key"
+        if self.any_origin:
+            return "FINSTEP_ORIGINS=*: pages on any web origin may spend the key this proxy holds"
+        allowed = ", ".join(sorted(self.origins)) if self.origins is not None else \
+            "http(s)://localhost, 127.0.0.1 and [::1] on any port"
+        host = "; Host names other than loopback ones are refused" if self.check_host else ""
+        return "the key is held and none asked: only pages on %s and the proxy's own page may call%s" % (
+            allowed, host)
+
+    def refusal(self, origin: Optional[str], host: Optional[str]) -> Optional[ProxyError]:
+        """The 403 for a request from a page that may not use the held key, else None."""
+        if not self.guarded:
+            return None
+        name = host_of(host) if host else ""
+        if self.check_host and name and not loopback_name(name) and name not in self.hosts:
+            return ProxyError(403, "Host %r is not a loopback name: this proxy holds its Finstep key, listens "
+                                   "on loopback and answers only to loopback names, so that no web page can "
+                                   "reach it through a DNS name. Name this host in FINSTEP_ORIGINS, or set "
+                                   "PROXY_API_KEY" % printable(host[:100]), code="host_not_allowed")
+        if origin is not None and not self.allows(origin, host):
+            return ProxyError(403, "Web origin %r may not use this proxy: it holds its Finstep key and asks "
+                                   "none, so only pages on FINSTEP_ORIGINS (default: localhost) may call it. "
+                                   "Add the origin to FINSTEP_ORIGINS, or set PROXY_API_KEY and send it"
+                              % printable(origin[:100]), code="origin_not_allowed")
+        return None
+
+    def allows(self, origin: str, host: Optional[str]) -> bool:
+        if self.any_origin:
+            return True
+        origin = normal_origin(origin)
+        if self.origins is not None:
+            if origin in self.origins:
+                return True
+        else:
+            parts = urllib.parse.urlsplit(origin)
+            if parts.scheme in ("http", "https") and loopback_name(host_of(parts.netloc)):
+                return True
+        # The proxy's own page: its origin is the very address the request came to, and that is
+        # an address, which, unlike a name, no other site can rebind to this proxy.
+        if not host or not (ip_literal(host_of(host)) or loopback_name(host_of(host))):
+            return False
+        return origin in (normal_origin("http://" + host), normal_origin("https://" + host))
+
+    def headers(self, origin: Optional[str]) -> Tuple[Tuple[str, str], ...]:
+        """The Access-Control-Allow-Origin of an answer, for an origin already allowed."""
+        if self.any_origin:
+            return self.static_headers
+        if origin is None:
+            return (("Vary", "Origin"),)
+        return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
 
 
 # --- Wire formats: a request body in, the pipeline's events out as bytes ---------------
@@ -1155,6 +1473,12 @@ class WireFormat:
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
         raise NotImplementedError
+
+    def recall(self, request: AnswerRequest, caller: str) -> AnswerRequest:
+        """The request with what this format remembers for `caller` (a Caller.id), once the
+        caller is known and a stream slot is held: a format with its own conversation handles
+        looks them up here, never in parse()."""
+        return request
 
     def answered(self, turn: "Turn", key: str, answer: "AnswerRouter") -> None:
         """After a complete answer: what a format with its own conversation handles remembers."""
@@ -1380,8 +1704,6 @@ class ResponsesFormat(WireFormat):
         request = parse_responses_request(body, self.config.models[0])
         if request.conversation is None and request.previous_response_id is None:
             request = self.named_by_header(request, headers)
-        if request.previous_response_id is not None:
-            request = self.continuing(request)
         self.request = request
         self.response_id, self.created = "resp_" + uuid.uuid4().hex, int(time.time())
         self.sequence, self.opened = 0, False
@@ -1391,32 +1713,48 @@ class ResponsesFormat(WireFormat):
         self.frame = (b"", b"")
         return request
 
-    def continuing(self, request: ResponsesRequest) -> ResponsesRequest:
+    def recall(self, request: AnswerRequest, caller: str) -> AnswerRequest:
         """The request with the history its previous response stands for, and how its session
-        goes on: resumed the first time that response is continued, folded afresh after."""
+        goes on: resumed the first time that response is continued, folded afresh after. Only
+        the caller's own responses are found: another's id is as unknown as a made-up one."""
+        self.caller = caller
         previous = request.previous_response_id
-        entry = self.memory.get("resp:" + previous)
+        if previous is None:
+            return request
+        entry = self.memory.get(memory_name("resp", caller, previous), ResponseRecord)
         if entry is None:
             raise ProxyError(400, "Previous response with id %r not found: it is unknown here, or older than "
                              "the proxy remembers (24 hours, FINSTEP_SESSION_CACHE entries)" % previous[:100],
                              code="previous_response_not_found", param="previous_response_id")
-        history, ancestor = [], entry
-        while ancestor is not None and len(history) < 2 * MAX_RESPONSE_CHAIN:
-            history[:0] = [("user", ancestor[4]), ("assistant", ancestor[5])]
-            ancestor = self.memory.get("resp:" + ancestor[3]) if ancestor[3] else None
+        # Only what a folded query could keep: the newest turns, FINSTEP_MAX_QUERY characters of them.
+        history, ancestor, size = [], entry, 0
+        while ancestor is not None and ancestor.question is not None and len(history) < 2 * MAX_RESPONSE_CHAIN:
+            size += len(ancestor.question) + len(ancestor.answer)
+            if size > self.config.max_query:
+                break
+            history += [("assistant", ancestor.answer), ("user", ancestor.question)]
+            ancestor = (self.memory.get(memory_name("resp", caller, ancestor.parent), ResponseRecord)
+                        if ancestor.parent else None)
+        history.reverse()
         system = request.messages[:len(request.messages) - len(request.new_input)]
         messages = system + tuple(history) + request.new_input
-        if self.memory.claim("continued:" + previous):
-            return dataclasses.replace(request, messages=messages, resume=(entry[1], entry[2]))
-        return dataclasses.replace(request, messages=messages, fold=True)
+        if self.memory.claim(memory_name("continued", caller, previous)):
+            resumed = dataclasses.replace(request, messages=messages, resume=SessionRef(entry.session_id, entry.key))
+        else:
+            resumed = dataclasses.replace(request, messages=messages, fold=True)
+        self.request = resumed
+        return resumed
 
     def answered(self, turn: "Turn", key: str, answer: AnswerRouter) -> None:
-        question = next(text for role, text in reversed(self.request.new_input) if role == "user")
-        self.memory.put("resp:" + self.response_id, ("response", turn.session_id, key_digest(key),
-                                                     self.request.previous_response_id or "",
-                                                     question.strip(), "".join(answer.content).strip()))
+        question = next(text for role, text in reversed(self.request.new_input) if role == "user").strip()
+        text = strip_think_blocks("".join(answer.content)).strip()
+        if len(question) + len(text) > self.config.max_query:
+            question, text = None, ""  # longer than a fold keeps: a fork folds from the next turn on
+        self.memory.put(memory_name("resp", self.caller, self.response_id),
+                        ResponseRecord(turn.session_id, key_digest(key), self.request.previous_response_id or "",
+                                       question, text))
         if answer.cut:  # not the upstream's whole answer: a continuation folds, as with fingerprints
-            self.memory.claim("continued:" + self.response_id)
+            self.memory.claim(memory_name("continued", self.caller, self.response_id))
 
     def event(self, kind: str, **fields) -> bytes:
         fields["type"], fields["sequence_number"] = kind, self.sequence
@@ -1675,8 +2013,27 @@ def metrics_path(path: str) -> str:
 # whose query carries the history folded into text, so nothing is lost or repeated.
 
 NEW, CONTINUED, FOLDED, EXPLICIT = "new", "continued", "folded", "explicit"
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.S)
 _ROLE_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def strip_think_blocks(text: str) -> str:
+    """`text` without its <think>…</think> blocks, each from an opening tag to the first
+    closing tag after it, as a lazy regular expression would match them, in one scan: the
+    search stops at the first opening tag with no closing tag after it, since no later
+    opening tag can have one either."""
+    start = text.find("<think>")
+    if start < 0:
+        return text
+    kept, position = [], 0
+    while start >= 0:
+        end = text.find("</think>", start + 7)
+        if end < 0:
+            break
+        kept.append(text[position:start])
+        position = end + 8
+        start = text.find("<think>", position)
+    kept.append(text[position:])
+    return "".join(kept)
 
 
 def transcript(messages: Sequence[Tuple[str, str]]) -> Tuple[Tuple[str, str], ...]:
@@ -1684,11 +2041,12 @@ def transcript(messages: Sequence[Tuple[str, str]]) -> Tuple[Tuple[str, str], ..
     assistant <think> blocks removed (clients strip them), empty messages left out."""
     out = []
     for role, text in messages:
-        role = "system" if role == "developer" else role
         if role not in _ROLE_LABELS:
-            continue
-        if role == "assistant":
-            text = _THINK_BLOCK.sub("", text)
+            if role != "developer":
+                continue
+            role = "system"
+        if role == "assistant" and "<think>" in text:
+            text = strip_think_blocks(text)
         text = text.strip()
         if text:
             out.append((role, text))
@@ -1701,79 +2059,163 @@ def conversation_fingerprint(key: str, user: Optional[str], turns: Sequence[Tupl
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-def explicit_session_id(key: str, client_id: str) -> str:
-    """The upstream sessionId of a client-chosen conversation id: stable across restarts and
-    replicas, and different for every upstream key."""
-    return hashlib.sha256(("%s\n%s" % (key, client_id)).encode("utf-8")).hexdigest()[:32]
+def explicit_session_id(key: str, caller: str, name: str) -> str:
+    """The upstream sessionId of a conversation a client named: stable across restarts and
+    replicas, and different for every upstream key and every caller, so that two callers
+    naming their conversations alike never share a session."""
+    material = json.dumps([key, caller, name], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
+
+
+def memory_name(kind: str, caller: str, name: str) -> str:
+    """Where the proxy remembers `name` (a conversation's name, a response id) for `caller`:
+    another caller's lookup of the same name finds nothing."""
+    return kind + ":" + hashlib.sha256(("%s\n%s" % (caller, name)).encode("utf-8")).hexdigest()
 
 
 def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
     """One query carrying a conversation: system text first, then each turn with its role
     label, ending with the last user message. Over `limit` characters, the oldest turns
-    go first; the system text and the last user message always stay."""
+    go first; the system text and the last user message always stay. Turns are measured
+    from the newest back, and only those kept are written out."""
     if len(turns) < 2:
         return turns[-1][1] if turns else ""
     system = "\n\n".join(text for role, text in turns[:-1] if role == "system")
     head = ["System: " + system] if system else []
     tail = ["User: " + turns[-1][1]]
-    middle = ["%s: %s" % (_ROLE_LABELS[role], text) for role, text in turns[:-1] if role != "system"]
-    roles = [role for role, _ in turns[:-1] if role != "system"]
-    size = sum(len(part) + 2 for part in head + middle + tail) - 2
+    middle = [(role, text) for role, text in turns[:-1] if role != "system"]
+    size = sum(len(part) + 2 for part in head + tail) - 2
     start = 0
-    while size > limit and start < len(middle):
-        # Drop a whole turn: a user message with the answers that follow it.
-        size -= len(middle[start]) + 2
-        start += 1
-        while start < len(middle) and roles[start] != "user":
-            size -= len(middle[start]) + 2
-            start += 1
-    return "\n\n".join(head + middle[start:] + tail)
+    for index in range(len(middle) - 1, -1, -1):
+        role, text = middle[index]
+        size += len(_ROLE_LABELS[role]) + len(text) + 4  # "Label: text" and the blank line after it
+        if size > limit:  # this turn does not fit: keep from the first user message after it
+            start = next((i for i in range(index + 1, len(middle)) if middle[i][0] == "user"), len(middle))
+            break
+    kept = ["%s: %s" % (_ROLE_LABELS[role], text) for role, text in middle[start:]]
+    return "\n\n".join(head + kept + tail)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRef:
+    """An upstream session the proxy remembers: the one a conversation continues in, or the
+    latest of a named conversation."""
+    session_id: str
+    key: str  # the digest of the upstream key the session belongs to
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseRecord:
+    """A Responses API response, remembered: its session, which a continuation resumes, and
+    its turn as a conversation counts it (trimmed, <think> blocks removed), which a fork folds.
+    `question` is None when the turn alone is longer than a folded query keeps
+    (FINSTEP_MAX_QUERY): a fork folds nothing from there back, as the fold would drop it."""
+    session_id: str
+    key: str
+    parent: str  # the id of the response it continued, "" for none
+    question: Optional[str]
+    answer: str
+
+
+CLAIM = "claimed"  # what a claim() leaves: the name is taken
+MAX_RECORD_ID = 128  # a session id, key digest or response id read back longer than this is not ours
+
+
+def encode_record(record) -> str:
+    """A record as Redis keeps it: a JSON array (the same shape since 1.2.0)."""
+    if isinstance(record, SessionRef):
+        return _dumps([record.session_id, record.key])
+    return _dumps(["response", record.session_id, record.key, record.parent, record.question, record.answer])
+
+
+def decode_record(raw):
+    """A record read back from Redis, or None for anything the proxy could not have written."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(value, list):
+        return None
+    ids = all(isinstance(item, str) and len(item) <= MAX_RECORD_ID for item in value[:4])
+    if len(value) == 2 and ids:
+        return SessionRef(value[0], value[1])
+    if (len(value) == 6 and value[0] == "response" and ids and isinstance(value[4], (str, type(None)))
+            and isinstance(value[5], str)):
+        return ResponseRecord(value[1], value[2], value[3], value[4], value[5])
+    return None
+
+
+# What one entry costs besides its strings: the dictionary slot and ordering node, the entry,
+# the record and its attribute dictionary (measured with tracemalloc, rounded up).
+ENTRY_OVERHEAD = 480
+
+
+def entry_size(name: str, value) -> int:
+    """An upper estimate of the bytes an entry takes in a SessionStore."""
+    fields = vars(value).values() if dataclasses.is_dataclass(value) else ()
+    return ENTRY_OVERHEAD + sys.getsizeof(name) + sum(map(sys.getsizeof, fields))
+
+
+StoreEntry = collections.namedtuple("StoreEntry", "value stored size")
 
 
 class SessionStore:
-    """Remembered conversations: fingerprint -> (upstream sessionId, upstream key), in memory,
-    thread-safe, at most `max_entries` (least recently used evicted), each for at most `ttl` s."""
+    """What the proxy remembers, in this process: name -> a SessionRef, a ResponseRecord or a
+    claim. Thread-safe; at most `max_entries` entries taking at most `max_bytes` bytes (least
+    recently used evicted first), each for at most `ttl` seconds."""
 
-    def __init__(self, max_entries: int, ttl: float, clock=time.monotonic):
-        self.max_entries, self.ttl, self.clock = max_entries, ttl, clock
-        self._entries = collections.OrderedDict()  # fingerprint -> (value, stored at)
+    def __init__(self, max_entries: int, ttl: float, max_bytes: int = Config.session_memory,
+                 clock=time.monotonic):
+        self.max_entries, self.ttl, self.max_bytes, self.clock = max_entries, ttl, max_bytes, clock
+        self.bytes = 0  # the sizes of the entries held, as entry_size() estimates them
+        self._entries = collections.OrderedDict()  # name -> StoreEntry, least recently used first
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, fingerprint: str, consume: bool = False) -> Optional[Tuple[str, str]]:
-        """The (sessionId, key) remembered for a fingerprint; `consume` forgets it (single use)."""
+    def get(self, name: str, kind=None, consume: bool = False):
+        """The record remembered under `name` (None unless it is a `kind`, when given);
+        `consume` forgets it (single use)."""
         with self._lock:
-            entry = self._entries.pop(fingerprint, None)
-            if entry is None or self.clock() - entry[1] > self.ttl:
+            entry = self._entries.pop(name, None)
+            if entry is None:
                 return None
-            if not consume:
-                self._entries[fingerprint] = entry
-            return entry[0]
+            expired = self.clock() - entry.stored > self.ttl
+            if consume or expired:
+                self.bytes -= entry.size
+            else:
+                self._entries[name] = entry
+        if expired or (kind is not None and not isinstance(entry.value, kind)):
+            return None
+        return entry.value
 
     def claim(self, name: str) -> bool:
         """Remember `name` unless it is remembered already: True for the one caller that did."""
         with self._lock:
             entry = self._entries.get(name)
-            if entry is not None and self.clock() - entry[1] <= self.ttl:
+            if entry is not None and self.clock() - entry.stored <= self.ttl:
                 return False
-            self._store(name, ("claimed",))
+            self._store(name, CLAIM)
             return True
 
-    def put(self, fingerprint: str, value: tuple) -> None:
+    def put(self, name: str, value) -> None:
         with self._lock:
-            self._store(fingerprint, value)
+            self._store(name, value)
 
-    def _store(self, fingerprint: str, value: tuple) -> None:
+    def _store(self, name: str, value) -> None:
         """put(), with the lock held."""
-        now = self.clock()
-        self._entries.pop(fingerprint, None)
-        self._entries[fingerprint] = (value, now)
-        entries = self._entries
-        while entries and (len(entries) > self.max_entries
-                           or now - next(iter(entries.values()))[1] > self.ttl):
-            entries.popitem(last=False)
+        now, size, entries = self.clock(), entry_size(name, value), self._entries
+        old = entries.pop(name, None)
+        if old is not None:
+            self.bytes -= old.size
+        if size > self.max_bytes:
+            return
+        entries[name] = StoreEntry(value, now, size)
+        self.bytes += size
+        while entries and (len(entries) > self.max_entries or self.bytes > self.max_bytes
+                           or now - next(iter(entries.values())).stored > self.ttl):
+            self.bytes -= entries.popitem(last=False)[1].size
 
 
 @dataclasses.dataclass
@@ -1788,10 +2230,11 @@ class Turn:
     name: Optional[str] = None  # a conversation the client named: its session depends on the key
     mark: Optional[str] = None  # where a named conversation's latest session is remembered
     asked: Tuple[Tuple[str, str], ...] = ()  # `turns` as a folded query carries them (FINSTEP_SYSTEM)
+    caller: str = ""  # whose conversation it is (Caller.id): a named one's session depends on it
 
 
 def named_mark(caller: str, name: str) -> str:
-    return "named:" + hashlib.sha256(("%s\n%s" % (caller, name)).encode("utf-8")).hexdigest()
+    return memory_name("named", caller, name)
 
 
 def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, request: AnswerRequest,
@@ -1799,29 +2242,32 @@ def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, reque
     """Decide the upstream sessionId, query and preferred key of a request (rules in the
     README); turn_on_key() settles them for the key the request is finally sent with.
 
-    `caller` tells callers apart (their proxy or pass-through key). With `system` "drop",
-    system text never reaches the upstream; conversations are recognised as before."""
-    turns = transcript(request.history)  # ends with the last user message, which has text
+    `caller` is the Caller.id whose memory the request sees, and no other. With `system`
+    "drop", system text never reaches the upstream; conversations are recognised as before."""
+    history = request.history
+    turns = transcript(history)  # ends with the last user message, which has text
     asked = turns if system == "fold" else tuple(turn for turn in turns if turn[0] != "system")
-    question = request.question
+    question = history[-1][1]
     if request.resume is not None:  # the wire format's own conversation handle (a response id)
-        return Turn(request.resume[0], question, CONTINUED, turns, request.resume[1], asked=asked)
+        return Turn(request.resume.session_id, question, CONTINUED, turns, request.resume.key, asked=asked)
     if mode == "fold" or request.fold:
         return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED if len(asked) > 1 else NEW, turns,
                     asked=asked)
     name = request.conversation
     if name is not None:
         mark = named_mark(caller, name)
-        latest = store.get(mark)  # (sessionId, key) of its last answer here
+        latest = store.get(mark, SessionRef)  # the session of its last answer here
         if latest is None:
-            return Turn("", fold_query(asked, max_query), EXPLICIT, turns, name=name, mark=mark, asked=asked)
-        return Turn(latest[0], question, EXPLICIT, turns, latest[1], name=name, mark=mark, asked=asked)
+            return Turn("", fold_query(asked, max_query), EXPLICIT, turns, name=name, mark=mark, asked=asked,
+                        caller=caller)
+        return Turn(latest.session_id, question, EXPLICIT, turns, latest.key, name=name, mark=mark, asked=asked,
+                    caller=caller)
     remember = (caller, request.user)
     if len(asked) == 1:  # the question alone, or with system text that is dropped
         return Turn(uuid.uuid4().hex, question, NEW, turns, remember_as=remember, asked=asked)
-    entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), consume=True)
+    entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), SessionRef, consume=True)
     if entry is not None:
-        return Turn(entry[0], question, CONTINUED, turns, entry[1], remember, asked=asked)
+        return Turn(entry.session_id, question, CONTINUED, turns, entry.key, remember, asked=asked)
     return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED, turns, remember_as=remember, asked=asked)
 
 
@@ -1832,7 +2278,7 @@ def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
     takes only the new question if its last answer here came from that session, and otherwise
     starts there with the history folded in."""
     if turn.name is not None:
-        session_id = explicit_session_id(key, turn.name)
+        session_id = explicit_session_id(key, turn.caller, turn.name)
         if session_id == turn.session_id:
             return turn
         return dataclasses.replace(turn, session_id=session_id, query=fold_query(turn.asked, max_query))
@@ -1846,11 +2292,11 @@ def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str
     """After a complete answer: remember the conversation as the client will send it next.
     Only an `exact` answer (the upstream's whole answer) makes its session continuable."""
     if turn.mark is not None:
-        store.put(turn.mark, (turn.session_id, key_digest(key)))
+        store.put(turn.mark, SessionRef(turn.session_id, key_digest(key)))
     if turn.remember_as is not None and exact:
         caller, user = turn.remember_as
         turns = turn.turns + transcript([("assistant", answer_content)])
-        store.put(conversation_fingerprint(caller, user, turns), (turn.session_id, key_digest(key)))
+        store.put(conversation_fingerprint(caller, user, turns), SessionRef(turn.session_id, key_digest(key)))
 
 
 def stable_index(name: str, size: int) -> int:
@@ -1899,15 +2345,18 @@ class KeyPool:
             return [(key, max(0.0, self._cooling.get(key, 0.0) - now)) for key in self.keys]
 
 
+MAX_COOL_DOWN = 86400.0  # longest a key rests, whatever an upstream or Redis says
+
+
 def retry_after_seconds(value: Optional[str], default: float = 60.0) -> float:
     """Seconds from a Retry-After header (delay-seconds or an HTTP date), else the default."""
     if value:
         value = value.strip()
-        if value.isdigit():
-            return float(value)
+        if value.isascii() and value.isdigit():
+            return min(MAX_COOL_DOWN, float(value))
         try:
             when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
+            return min(MAX_COOL_DOWN, max(0.0, when.timestamp() - time.time()))
         except (TypeError, ValueError, IndexError, OverflowError):
             pass
     return default
@@ -1940,6 +2389,12 @@ def parse_redis_url(url: str) -> Optional[RedisTarget]:
                        unquote(parts.password) if parts.password is not None else None, int(db or 0))
 
 
+def redis_reply_limit(max_query: int) -> int:
+    """The largest reply the proxy can have written: a response record holds at most
+    FINSTEP_MAX_QUERY characters of text, each at most 6 bytes as JSON (\\u0000)."""
+    return 65536 + 6 * max_query
+
+
 class RedisError(Exception):
     """Redis answered a command with an error."""
 
@@ -1957,46 +2412,62 @@ def resp_command(*args) -> bytes:
     return b"".join(out)
 
 
-def parse_reply(buffer: bytes, start: int = 0) -> Optional[Tuple[object, int]]:
+MAX_REPLY_DEPTH = 4  # the proxy's commands are answered by flat replies; nesting deeper is not Redis
+MAX_REPLY_LINE = 64  # a type line's number (+OK, :1, $5, *2) is short; an error message may be longer
+
+
+class RedisProtocolError(ValueError):
+    """Redis answered with something that is not a reply to what the proxy asked."""
+
+
+def parse_reply(buffer, start: int = 0, depth: int = 0) -> Optional[Tuple[object, int]]:
     """One RESP2 reply at buffer[start:]: (value, where it ends), or None while incomplete.
     Simple strings come as str, errors as RedisError, integers as int, bulk strings as bytes,
-    arrays as lists; a nil bulk string or array as None. Raises ValueError on anything else."""
+    arrays as lists; a nil bulk string or array as None. Raises RedisProtocolError on
+    anything else, arrays nested deeper than MAX_REPLY_DEPTH included."""
     end = buffer.find(b"\r\n", start)
     if end < 0:
+        if len(buffer) - start > 4096 and buffer[start:start + 1] not in (b"+", b"-"):
+            raise RedisProtocolError("a reply line longer than 4096 bytes")
         return None
-    kind, line, position = buffer[start:start + 1], buffer[start + 1:end], end + 2
+    kind, line, position = bytes(buffer[start:start + 1]), bytes(buffer[start + 1:end]), end + 2
     if kind == b"+":
         return line.decode("utf-8", "replace"), position
     if kind == b"-":
         return RedisError(line.decode("utf-8", "replace")), position
+    if kind not in (b":", b"$", b"*") or len(line) > MAX_REPLY_LINE:
+        raise RedisProtocolError("not a RESP reply: %r" % bytes(buffer[start:start + 20]))
+    try:
+        number = int(line)
+    except ValueError:
+        raise RedisProtocolError("not a number: %r" % line[:20]) from None
     if kind == b":":
-        return int(line), position
+        return number, position
+    if number < 0:
+        return None, position
     if kind == b"$":
-        size = int(line)
-        if size < 0:
-            return None, position
-        if len(buffer) < position + size + 2:
+        if len(buffer) < position + number + 2:
             return None
-        return buffer[position:position + size], position + size + 2
-    if kind == b"*":
-        count, items = int(line), []
-        if count < 0:
-            return None, position
-        for _ in range(count):
-            parsed = parse_reply(buffer, position)
-            if parsed is None:
-                return None
-            item, position = parsed
-            items.append(item)
-        return items, position
-    raise ValueError("not a RESP reply: %r" % buffer[start:start + 20])
+        return bytes(buffer[position:position + number]), position + number + 2
+    if depth >= MAX_REPLY_DEPTH:
+        raise RedisProtocolError("arrays nested deeper than %d" % MAX_REPLY_DEPTH)
+    items = []
+    for _ in range(number):
+        parsed = parse_reply(buffer, position, depth + 1)
+        if parsed is None:
+            return None
+        item, position = parsed
+        items.append(item)
+    return items, position
 
 
 class RedisConnection:
-    """One connection: commands are sent together and their replies read in order."""
+    """One connection: commands are sent together and their replies read in order, all within
+    one deadline and at most `max_reply` bytes of replies: Redis is input like any other."""
 
-    def __init__(self, target: RedisTarget, timeout: float, context: Optional[ssl.SSLContext]):
-        sock = socket.create_connection((target.host, target.port), timeout)
+    def __init__(self, target: RedisTarget, deadline: float, context: Optional[ssl.SSLContext],
+                 max_reply: int = 1048576):
+        sock = socket.create_connection((target.host, target.port), max(0.001, deadline - time.monotonic()))
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if context is not None:
@@ -2004,30 +2475,44 @@ class RedisConnection:
         except BaseException:
             sock.close()
             raise
-        self.sock, self.buffer = sock, b""
+        self.sock, self.buffer, self.max_reply = sock, bytearray(), max_reply
         setup = []
         if target.password is not None:
             setup.append(("AUTH", target.user, target.password) if target.user else ("AUTH", target.password))
         if target.db:
             setup.append(("SELECT", target.db))
-        for reply in self.call(*setup) if setup else ():
-            if isinstance(reply, RedisError):
-                self.close()
-                raise reply
+        try:
+            for reply in self.call(deadline, *setup) if setup else ():
+                if isinstance(reply, RedisError):
+                    raise reply
+        except BaseException:
+            self.close()
+            raise
 
-    def call(self, *commands) -> list:
+    def wait(self, deadline: float) -> None:
+        """Let the next send or receive take what is left of the deadline, and no longer."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("Redis did not answer in time")
+        self.sock.settimeout(left)
+
+    def call(self, deadline: float, *commands) -> list:
+        self.wait(deadline)
         self.sock.sendall(b"".join(resp_command(*command) for command in commands))
-        replies = []
+        replies, buffer = [], self.buffer
         while len(replies) < len(commands):
-            parsed = parse_reply(self.buffer)
+            parsed = parse_reply(buffer)
             if parsed is None:
+                self.wait(deadline)
                 data = self.sock.recv(65536)
                 if not data:
                     raise ConnectionError("Redis closed the connection")
-                self.buffer += data
+                buffer += data
+                if len(buffer) > self.max_reply:
+                    raise RedisProtocolError("a reply larger than %d bytes" % self.max_reply)
                 continue
             reply, end = parsed
-            self.buffer = self.buffer[end:]
+            del buffer[:end]
             replies.append(reply)
         return replies
 
@@ -2039,19 +2524,22 @@ class RedisConnection:
 
 
 class RedisClient:
-    """A few connections to one Redis, reused across requests, each call bounded by `timeout`.
-    Any trouble marks Redis down: calls then fail at once, without waiting on it, and a
-    background check every second brings it back. One log line for each change, not one per
-    request."""
+    """A few connections to one Redis, reused across requests, each call (connecting
+    included) bounded by `timeout` in all. Any trouble marks Redis down: calls then fail at
+    once, without waiting on it, and a background check every second brings it back. One log
+    line for each change, not one per request; a value that is not one the proxy wrote is a
+    miss and an error, with a warning at most once a minute."""
 
     max_idle = 4
     check_interval = 1.0
+    warn_interval = 60.0
 
-    def __init__(self, target: RedisTarget, timeout: float):
-        self.target, self.timeout = target, timeout
+    def __init__(self, target: RedisTarget, timeout: float, max_reply: int = 1048576):
+        self.target, self.timeout, self.max_reply = target, timeout, max_reply
         self.context = ssl.create_default_context() if target.tls else None
         self.idle = []  # type: List[RedisConnection]
         self.up, self.errors = True, 0
+        self.warned = -self.warn_interval  # when a malformed value was last warned of
         self.lock = threading.Lock()
         self.tasks = []  # functions the background thread runs while Redis is up
         self.stopped = threading.Event()
@@ -2062,16 +2550,20 @@ class RedisClient:
     def where(self) -> str:
         return "%s:%d/%d" % (self.target.host, self.target.port, self.target.db)
 
+    def connect(self, deadline: float) -> RedisConnection:
+        return RedisConnection(self.target, deadline, self.context, self.max_reply)
+
     def call(self, *commands) -> list:
         """The replies to `commands`, sent together; raises RedisUnavailable."""
         if not self.up:
             raise RedisUnavailable("down")
+        deadline = time.monotonic() + self.timeout
         with self.lock:
             conn = self.idle.pop() if self.idle else None
         try:
             if conn is None:
-                conn = RedisConnection(self.target, self.timeout, self.context)
-            replies = conn.call(*commands)
+                conn = self.connect(deadline)
+            replies = conn.call(deadline, *commands)
         except (OSError, ValueError, RedisError) as exc:
             if conn is not None:
                 conn.close()
@@ -2084,6 +2576,18 @@ class RedisClient:
         if not keep:
             conn.close()
         return replies
+
+    def malformed(self, what: str) -> None:
+        """A reply in the protocol, but not one the proxy could have been sent: counted as an
+        error; a warning at most once a minute."""
+        now = time.monotonic()
+        with self.lock:
+            self.errors += 1
+            warn = now - self.warned >= self.warn_interval
+            if warn:
+                self.warned = now
+        log.log(logging.WARNING if warn else logging.DEBUG, "Redis at %s answered %s: taken as nothing "
+                "remembered (further such replies within a minute are not logged)", self.where, what)
 
     def went_down(self, exc: Exception) -> None:
         with self.lock:
@@ -2100,7 +2604,7 @@ class RedisClient:
         while not self.stopped.wait(self.check_interval):
             if not self.up:
                 try:
-                    RedisConnection(self.target, self.timeout, self.context).close()
+                    self.connect(time.monotonic() + self.timeout).close()
                 except (OSError, ValueError, RedisError):
                     continue
                 self.up = True
@@ -2112,7 +2616,8 @@ class RedisClient:
                     break
 
     def render_metrics(self) -> List[str]:
-        return ["# HELP finstep_proxy_redis_errors_total Redis calls that failed; the proxy went on without Redis.",
+        return ["# HELP finstep_proxy_redis_errors_total Redis calls that failed or answered what the proxy "
+                "never wrote; the proxy went on without Redis.",
                 "# TYPE finstep_proxy_redis_errors_total counter",
                 "finstep_proxy_redis_errors_total %d" % self.errors,
                 "# HELP finstep_proxy_redis_up Whether Redis is in use (1) or the proxy remembers alone (0).",
@@ -2128,9 +2633,10 @@ class RedisClient:
 
 
 class SharedStore:
-    """SessionStore's interface over Redis (values as JSON, expiring with the store's ttl),
+    """SessionStore's interface over Redis (records as JSON, expiring with the store's ttl),
     and the process's own SessionStore while Redis is down. A consuming get is one GETDEL
-    and a claim one SET NX, so two replicas never both continue the same session."""
+    and a claim one SET NX, so two replicas never both continue the same session. What Redis
+    answers is checked like any input: anything the proxy could not have written is a miss."""
 
     def __init__(self, redis: RedisClient, local: SessionStore, prefix: str):
         self.redis, self.local, self.prefix = redis, local, prefix
@@ -2139,19 +2645,25 @@ class SharedStore:
     def __len__(self) -> int:
         return len(self.local)
 
-    def get(self, name: str, consume: bool = False) -> Optional[tuple]:
+    def get(self, name: str, kind=None, consume: bool = False):
         try:
             reply, = self.redis.call(("GETDEL" if consume else "GET", self.prefix + name))
         except RedisUnavailable:
-            return self.local.get(name, consume)
+            return self.local.get(name, kind, consume)
         if isinstance(reply, RedisError):
             self.redis.went_down(reply)
-            return self.local.get(name, consume)
-        return tuple(json.loads(reply)) if reply is not None else None
+            return self.local.get(name, kind, consume)
+        if reply is None:
+            return None
+        record = decode_record(reply) if isinstance(reply, bytes) else None
+        if record is None or (kind is not None and not isinstance(record, kind)):
+            self.redis.malformed("a value the proxy never wrote under %s" % printable(name[:40]))
+            return None
+        return record
 
-    def put(self, name: str, value: tuple) -> None:
+    def put(self, name: str, value) -> None:
         try:
-            self.redis.call(("SET", self.prefix + name, _dumps(list(value)), "EX", self.ttl))
+            self.redis.call(("SET", self.prefix + name, encode_record(value), "EX", self.ttl))
         except RedisUnavailable:
             self.local.put(name, value)
 
@@ -2160,6 +2672,8 @@ class SharedStore:
             reply, = self.redis.call(("SET", self.prefix + name, "1", "NX", "EX", self.ttl))
         except RedisUnavailable:
             return self.local.claim(name)
+        if reply not in ("OK", None):
+            self.redis.malformed("%r to SET NX" % (reply if not isinstance(reply, (bytes, list)) else type(reply)))
         return reply == "OK"
 
 
@@ -2185,7 +2699,9 @@ class SharedCooldowns:
     def sync(self) -> None:
         keys = self.pool.keys
         for key, left in zip(keys, self.redis.call(*[("PTTL", self.name(key)) for key in keys])):
-            if isinstance(left, int) and left > 0:
+            if not isinstance(left, int) or left > MAX_COOL_DOWN * 1000:
+                self.redis.malformed("%r to PTTL" % (left if isinstance(left, int) else type(left)))
+            elif left > 0:
                 self.pool.cool_down(key, left / 1000.0, announce=False)
 
 
@@ -2886,8 +3402,10 @@ def outcome_of(error: Optional[ProxyError]) -> str:
 
 
 class KeyFilter(logging.Filter):
-    """Hides upstream keys in every line the proxy logs: the configured ones, and the key a
-    record names as its `secret` (a client's pass-through key). Installed by each server."""
+    """Every line the proxy logs passes here: upstream keys hidden (the configured ones, and
+    the key a record names as its `secret`, a client's pass-through key), and control
+    characters escaped, since much of a line is what clients sent (a method, a path, the
+    tail of a key). Installed by each server."""
 
     def __init__(self, keys: Sequence[str]):
         super().__init__()
@@ -2900,17 +3418,18 @@ class KeyFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         secret = getattr(record, "secret", None)
-        if self.keys or secret:
-            message = record.getMessage()
-            hidden = self.hide(message, secret)
-            if hidden != message:
-                record.msg, record.args = hidden, ()
-            if record.exc_info and not record.exc_text:  # a traceback is text too
-                record.exc_text = self.hide(logging.Formatter().formatException(record.exc_info), secret)
-            fields = getattr(record, "fields", None)
-            if fields:
-                record.fields = {name: self.hide(value, secret) if isinstance(value, str) else value
-                                 for name, value in fields.items()}
+        hiding = self.keys or secret
+        message = record.getMessage()
+        shown = printable(self.hide(message, secret) if hiding else message)
+        if shown != message:
+            record.msg, record.args = shown, ()
+        if record.exc_info and not record.exc_text:  # a traceback is text too
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = printable(self.hide(text, secret) if hiding else text, lines=True)
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = {name: printable(self.hide(value, secret) if hiding else value)
+                             if isinstance(value, str) else value for name, value in fields.items()}
         return True
 
 
@@ -3137,24 +3656,26 @@ class AnswerPipeline:
         self.slot_held = False
         self.first_byte = None  # type: Optional[float]
 
-    def run(self, request: AnswerRequest) -> None:
+    def run(self, request: AnswerRequest, caller: Caller) -> None:
         handler, server, config = self.handler, self.server, self.config
         if server.draining:
             handler.close_connection = True
             raise shutting_down()
-        keys, caller = self.keys()
-        turn = plan_turn(server.sessions, config.sessions, config.max_query, caller, request, config.system)
-        handler.note, handler.session_path = " session=" + turn.path, turn.path
         if not server.begin_stream():
             raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
                              code="server_busy", headers={"Retry-After": "1"})
-        self.slot_held, handler.stream_open = True, request.stream
-        server.watchdog.watch(handler)
+        self.slot_held = True
         error = None
         try:
+            # Memory is read, consumed and claimed only now: for a known caller holding a slot.
+            request = self.wire.recall(request, caller.id)
+            turn = plan_turn(server.sessions, config.sessions, config.max_query, caller.id, request, config.system)
+            handler.note, handler.session_path = " session=" + turn.path, turn.path
+            handler.stream_open = request.stream
+            server.watchdog.watch(handler)
             if request.stream and self.wire.opens_at_once:
                 handler.open_stream()
-            turn, key = self.open_upstream(turn, self.key_order(turn, keys), request.title)
+            turn, key = self.open_upstream(turn, self.key_order(turn, caller.keys), request.title)
             answer = AnswerRouter(config.reasoning, turn.query, request.max_output, request.stops)
             if request.stream:
                 self.stream(turn, key, answer)
@@ -3168,18 +3689,6 @@ class AnswerPipeline:
             raise
         finally:
             self.release(handler.interrupted or outcome_of(error))
-
-    def keys(self) -> Tuple[Tuple[str, ...], str]:
-        """The upstream keys this request may use, and who is calling: conversations are
-        kept apart by caller (the proxy key or the pass-through key)."""
-        config, headers = self.config, self.handler.headers
-        if config.api_keys:
-            return config.api_keys, (client_key(headers) or "") if config.proxy_keys else ""
-        caller = client_key(headers)
-        if not caller:
-            raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
-                                  "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
-        return (caller,), caller
 
     def key_order(self, turn: Turn, keys: Sequence[str]) -> List[str]:
         pool = self.server.key_pool
@@ -3606,7 +4115,6 @@ PAGE_HEADERS = (
 
 # --- HTTP handler --------------------------------------------------------------
 
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
@@ -3638,8 +4146,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "custom_finstep/" + __version__
     sys_version = ""
-    cors_headers = (("Access-Control-Allow-Origin", "*"),
-                    ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, X-Finstep-Session"))
+    exposed_headers = ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, X-Finstep-Session")
     allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
 
     def version_string(self) -> str:
@@ -3682,6 +4189,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.framing = None  # type: Optional[Tuple[str, int]]  # of the body still unread
         self.reserved = 0  # bytes of the body budget this request holds
         self.wire = None  # type: Optional[WireFormat]
+        self.caller = None  # type: Optional[Caller]  # once authenticated
+        self.cors = self.server.browser.static_headers  # CORS headers of this request's answers
         self.upstream = None  # type: Optional[UpstreamCall]
         self.chunks = 0
         self.note = ""
@@ -3789,7 +4298,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                          "upstream_status": upstream_status, "chunks": self.chunks, "note": self.note.strip()})
 
     def logged_path(self) -> str:
-        return _CONTROL.sub("?", (self.path or "-").split("?", 1)[0][:200])
+        return printable((self.path or "-").split("?", 1)[0][:200])
 
     def log_drop(self) -> None:
         # Routine: an idle keep-alive connection (a partial request is answered 408 and logged).
@@ -3848,12 +4357,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
 
     def do_OPTIONS(self) -> None:
+        try:
+            self.check_browser()
+        except ProxyError as exc:
+            self.fail(exc)  # a preflight from a page that may not call is not granted
+            return
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         requested = [name.strip() for name in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
         self.send_header("Access-Control-Allow-Headers", ", ".join(
             [self.allowed_headers] + [name for name in requested if TOKEN.fullmatch(name)]))
         self.send_header("Access-Control-Max-Age", "86400")
+        if (self.headers.get("Access-Control-Request-Private-Network") or "").lower() == "true":
+            self.send_header("Access-Control-Allow-Private-Network", "true")  # a public page to this address
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -3861,6 +4377,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = self.route_path()
         try:
             try:
+                self.check_browser()
                 getattr(self, self.endpoint(path))(path)
             except ProxyError as exc:
                 if self.interrupted == "client_gone":
@@ -3886,13 +4403,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The request's path as routes know it: no query, no trailing slash."""
         return self.path.split("?", 1)[0].rstrip("/") or "/"
 
+    def check_browser(self) -> None:
+        """Refuse, before anything else, a web page that may not use the key this proxy holds
+        (BrowserPolicy), and set the CORS headers of the answer."""
+        policy = self.server.browser
+        if policy.guarded:
+            origin = self.headers.get("Origin")
+            refusal = policy.refusal(origin, self.headers.get("Host"))
+            if refusal is not None:
+                raise refusal
+            self.cors = policy.headers(origin)
+
     def endpoint(self, path: str) -> str:
         """The handler method for this request, once its key is checked; raises ProxyError."""
         routes = route_for(path)
         if path == "/" and not self.server.config.page:
             routes = None
-        if path not in ("/health", "/"):  # the page holds no data: it asks for the key itself
-            self.check_proxy_key()
+        if path not in ("/health", "/") and self.server.config.proxy_keys:
+            self.authenticate()  # the page holds no data: it asks for the key itself
         if routes is None:
             raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
         name = routes.get("GET" if self.command == "HEAD" else self.command)  # HEAD: GET's head alone
@@ -3902,14 +4430,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              code="method_not_allowed", headers={"Allow": allowed})
         return name
 
-    def check_proxy_key(self) -> None:
-        allowed = self.server.config.proxy_keys
-        if not allowed:
-            return
-        presented = (client_key(self.headers) or "").encode("utf-8")
-        if not any(hmac.compare_digest(presented, key.encode("utf-8")) for key in allowed):
-            raise ProxyError(401, "Invalid or missing API key for this proxy: send "
-                                  "'Authorization: Bearer <PROXY_API_KEY>'", code="invalid_api_key")
+    def authenticate(self) -> Caller:
+        """The request's caller (see Caller), from its headers alone; raises ProxyError(401)."""
+        if self.caller is None:
+            self.caller = caller_of(self.server.config, self.headers, self.server.deployment)
+        return self.caller
 
     # -- endpoints
 
@@ -3961,11 +4486,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "type": "model", "display_name": model, "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
     def count_tokens(self, path: str) -> None:
+        self.authenticate()  # an Anthropic client always sends its key; none, no body is read
         self.send_json(200, count_tokens(self.read_body(), self.server.config.models[0]))
 
     def answer(self, path: str) -> None:
+        caller = self.authenticate()  # before the body: nothing is read or parsed for a refused caller
         wire = self.wire_format()
-        AnswerPipeline(self, wire).run(wire.parse(self.read_body(), self.headers))
+        AnswerPipeline(self, wire).run(wire.parse(self.read_body(), self.headers), caller)
 
     # -- request bodies
 
@@ -3976,7 +4503,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return False
         try:
             self.check_head()
-            self.endpoint(self.route_path())
+            self.check_browser()
+            if self.endpoint(self.route_path()) in ("answer", "count_tokens"):
+                self.authenticate()
             if self.framing[0] == LENGTH:
                 self.reserve_body(self.framing[1])
         except ProxyError as exc:
@@ -4078,8 +4607,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- responses. Writes to a stream hold write_lock: the watchdog writes keep-alives too.
 
     def end_headers(self) -> None:
-        for name, value in self.cors_headers:
+        for name, value in self.cors:
             self.send_header(name, value)
+        self.send_header(*self.exposed_headers)
         self.send_header("X-Request-Id", self.request_id)
         if self.session_path:
             self.send_header("X-Finstep-Session", self.session_path)
@@ -4217,15 +4747,18 @@ class ProxyServer(ThreadingHTTPServer):
             else:
                 self.upstream_pool.keep_warm(route, functools.partial(connector.connect, route,
                                                                       config.connect_timeout))
-        self.sessions = SessionStore(config.session_cache, config.session_ttl)
+        self.sessions = SessionStore(config.session_cache, config.session_ttl, config.session_memory)
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
         self.redis = None  # type: Optional[RedisClient]
         if config.redis_url:
-            self.redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout)
+            self.redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout,
+                                     redis_reply_limit(config.max_query))
             self.sessions = SharedStore(self.redis, self.sessions, config.redis_prefix)
             if self.key_pool is not None:
                 SharedCooldowns(self.redis, self.key_pool, config.redis_prefix)
         self.metrics = Metrics()
+        self.browser = BrowserPolicy(config)
+        self.deployment = deployment_caller(config)
         self.body_budget = MemoryBudget(config.body_budget)
         self.log_filter = KeyFilter(config.api_keys + config.proxy_keys)
         log.addFilter(self.log_filter)
@@ -4255,7 +4788,8 @@ class ProxyServer(ThreadingHTTPServer):
             return
         body = json.dumps(ProxyError(503, "Too many open connections; retry shortly",
                                      code="server_busy").body()).encode("utf-8")
-        cors = "".join("%s: %s\r\n" % header for header in ProxyHandler.cors_headers).encode("ascii")
+        cors = "".join("%s: %s\r\n" % header for header in self.browser.static_headers + (
+            ProxyHandler.exposed_headers,)).encode("ascii")
         try:
             request.settimeout(1.0)
             request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -4439,7 +4973,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              __version__, config.host, server.server_address[1], " (demo)" if config.demo else "",
              config.upstream_url, ", ".join(map(mask_key, config.api_keys)) or "from each client",
              config.reasoning, config.sessions)
-    loopback = config.host in ("localhost", "::1") or config.host.startswith("127.")
+    browser = server.browser
+    log.log(logging.WARNING if browser.guarded and browser.any_origin else logging.INFO,
+            "web pages: %s", browser.describe())
+    loopback = loopback_name(host_of(config.host))
     if config.api_keys and not config.proxy_keys and not loopback and not config.demo:
         log.warning("listening on %s with FINSTEP_API_KEY and no PROXY_API_KEY: anyone who reaches this "
                     "port spends your Finstep key; set PROXY_API_KEY", config.host)

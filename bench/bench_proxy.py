@@ -49,8 +49,9 @@ class FakeFinstep(BaseHTTPRequestHandler):
 
     def do_POST(self):
         query = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"]
-        fields = dict(part.split("=") for part in query.split()[1:])
-        count, every = int(fields["n"]), float(fields["every"])
+        words = query.split()  # "bench n=<chunks> every=<seconds>"; any other query: one chunk at once
+        fields = dict(part.split("=", 1) for part in words[1:] if "=" in part) if words[:1] == ["bench"] else {}
+        count, every = int(fields.get("n", 1)), float(fields.get("every", 0))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream;charset=UTF-8")
         self.send_header("Transfer-Encoding", "chunked")
