@@ -1,62 +1,73 @@
 """custom_finstep: Finstep's chat API served as OpenAI's chat completions and Responses, as
 Anthropic's Messages, and as AG-UI.
 
-One file, standard library only, Python 3.8 or newer. Finstep answers one
-`query` per request as a stream of status events; OpenAI clients (the `openai`
-SDK, LiteLLM, LobeChat, Open WebUI, Cherry Studio, curl, AG-UI servers) speak
-`/v1/chat/completions`, AG-UI front ends (`@ag-ui/client`, CopilotKit) speak
-AG-UI. This proxy translates, forwarding every answer token the moment the
-upstream sends it. One answer pipeline serves every wire format.
+One file, standard library only, Python 3.8 or newer. Finstep answers one `query` per
+request as a stream of status events; clients speak OpenAI's or Anthropic's APIs or AG-UI.
+This proxy translates, forwarding every answer token the moment the upstream sends it.
 
 Run:
-    python custom_finstep.py                  # listen on 0.0.0.0:4001
-    python custom_finstep.py --demo           # built-in stand-in upstream, no key needed
-    python custom_finstep.py --help           # every option
+    python custom_finstep.py --demo           # a built-in stand-in upstream, no key needed, port 4001
+    python custom_finstep.py --help           # every setting, with its default
     python -m custom_finstep                  # the same (a script restarts itself as this module)
 
-Endpoints:
-    POST /v1/chat/completions, POST /chat/completions   # OpenAI chat completions
-    POST /agui, POST /v1/agui                 # AG-UI 1.0: a RunAgentInput in, an AG-UI event stream out
-    POST /v1/responses, POST /responses       # OpenAI Responses API (previous_response_id continues)
-    POST /v1/messages, POST /messages         # Anthropic Messages API (x-api-key works as a key)
-    POST /v1/messages/count_tokens            # Anthropic's token count, estimated, no upstream call
-    GET  /v1/models, /models, /v1/models/{id}, /models/{id}
-    GET  /                                    # a page: ask in the browser, watch the status (FINSTEP_PAGE)
-    GET  /status                              # the page's status, as JSON
-    GET  /health                              # no upstream call
-    GET  /metrics                             # Prometheus text format
-    OPTIONS on every path                     # CORS preflight
+Settings (SETTINGS; each environment variable has a flag that overrides it, and --help and
+the README give each its default, which Config holds once): FINSTEP_API_KEY, PROXY_API_KEY,
+FINSTEP_ORIGINS, FINSTEP_API_URL, HOST, PORT, FINSTEP_USER_ID, FINSTEP_REASONING,
+FINSTEP_MODELS, FINSTEP_TIMEOUT, FINSTEP_MAX_BODY, FINSTEP_BODY_BUDGET, FINSTEP_SESSIONS,
+FINSTEP_SYSTEM, FINSTEP_SESSION_CACHE, FINSTEP_SESSION_MEMORY, FINSTEP_MAX_QUERY,
+FINSTEP_HEARTBEAT, FINSTEP_MAX_STREAMS, FINSTEP_DRAIN_SECONDS, FINSTEP_UPSTREAM_IDLE,
+FINSTEP_PREWARM, FINSTEP_PAGE, FINSTEP_REDIS_URL, FINSTEP_REDIS_PREFIX, FINSTEP_REDIS_TIMEOUT,
+LOG_LEVEL, LOG_FORMAT.
 
-Environment (each has a command-line flag that overrides it; empty = unset):
-    FINSTEP_API_KEY    --api-key     unset    upstream key(s), comma-separated; unset = the client's key is passed through
-    PROXY_API_KEY      --proxy-key   unset    key(s) clients must present (Bearer or x-api-key); needs FINSTEP_API_KEY
-    FINSTEP_ORIGINS    --origins     loopback  web origins that may use a key the proxy holds without asking one
-    FINSTEP_API_URL    --upstream    https://product-backend.finstep.cn/chat/api/chat/v2/completion
-    HOST               --host        0.0.0.0  listen address
-    PORT               --port        4001     listen port
-    FINSTEP_USER_ID    --user-id     12345679 `userId` sent upstream
-    FINSTEP_REASONING  --reasoning   reasoning  where `deepthink` text goes: reasoning | think | content | drop
-    FINSTEP_MODELS     --models      finstep-proxy  comma-separated ids listed by /v1/models
-    FINSTEP_TIMEOUT    --timeout     300      seconds the upstream may stay silent (connect timeout 10 s)
-    FINSTEP_MAX_BODY   --max-body    8388608  largest request body in bytes
-    FINSTEP_BODY_BUDGET --body-budget 67108864  memory all request bodies may take at once (parsed form included)
-    FINSTEP_SESSIONS   --sessions    auto     auto: continue upstream sessions exactly; fold: never continue
-    FINSTEP_SYSTEM     --system      fold     system/developer messages: fold (into a new session's query) | drop
-    FINSTEP_SESSION_CACHE --session-cache 10000  conversations remembered for continuation (24 h at most)
-    FINSTEP_SESSION_MEMORY --session-memory 67108864  bytes those remembered conversations may take
-    FINSTEP_MAX_QUERY  --max-query   20000    longest folded query in characters (oldest turns dropped first)
-    FINSTEP_HEARTBEAT  --heartbeat   15       longest silence a streaming client sees (SSE comment keep-alives)
-    FINSTEP_MAX_STREAMS --max-streams 256     concurrent upstream requests; above it 503 with Retry-After
-    FINSTEP_DRAIN_SECONDS --drain-seconds 8   on SIGTERM, how long streams in flight may finish
-    FINSTEP_UPSTREAM_IDLE --upstream-idle 30  seconds an unused upstream connection is kept for reuse
-    FINSTEP_PREWARM    --prewarm     0        1: keep one upstream connection open even when idle
-    FINSTEP_PAGE       --page        on       on: GET / is a page to try the proxy and watch its status; off: 404
-    FINSTEP_REDIS_URL  --redis-url   unset    redis://… or rediss://…: memory shared by replicas
-    FINSTEP_REDIS_PREFIX --redis-prefix finstep:  prefix of the proxy's Redis keys
-    FINSTEP_REDIS_TIMEOUT --redis-timeout 0.25  seconds a Redis call may take
-    LOG_LEVEL          --log-level   INFO     DEBUG | INFO | WARNING | ERROR
-    LOG_FORMAT         --log-format  text     text | json (one JSON object per line)
+Endpoints: the route table, ROUTES, is the one list.
+
+A request's way through this file, whose sections follow it:
+
+    ProxyServer.process_request           accept, within the connection limit (The server)
+      ProxyHandler.handle_one_request     an Exchange: the request's state, to its log line
+        HeadReader, request_framing       the head, line by line and bounded (HTTP/1.1 framing)
+        RouteTable.find                   its Route: endpoint, wire format, key needed (Routes)
+        BrowserPolicy, caller_of          the page's origin and Host; the Caller (Callers and browsers)
+        BodyReader                        the body, within the body budget (HTTP/1.1 framing)
+        WireFormat.parse                  an AnswerRequest, or a DirectAnswer (Wire formats)
+        AnswerPipeline.run                a stream slot, then (The answer pipeline):
+          WireFormat.recall, plan_turn    what the caller's memory says: continue, fold, name (Conversations)
+          KeyPool.order, UpstreamCall     the upstream, key after key (Keys; Upstream; Shared memory)
+          AnswerRouter                    each read's events: text, reasoning, steps; limits, stops (Answers)
+          WireFormat.render               the events as the client's bytes (Wire formats)
+          ResponseSink                    written at once, one chunk a read; heartbeats (The HTTP handler)
+          remember_turn, answered         the turn remembered for its next one (Conversations)
+        RequestLog.log_summary            one log line, keys hidden (Logs); Metrics
+
+    Also: the Watchdog (heartbeats, departed clients, slow heads), the demo upstream, main(),
+    and, last, the page at / and its assets.
+
+Hooks a WireFormat may override (one class a format; its `name` is what routes name):
+    parse(body, headers)          the AnswerRequest the pipeline answers, or a DirectAnswer
+                                  the format answers itself, without Finstep
+    recall(request, caller)       what the format remembers for the caller (a response id)
+    answered(turn, key, answer)   remember its own handles after a complete answer
+    opening(), render(events), closing(answer)   the stream's bytes; failure(error) after its head
+    document(answer)              the whole answer as one JSON body, when not streaming
+    error_status(error), error_body(error)       an error before the head: its status and shape
+    heartbeat, opens_at_once, ends_cleanly_after_failure   class attributes
+
+Standard-library internals relied upon, and why:
+    BaseHTTPRequestHandler._headers_buffer   an event stream's head is held and leaves with its
+                                             first body bytes, in one write
+    BaseHTTPRequestHandler.rfile             swapped for a HeadReader while the head is read, to
+                                             bound it (64 KB in all) and check each line
+    HTTPServer.server_bind                   skipped for TCPServer's: it resolves the host's FQDN
+    http.client.HTTPResponse .fp, .chunked, .length   the upstream body is read and chunk-decoded
+                                             here, so every event already arrived leaves at once
+    urllib.request.Request._tunnel_host      where an HTTPS_PROXY tunnel leads: pooled per route
+    urllib.request.AbstractHTTPHandler.do_request_, Request.unredirected_hdrs   urllib prepares
+                                             the upstream request; the pool sends it
+    socket.socket.recv on an SSLSocket       peek the TCP stream under TLS: is an idle one closed?
+    subprocess._args_from_interpreter_flags  a script restarting as a module keeps -X, -W, -O
 """
+
+from __future__ import annotations  # annotations name classes defined further down
 
 __version__ = "1.2.0"
 
@@ -130,6 +141,7 @@ from typing import Dict
 from typing import Iterator
 from typing import List
 from typing import Mapping
+from typing import NamedTuple
 from typing import Optional
 from typing import Sequence
 from typing import Tuple
@@ -137,11 +149,13 @@ from typing import Tuple
 log = logging.getLogger("custom_finstep")
 
 
-# --- Configuration -----------------------------------------------------------
+# --- Configuration ------------------------------------------------------------------------
 
 DEFAULT_UPSTREAM = "https://product-backend.finstep.cn/chat/api/chat/v2/completion"
 REASONING_MODES = ("reasoning", "think", "content", "drop")
 SESSION_MODES = ("auto", "fold")
+
+
 SYSTEM_MODES = ("fold", "drop")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -187,6 +201,11 @@ class Config:
     client_timeout: float = 10.0  # a client must send its request head and body within this
     session_ttl: float = 86400.0  # a remembered conversation is forgotten after this
     max_connections: int = 0  # open client connections; 0 = 4 x max_streams + 64
+
+    @property
+    def default_model(self) -> str:
+        """The model a request names when it names none: the first FINSTEP_MODELS lists."""
+        return self.models[0]
 
     @property
     def connection_limit(self) -> int:
@@ -288,75 +307,87 @@ def _models(raw: str) -> Tuple[str, ...]:
     return ids
 
 
-# (field, environment variable, flag, converter, help). The table drives both
-# --help and load_config, so the two can never disagree.
+Setting = collections.namedtuple("Setting", "field env flag convert help")
+
+# Every setting once: its Config field (and default), environment variable, flag, converter
+# and help. --help and load_config() are made from this table, and the README's table is
+# tested against it, so none of them can disagree.
 SETTINGS = (
-    ("api_keys", "FINSTEP_API_KEY", "--api-key", _keys,
-     "upstream Finstep key, or several separated by commas (new conversations rotate over them); "
-     "when unset, the client's 'Authorization: Bearer <key>' is passed through"),
-    ("proxy_keys", "PROXY_API_KEY", "--proxy-key", _keys,
-     "key(s) clients must present as 'Authorization: Bearer <key>' or x-api-key (comma-separated); "
-     "requires FINSTEP_API_KEY"),
-    ("origins", "FINSTEP_ORIGINS", "--origins", _origins,
-     "web origins (scheme://host[:port], comma-separated, * for any) whose pages may call a proxy that "
-     "holds FINSTEP_API_KEY and asks no PROXY_API_KEY; others get 403 (default: http and https on "
-     "localhost, 127.0.0.1 and [::1], any port, and the proxy's own page). With a key to present, any "
-     "origin may call"),
-    ("upstream_url", "FINSTEP_API_URL", "--upstream", _url,
-     "upstream endpoint (default %s)" % DEFAULT_UPSTREAM),
-    ("host", "HOST", "--host", _text, "listen address (default 0.0.0.0)"),
-    ("port", "PORT", "--port", _port, "listen port (default 4001; 0 picks a free one)"),
-    ("user_id", "FINSTEP_USER_ID", "--user-id", _text, "userId sent upstream (default 12345679)"),
-    ("reasoning", "FINSTEP_REASONING", "--reasoning", _choice(REASONING_MODES),
-     "where deepthink text goes: reasoning (reasoning_content field), think (<think> block in "
-     "content), content (plain content), drop (default reasoning)"),
-    ("models", "FINSTEP_MODELS", "--models", _models,
-     "comma-separated model ids listed by /v1/models (default finstep-proxy)"),
-    ("timeout", "FINSTEP_TIMEOUT", "--timeout", _positive_float,
-     "seconds the upstream may stay silent before the request fails (default 300)"),
-    ("max_body", "FINSTEP_MAX_BODY", "--max-body", _positive_int,
-     "largest request body in bytes (default 8388608)"),
-    ("body_budget", "FINSTEP_BODY_BUDGET", "--body-budget", _positive_int,
-     "bytes all request bodies together may take in memory, parsed form included; a request that "
-     "does not fit gets 503 with Retry-After (default 67108864)"),
-    ("sessions", "FINSTEP_SESSIONS", "--sessions", _choice(SESSION_MODES),
-     "auto: continue the upstream session when the history matches an earlier answer, else fold the "
-     "history into the query; fold: always a new session with the folded history (default auto)"),
-    ("system", "FINSTEP_SYSTEM", "--system", _choice(SYSTEM_MODES),
-     "the client's system and developer messages: fold (into the first query of a new upstream "
-     "session, default) or drop (never sent upstream; the first query is the question alone)"),
-    ("session_cache", "FINSTEP_SESSION_CACHE", "--session-cache", _positive_int,
-     "conversations remembered in memory for continuation, least recently used evicted (default 10000)"),
-    ("session_memory", "FINSTEP_SESSION_MEMORY", "--session-memory", _positive_int,
-     "bytes the remembered conversations and responses may take in memory, least recently used "
-     "evicted (default 67108864)"),
-    ("max_query", "FINSTEP_MAX_QUERY", "--max-query", _positive_int,
-     "longest folded query in characters; the oldest turns are dropped first (default 20000)"),
-    ("heartbeat", "FINSTEP_HEARTBEAT", "--heartbeat", _positive_float,
-     "longest silence in seconds a streaming client sees; ': keep-alive' comments fill it (default 15)"),
-    ("max_streams", "FINSTEP_MAX_STREAMS", "--max-streams", _positive_int,
-     "concurrent upstream requests; above it clients get 503 with Retry-After (default 256)"),
-    ("drain_seconds", "FINSTEP_DRAIN_SECONDS", "--drain-seconds", _positive_float,
-     "on SIGTERM, seconds streams in flight may take to finish (default 8)"),
-    ("upstream_idle", "FINSTEP_UPSTREAM_IDLE", "--upstream-idle", _positive_float,
-     "seconds an unused upstream connection stays open for the next request (default 30)"),
-    ("prewarm", "FINSTEP_PREWARM", "--prewarm", _switch,
-     "1: keep one upstream connection open at all times, so even the first request after a quiet "
-     "spell skips the TCP and TLS handshakes (default 0)"),
-    ("page", "FINSTEP_PAGE", "--page", _switch,
-     "on: GET / serves a page to try the proxy and see its status; off: / is a 404 (default on)"),
-    ("redis_url", "FINSTEP_REDIS_URL", "--redis-url", _redis_url,
-     "redis://[user:password@]host:port/db or rediss://… (TLS): conversations, response ids and key "
-     "cool-downs shared by every replica; unset: each process remembers on its own"),
-    ("redis_prefix", "FINSTEP_REDIS_PREFIX", "--redis-prefix", _text,
-     "prefix of every Redis key the proxy writes (default finstep:)"),
-    ("redis_timeout", "FINSTEP_REDIS_TIMEOUT", "--redis-timeout", _positive_float,
-     "seconds a Redis call may take before the request goes on without it (default 0.25)"),
-    ("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
-     "DEBUG, INFO, WARNING or ERROR (default INFO)"),
-    ("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
-     "text, or json for one JSON object per line (default text)"),
+    Setting("api_keys", "FINSTEP_API_KEY", "--api-key", _keys,
+            "upstream Finstep key, or several separated by commas (new conversations rotate over them); "
+            "when unset, the client's 'Authorization: Bearer <key>' is passed through"),
+    Setting("proxy_keys", "PROXY_API_KEY", "--proxy-key", _keys,
+            "key(s) clients must present as 'Authorization: Bearer <key>' or x-api-key (comma-separated); "
+            "requires FINSTEP_API_KEY"),
+    Setting("origins", "FINSTEP_ORIGINS", "--origins", _origins,
+            "web origins (scheme://host[:port], comma-separated, * for any) whose pages may call a proxy "
+            "that holds FINSTEP_API_KEY and asks no PROXY_API_KEY; others get 403. Unset: http and https on "
+            "localhost, 127.0.0.1 and [::1], any port, and the proxy's own page. With a key to present, any "
+            "origin may call"),
+    Setting("upstream_url", "FINSTEP_API_URL", "--upstream", _url, "upstream endpoint"),
+    Setting("host", "HOST", "--host", _text, "listen address"),
+    Setting("port", "PORT", "--port", _port, "listen port (0 picks a free one)"),
+    Setting("user_id", "FINSTEP_USER_ID", "--user-id", _text, "userId sent upstream"),
+    Setting("reasoning", "FINSTEP_REASONING", "--reasoning", _choice(REASONING_MODES),
+            "where deepthink text goes: reasoning (reasoning_content field), think (<think> block in "
+            "content), content (plain content), drop"),
+    Setting("models", "FINSTEP_MODELS", "--models", _models, "comma-separated model ids listed by /v1/models"),
+    Setting("timeout", "FINSTEP_TIMEOUT", "--timeout", _positive_float,
+            "seconds the upstream may stay silent before the request fails"),
+    Setting("max_body", "FINSTEP_MAX_BODY", "--max-body", _positive_int, "largest request body in bytes"),
+    Setting("body_budget", "FINSTEP_BODY_BUDGET", "--body-budget", _positive_int,
+            "bytes all request bodies together may take in memory, parsed form included; a request that "
+            "does not fit gets 503 with Retry-After"),
+    Setting("sessions", "FINSTEP_SESSIONS", "--sessions", _choice(SESSION_MODES),
+            "auto: continue the upstream session when the history matches an earlier answer, else fold "
+            "the history into the query; fold: always a new session with the folded history"),
+    Setting("system", "FINSTEP_SYSTEM", "--system", _choice(SYSTEM_MODES),
+            "the client's system and developer messages: fold (into the first query of a new upstream "
+            "session) or drop (never sent upstream; the first query is the question alone)"),
+    Setting("session_cache", "FINSTEP_SESSION_CACHE", "--session-cache", _positive_int,
+            "conversations remembered in memory for continuation, least recently used evicted"),
+    Setting("session_memory", "FINSTEP_SESSION_MEMORY", "--session-memory", _positive_int,
+            "bytes the remembered conversations and responses may take in memory, least recently used "
+            "evicted"),
+    Setting("max_query", "FINSTEP_MAX_QUERY", "--max-query", _positive_int,
+            "longest folded query in characters; the oldest turns are dropped first"),
+    Setting("heartbeat", "FINSTEP_HEARTBEAT", "--heartbeat", _positive_float,
+            "longest silence in seconds a streaming client sees; ': keep-alive' comments fill it"),
+    Setting("max_streams", "FINSTEP_MAX_STREAMS", "--max-streams", _positive_int,
+            "concurrent upstream requests; above it clients get 503 with Retry-After"),
+    Setting("drain_seconds", "FINSTEP_DRAIN_SECONDS", "--drain-seconds", _positive_float,
+            "on SIGTERM, seconds streams in flight may take to finish"),
+    Setting("upstream_idle", "FINSTEP_UPSTREAM_IDLE", "--upstream-idle", _positive_float,
+            "seconds an unused upstream connection stays open for the next request"),
+    Setting("prewarm", "FINSTEP_PREWARM", "--prewarm", _switch,
+            "on: keep one upstream connection open at all times, so even the first request after a quiet "
+            "spell skips the TCP and TLS handshakes"),
+    Setting("page", "FINSTEP_PAGE", "--page", _switch,
+            "on: GET / serves a page to try the proxy and see its status; off: / is a 404"),
+    Setting("redis_url", "FINSTEP_REDIS_URL", "--redis-url", _redis_url,
+            "redis://[user:password@]host:port/db or rediss://… (TLS): conversations, response ids and key "
+            "cool-downs shared by every replica; unset: each process remembers on its own"),
+    Setting("redis_prefix", "FINSTEP_REDIS_PREFIX", "--redis-prefix", _text,
+            "prefix of every Redis key the proxy writes"),
+    Setting("redis_timeout", "FINSTEP_REDIS_TIMEOUT", "--redis-timeout", _positive_float,
+            "seconds a Redis call may take in all before the request goes on without it"),
+    Setting("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
+            "DEBUG, INFO, WARNING or ERROR"),
+    Setting("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
+            "text, or json for one JSON object per line"),
 )
+
+
+def default_text(field: str) -> str:
+    """A setting's default as written in --help and the README: "" when unset."""
+    value = Config.__dataclass_fields__[field].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return "%g" % value
+    return str(value)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -364,8 +395,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="custom_finstep.py",
         description="Serve Finstep's chat API as an OpenAI-compatible API. "
                     "Every flag overrides the environment variable named beside it.")
-    for field, env, flag, _, help_text in SETTINGS:
-        parser.add_argument(flag, dest=field, metavar=env, help="[env %s] %s" % (env, help_text))
+    for setting in SETTINGS:
+        parser.add_argument(setting.flag, dest=setting.field, metavar=setting.env, help="[env %s] %s (default: %s)" % (
+            setting.env, setting.help, default_text(setting.field) or "unset"))
     parser.add_argument("--demo", action="store_true",
                         help="serve a built-in stand-in for the upstream (no key needed) to try the proxy")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
@@ -379,16 +411,16 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
     Raises ConfigError naming the bad setting (argparse exits on bad flags)."""
     args = build_arg_parser().parse_args(list(argv))
     values = {"demo": args.demo}
-    for field, env, flag, convert, _ in SETTINGS:
-        from_flag = getattr(args, field)
-        raw = from_flag if from_flag is not None else environ.get(env, "")
+    for setting in SETTINGS:
+        from_flag = getattr(args, setting.field)
+        raw = from_flag if from_flag is not None else environ.get(setting.env, "")
         if from_flag is None and not raw.strip():
             continue
         try:
-            values[field] = convert(raw)
+            values[setting.field] = setting.convert(raw)
         except ValueError as exc:
-            shown = "" if field.endswith("_keys") else ", got %r" % raw
-            raise ConfigError("%s (%s) %s%s" % (env, flag, exc, shown)) from None
+            shown = "" if setting.field.endswith("_keys") else ", got %r" % raw
+            raise ConfigError("%s (%s) %s%s" % (setting.env, setting.flag, exc, shown)) from None
     if values.get("body_budget", Config.body_budget) < values.get("max_body", Config.max_body):
         raise ConfigError("FINSTEP_BODY_BUDGET (--body-budget) must be at least FINSTEP_MAX_BODY (--max-body): "
                           "a body of the largest size allowed could never be read")
@@ -398,7 +430,7 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
     return Config(**values)
 
 
-# --- Keys and control characters kept out of logs and messages -------------------------
+# --- Logs: keys hidden, control characters escaped, one line a request --------------------
 
 def mask_key(key: Optional[str]) -> str:
     """A key as it may appear in a log: short keys hidden whole, long ones by all but the last 4
@@ -470,11 +502,70 @@ def printable(text: str, lines: bool = False) -> str:
     return _UNPRINTABLE.sub(_escape, text)
 
 
-# --- Protocol: pure functions, no sockets ------------------------------------
+class KeyFilter(logging.Filter):
+    """Every line the proxy logs passes here: upstream keys hidden (the configured ones, and
+    the key a record names as its `secret`, a client's pass-through key), and control
+    characters escaped, since much of a line is what clients sent (a method, a path, the
+    tail of a key). Installed by each server."""
 
-SESSION_TITLE_LIMIT = 50
-THINK_OPEN = "<think>\n"
-THINK_CLOSE = "\n</think>\n\n"
+    def __init__(self, keys: Sequence[str]):
+        super().__init__()
+        self.keys = tuple(keys)
+
+    def hide(self, text: str, secret: Optional[str] = None) -> str:
+        """`text` with the configured keys and `secret` hidden: for log lines and for every
+        error message a client is sent."""
+        return hide_keys(text, self.keys + (secret,) if secret else self.keys)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secret = getattr(record, "secret", None)
+        hiding = self.keys or secret
+        message = record.getMessage()
+        shown = printable(self.hide(message, secret) if hiding else message)
+        if shown != message:
+            record.msg, record.args = shown, ()
+        if record.exc_info and not record.exc_text:  # a traceback is text too
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = printable(self.hide(text, secret) if hiding else text, lines=True)
+        fields = getattr(record, "fields", None)
+        if fields:
+            record.fields = {name: printable(self.hide(value, secret) if hiding else value)
+                             if isinstance(value, str) else value for name, value in fields.items()}
+        return True
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, request_id, message, and the request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        entry = {"time": moment.isoformat(timespec="milliseconds"), "level": record.levelname,
+                 "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+
+
+# --- Errors: raised anywhere, answered in one place ---------------------------------------
+
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 429: "rate_limit_error", 502: "upstream_error", 504: "timeout_error"}
 
@@ -502,432 +593,31 @@ def error_body(message: str, type_: str, code: Optional[str] = None, param: Opti
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-@dataclasses.dataclass(frozen=True)
-class AnswerRequest:
-    """What the pipeline needs of a request, whatever its wire format."""
-    messages: Tuple[Tuple[str, str], ...]  # (role, text), in order; at least one user message has text
-    stream: bool
-    user: Optional[str] = None  # keeps one caller's conversations apart from another's
-    conversation: Optional[str] = None  # a conversation the client named (X-Session-Id, threadId)
-    max_output: Optional[int] = None  # output tokens (as estimated) the answer may take
-    stops: Tuple[str, ...] = ()  # the answer ends before the first of these in its text
-    resume: Optional["SessionRef"] = None  # the session the wire format knows this turn continues
-    fold: bool = False  # the wire format knows the conversation, and that its session cannot continue it
-
-    @property
-    def history(self) -> Tuple[Tuple[str, str], ...]:
-        """The messages up to and including the last user message."""
-        messages = self.messages
-        last = next(index for index in range(len(messages) - 1, -1, -1) if messages[index][0] == "user")
-        return messages[:last + 1]
-
-    @property
-    def question(self) -> str:
-        return self.history[-1][1]
-
-    @property
-    def title(self) -> str:
-        return session_title(next(text for role, text in self.messages
-                                  if role == "user" and text and not text.isspace()))
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatRequest(AnswerRequest):
-    model: str = ""
-    include_usage: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class AguiRequest(AnswerRequest):
-    thread_id: str = ""
-    run_id: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class ResponsesRequest(AnswerRequest):
-    model: str = ""
-    new_input: Tuple[Tuple[str, str], ...] = ()  # this request's own input items, as (role, text)
-    previous_response_id: Optional[str] = None
-    echo: Tuple[Tuple[str, object], ...] = ()  # request fields the response object repeats
-
-
-@dataclasses.dataclass(frozen=True)
-class MessagesRequest(AnswerRequest):
-    model: str = ""
+def status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTP %d" % status
 
 
 def _invalid(message: str, param: Optional[str]) -> ProxyError:
     return ProxyError(400, message, code="invalid_request", param=param)
 
 
-def message_text(content, param: str) -> str:
-    """The text of a message's content: a string, or a list of parts whose text parts are joined."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise _invalid("%s must be a string or a list of content parts" % param, param)
-    texts = []
-    for index, part in enumerate(content):
-        if isinstance(part, str):
-            texts.append(part)
-            continue
-        kind = part.get("type") if isinstance(part, dict) else None
-        field = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}.get(kind)
-        if field is None:
-            raise _invalid("Only text content is supported: %s[%d] is of type %r"
-                           % (param, index, kind), "%s[%d]" % (param, index))
-        if not isinstance(part.get(field), str):
-            raise _invalid("%s[%d] has no %r string" % (param, index, field), "%s[%d]" % (param, index))
-        texts.append(part[field])
-    return "\n".join(texts)
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _children(value):
-    return iter(value.items()) if isinstance(value, dict) else enumerate(value)
-
-
-def _surrogate_in(value) -> bool:
-    """Whether a string, or an object's field name, holds a lone surrogate."""
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    return isinstance(value, dict) and any(_SURROGATE.search(name) for name in value)
-
-
-def lone_surrogate_at(payload) -> Optional[str]:
-    """Where in a parsed JSON value a string holds a lone surrogate (text no encoding can
-    carry): its path, like messages[0].content; "" for the top level or a field's name. One
-    walk, depth first, holding only the path to where it is: no string made per value."""
-    if _surrogate_in(payload):
-        return ""
-    if not isinstance(payload, (dict, list)):
-        return None
-    steps, stack = [], [_children(payload)]
-    while stack:
-        for step, item in stack[-1]:
-            if _surrogate_in(item):
-                steps.append(step)
-                return "".join("[%d]" % step if isinstance(step, int) else ("." if at else "") + step
-                               for at, step in enumerate(steps))
-            if isinstance(item, (dict, list)):
-                steps.append(step)
-                stack.append(_children(item))
-                break
-        else:
-            stack.pop()
-            if steps:
-                steps.pop()
-    return None
-
-
-def json_object(body: bytes) -> dict:
-    """A request body as a JSON object; raises ProxyError(400) saying what is wrong."""
-    try:
-        payload = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _invalid("Request body is not valid UTF-8", None) from None
-    except (ValueError, RecursionError) as exc:
-        raise _invalid("Request body is not valid JSON: %s" % exc, None) from None
-    if not isinstance(payload, dict):
-        raise _invalid("Request body must be a JSON object", None)
-    # Raw UTF-8 cannot hold a lone surrogate, so only an escape can bring one in: a pair
-    # makes one character, a lone one is text that can be neither logged nor sent on.
-    if _SURROGATE_ESCAPE.search(body):
-        path = lone_surrogate_at(payload)
-        if path is not None:
-            raise _invalid("Request body holds text that cannot be encoded (a lone UTF-16 surrogate) in %s"
-                           % (path or "a field name"), path or None)
-    return payload
-
-
-def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> Tuple[Tuple[str, str], ...]:
-    """(role, text) of each message, keeping only `roles` when given (the others are skipped
-    unread); refused unless a user message comes last among them with text."""
-    messages = []
-    for index, message in enumerate(raw_messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if not isinstance(role, str):
-            param = "messages[%d]" % index
-            raise _invalid("%s must be an object with a string 'role'" % param, param)
-        if roles is None or role in roles:
-            content = message.get("content")  # a string mostly: no call, no parameter name made
-            text = content if isinstance(content, str) else message_text(content, "messages[%d].content" % index)
-            messages.append((role, text))
-    require_question(messages)
-    return tuple(messages)
-
-
-def require_question(messages: Sequence[Tuple[str, str]]) -> None:
-    """Refuse `messages` (as listed in the body's `messages`) unless a user message with text
-    comes last among the user messages: the question the upstream is asked."""
-    last = next((index for index in range(len(messages) - 1, -1, -1) if messages[index][0] == "user"), None)
-    if last is None:
-        raise _invalid("'messages' must contain a user message", "messages")
-    if not messages[last][1] or messages[last][1].isspace():
-        raise _invalid("The last user message has no text", "messages[%d].content" % last)
-
-
-MAX_STOPS = 16
-MAX_STOP_LENGTH = 256
-
-
 def _unsupported(message: str, param: str) -> ProxyError:
     return ProxyError(400, message, code="unsupported_parameter", param=param)
 
 
-def read_limit(payload: dict, *names: str) -> Optional[int]:
-    """The smallest of the output limits given under `names`, each a positive whole number."""
-    limits = []
-    for name in names:
-        value = payload.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _invalid("'%s' must be a positive whole number of tokens" % name, name)
-        limits.append(value)
-    return min(limits) if limits else None
-
-
-def read_stops(value, name: str) -> Tuple[str, ...]:
-    """Stop sequences: a string or a list of strings, none empty."""
-    if value is None:
-        return ()
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(stop, str) and stop for stop in values):
-        raise _invalid("'%s' must be a non-empty string or a list of non-empty strings" % name, name)
-    if len(values) > MAX_STOPS or any(len(stop) > MAX_STOP_LENGTH for stop in values):
-        raise _invalid("'%s' takes at most %d sequences of at most %d characters each"
-                       % (name, MAX_STOPS, MAX_STOP_LENGTH), name)
-    return tuple(dict.fromkeys(values))
-
-
-def refuse_unsupported(payload: dict) -> None:
-    """400 for a chat parameter that asks for what Finstep cannot give, saying what can be done
-    instead. Parameters that only tune sampling are accepted and ignored (README)."""
-    n = payload.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _unsupported("'n' must be 1: Finstep gives one answer per request; for several answers, "
-                           "send several requests", "n")
-    if payload.get("logprobs") not in (None, False):
-        raise _unsupported("'logprobs' is not available: Finstep does not report token probabilities; "
-                           "leave it out or false", "logprobs")
-    if payload.get("top_logprobs") is not None:
-        raise _unsupported("'top_logprobs' is not available: Finstep does not report token probabilities; "
-                           "leave it out", "top_logprobs")
-    response_format = payload.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise _unsupported("'response_format' other than {\"type\": \"text\"} is not available: Finstep "
-                           "answers in prose and cannot guarantee JSON. Ask for the format in the prompt and "
-                           "parse the answer leniently, or leave response_format out", "response_format")
-    tool_choice = payload.get("tool_choice")
-    if tool_choice not in (None, "auto", "none"):
-        raise _unsupported("'tool_choice' must be \"auto\" or \"none\": Finstep cannot call tools, it always "
-                           "answers with text; tools may be sent, they are not used", "tool_choice")
-
-
-def read_model_and_stream(payload: dict, default_model: str) -> Tuple[str, bool]:
-    model = payload.get("model")
-    if model is None:
-        model = default_model
-    if not isinstance(model, str):
-        raise _invalid("'model' must be a string", "model")
-    stream = payload.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid("'stream' must be true or false", "stream")
-    return model, bool(stream)
-
-
-def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
-    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
-    payload = json_object(body)
-    raw_messages = payload.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise _invalid("'messages' must be a non-empty list", "messages")
-    messages = read_messages(raw_messages)
-    model, stream = read_model_and_stream(payload, default_model)
-    options = payload.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _invalid("'stream_options' must be an object", "stream_options")
-    session_id = payload.get("session_id")
-    if session_id is not None and not (isinstance(session_id, str) and session_id.strip()):
-        raise _invalid("'session_id' must be a non-empty string", "session_id")
-    refuse_unsupported(payload)
-    user = payload.get("user")
-    return ChatRequest(model=model, messages=messages, stream=stream,
-                       include_usage=bool(options and options.get("include_usage") is True),
-                       user=user if isinstance(user, str) else None, conversation=session_id,
-                       max_output=read_limit(payload, "max_tokens", "max_completion_tokens"),
-                       stops=read_stops(payload.get("stop"), "stop"))
-
-
-AGUI_ROLES = ("user", "assistant", "system", "developer")  # tool, reasoning, activity: not conversation
-
-
-def parse_agui_input(body: bytes) -> AguiRequest:
-    """Validate an AG-UI RunAgentInput body; raises ProxyError(400) saying what is wrong.
-    state, tools, context, forwardedProps, parentRunId, resume and protocolVersion are
-    accepted and ignored: Finstep has no use for them."""
-    payload = json_object(body)
-    thread_id, run_id = payload.get("threadId"), payload.get("runId")
-    if not (isinstance(thread_id, str) and thread_id.strip()):
-        raise _invalid("'threadId' must be a non-empty string", "threadId")
-    if not isinstance(run_id, str):
-        raise _invalid("'runId' must be a string", "runId")
-    raw_messages = payload.get("messages")
-    if not isinstance(raw_messages, list):
-        raise _invalid("'messages' must be a list", "messages")
-    return AguiRequest(messages=read_messages(raw_messages, AGUI_ROLES), stream=True,
-                       conversation=thread_id, thread_id=thread_id, run_id=run_id)
-
-
-RESPONSES_ROLES = ("user", "assistant", "system", "developer")
-RESPONSES_ECHO = ("instructions", "metadata", "parallel_tool_calls", "tool_choice", "tools", "temperature",
-                  "top_p", "max_output_tokens", "store", "user", "truncation", "reasoning", "service_tier")
-
-
-def read_response_input(raw) -> Tuple[Tuple[str, str], ...]:
-    """(role, text) of a Responses `input`: a string, or message items (`type` "message" or
-    none); other items (function calls and their outputs, reasoning) are skipped."""
-    if isinstance(raw, str):
-        return (("user", raw),)
-    if not isinstance(raw, list):
-        raise _invalid("'input' must be a string or a list of input items", "input")
-    messages = []
-    for index, item in enumerate(raw):
-        param = "input[%d]" % index
-        if not isinstance(item, dict):
-            raise _invalid("%s must be an object" % param, param)
-        if item.get("type", "message") != "message":
-            continue
-        if item.get("role") not in RESPONSES_ROLES:
-            raise _invalid("%s.role must be one of %s" % (param, ", ".join(RESPONSES_ROLES)), param + ".role")
-        messages.append((item["role"], message_text(item.get("content"), param + ".content")))
-    return tuple(messages)
-
-
-def parse_responses_request(body: bytes, default_model: str) -> ResponsesRequest:
-    """Validate a /v1/responses body; raises ProxyError(400) saying what is wrong. The history
-    behind `previous_response_id` is the wire format's to add: it is not in the body."""
-    payload = json_object(body)
-    new_input = read_response_input(payload.get("input"))
-    users = [text for role, text in new_input if role == "user"]
-    if not users or not users[-1].strip():
-        raise _invalid("'input' must end its user messages with one that has text", "input")
-    instructions = payload.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise _invalid("'instructions' must be a string", "instructions")
-    model, stream = read_model_and_stream(payload, default_model)
-    previous = payload.get("previous_response_id")
-    if previous is not None and not (isinstance(previous, str) and previous.strip()):
-        raise _invalid("'previous_response_id' must be a non-empty string", "previous_response_id")
-    conversation = payload.get("conversation")
-    if isinstance(conversation, dict):
-        conversation = conversation.get("id")
-    if conversation is not None and not (isinstance(conversation, str) and conversation.strip()):
-        raise _invalid("'conversation' must be a non-empty string or an object with an 'id'", "conversation")
-    if conversation is not None and previous is not None:
-        raise _invalid("'conversation' and 'previous_response_id' cannot be used together", "conversation")
-    refuse_unsupported(payload)
-    text = payload.get("text")
-    if isinstance(text, dict) and text.get("format") not in (None, {"type": "text"}):
-        raise _unsupported("'text.format' other than {\"type\": \"text\"} is not available: Finstep answers in "
-                           "prose and cannot guarantee JSON. Ask for the format in the instructions and parse "
-                           "the answer leniently, or leave text.format out", "text.format")
-    if payload.get("background") is True:
-        raise _unsupported("'background' is not available: the proxy answers while the request is open; "
-                           "leave it out and stream instead", "background")
-    user = payload.get("user")
-    system = (("system", instructions),) if instructions else ()
-    return ResponsesRequest(messages=system + new_input, stream=stream, model=model,
-                            user=user if isinstance(user, str) else None, conversation=conversation,
-                            max_output=read_limit(payload, "max_output_tokens"), new_input=new_input,
-                            previous_response_id=previous,
-                            echo=tuple((name, payload[name]) for name in RESPONSES_ECHO if name in payload))
-
-
-ANTHROPIC_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "tool_use", "tool_result", "server_tool_use",
-                            "web_search_tool_result")
-
-
-def anthropic_text(content, param: str) -> str:
-    """The text of an Anthropic message's content or system: a string, or blocks whose `text`
-    blocks are joined; thinking and tool blocks are skipped, others (images, documents) refused."""
-    if isinstance(content, list):
-        content = [block for block in content
-                   if not (isinstance(block, dict) and block.get("type") in ANTHROPIC_SKIPPED_BLOCKS)]
-    return message_text(content, param)
-
-
-def parse_messages_request(body: bytes, default_model: str, counting: bool = False) -> MessagesRequest:
-    """Validate an Anthropic /v1/messages body (`counting`: a count_tokens body, which has no
-    max_tokens); raises ProxyError(400) saying what is wrong."""
-    payload = json_object(body)
-    raw_messages = payload.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise _invalid("messages: must be a non-empty list", "messages")
-    messages = []
-    for index, message in enumerate(raw_messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("user", "assistant"):
-            param = "messages[%d]" % index
-            raise _invalid("%s: must be an object with role 'user' or 'assistant'" % param, param + ".role")
-        content = message.get("content")  # a string mostly: no call, no parameter name made
-        messages.append((role, content if isinstance(content, str)
-                         else anthropic_text(content, "messages[%d].content" % index)))
-    require_question(messages)
-    if "max_tokens" not in payload and not counting:
-        raise _invalid("max_tokens: Field required", "max_tokens")
-    model, stream = read_model_and_stream(payload, default_model)
-    system = anthropic_text(payload.get("system"), "system")
-    tool_choice = payload.get("tool_choice")
-    if isinstance(tool_choice, dict) and tool_choice.get("type") not in (None, "auto", "none"):
-        raise _unsupported("tool_choice: only 'auto' or 'none': Finstep cannot call tools, it always answers "
-                           "with text; tools may be sent, they are not used", "tool_choice")
-    metadata = payload.get("metadata")
-    user = metadata.get("user_id") if isinstance(metadata, dict) else None
-    return MessagesRequest(messages=((("system", system),) if system.strip() else ()) + tuple(messages),
-                           stream=stream, model=model, user=user if isinstance(user, str) else None,
-                           max_output=read_limit(payload, "max_tokens"),
-                           stops=read_stops(payload.get("stop_sequences"), "stop_sequences"))
-
-
-_WORDS = re.compile(r"\S+")
-
-
-def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
-    """A session title from a message: whitespace collapsed, cut to `limit` characters. Only
-    the words the title needs are looked at, however long the message."""
-    words, size = [], -1
-    for match in _WORDS.finditer(text):
-        words.append(match.group())
-        size += len(words[-1]) + 1
-        if size > limit:
-            break
-    title = " ".join(words)
-    return title if len(title) <= limit else title[:limit - 1] + "…"
-
-
-def build_upstream_body(user_id: str, session_id: str, query: str, title: str) -> bytes:
-    return json.dumps({"userId": user_id, "sessionId": session_id, "query": query,
-                       "sessionTitle": title}, ensure_ascii=False).encode("utf-8")
-
-
-def client_key(headers: Mapping[str, str]) -> Optional[str]:
-    """The key a client sent: `Authorization: Bearer <key>` (or a bare key), else `x-api-key`."""
-    scheme, _, rest = (headers.get("Authorization") or "").strip().partition(" ")
-    value = rest.strip() if scheme.lower() == "bearer" else scheme
-    return value or (headers.get("x-api-key") or "").strip() or None
-
+# --- HTTP/1.1 framing: request heads and bodies, chunked responses, the memory bodies take ---
 
 # Request framing (RFC 9112): what a front proxy and this proxy must read the same way.
 MAX_HEAD = 65536  # a request line and all its header lines together
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 _HEADER_LINE = re.compile(TOKEN.pattern.encode("ascii") + rb":[\t\x20-\x7e\x80-\xff]*\r?\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[\t ]*(?:;[^\r\n]*)?")
-NO_BODY, LENGTH, CHUNKED = "none", "length", "chunked"
+NO_BODY, LENGTH, CHUNKED = "none", "length", "chunked"  # how a body is framed: (kind, declared length)
 
 
 def header_line_ok(line: bytes) -> bool:
@@ -984,289 +674,311 @@ def parse_cost(body: bytes) -> int:
     return 3 * len(body) + 96 * values
 
 
-# Upstream statuses that matter; every other status is progress and is ignored.
-RESPONSING = "RESPONSING"
-DONE = "DONE"
-ERROR = "ERROR"
-UpstreamEvent = Tuple[str, Optional[str], Optional[str]]  # (status, type, text or error message)
+class HeadReader:
+    """The client's stream while a request head is read: MAX_HEAD bytes for the request line
+    and all header lines together (http.server alone would take 100 lines of 64 KB each),
+    and every header line checked as it arrives."""
+
+    def __init__(self, stream):
+        self.stream, self.left = stream, MAX_HEAD
+        self.lines = 0
+        self.malformed = False
+        self.cut = False  # the connection was dropped: what still arrives is no request
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.stream.readline(self.left + 1 if limit < 0 else min(limit, self.left + 1))
+        if self.cut and self.lines:
+            return b""
+        self.left -= len(line)
+        self.lines += 1
+        if self.left < 0:
+            raise http.client.LineTooLong("request head over %d bytes" % MAX_HEAD)
+        if self.lines > 1 and line not in (b"\r\n", b"\n", b"") and not header_line_ok(line):
+            self.malformed = True
+        return line
 
 
-def parse_upstream_event(line: bytes) -> Optional[UpstreamEvent]:
-    """One upstream SSE line as (status, type, text), or None when it carries nothing usable.
+class MemoryBudget:
+    """A number of bytes shared by all connections: taken before memory is used, given back
+    after."""
 
-    Finstep ends each event with a single newline, so each `data:` line is one
-    event. Lenient as SSE is: `data:` with or without a space, CR before LF,
-    other fields and comments skipped, a bad payload skipped on its own."""
-    if not line.startswith(b"data:"):
-        return None
-    try:
-        event = json.loads(line[5:])
-    except (ValueError, RecursionError):
-        return None
-    status = event.get("status") if isinstance(event, dict) else None
-    if not isinstance(status, str):
-        return None
-    status = status.upper()
-    if status == RESPONSING:
-        text = event.get("text")
-        if not isinstance(text, str) or not text:
-            return None
-        kind = event.get("type")
-        return RESPONSING, kind if isinstance(kind, str) else "text", text
-    if status == DONE:
-        return DONE, None, None
-    if "ERROR" in status or "FAIL" in status:
-        return ERROR, None, upstream_error_message(event, "Upstream reported " + status)
-    return status, None, None
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self.lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        if size:
+            with self.lock:
+                self.used -= size
 
 
-def upstream_error_message(payload, fallback: str) -> str:
-    """The human message in an upstream error payload (a dict or raw bytes), cut short."""
-    if isinstance(payload, bytes):
-        try:
-            payload = json.loads(payload)
-        except (ValueError, RecursionError):
-            text = payload.decode("utf-8", "replace").strip()
-            return text[:300] if text else fallback
-    if isinstance(payload, dict):
-        for field in ("message", "msg", "errorMsg", "error_description", "detail", "error", "text"):
-            value = payload.get(field)
-            if isinstance(value, dict):
-                value = value.get("message")
-            if isinstance(value, str) and value.strip():
-                return value.strip()[:300]
-    return fallback
+class BodyReader:
+    """A request's body, read by its framing within the memory all bodies may take
+    (FINSTEP_BODY_BUDGET): a declared length is taken from the budget before a byte is read,
+    a chunked body counts as it arrives and is decoded into one buffer, and a body once read
+    holds what parsing it takes until the request ends (release). An error about the body
+    leaves the rest of it unread, so the connection cannot carry another request."""
 
-
-# The pipeline's events: (kind, value) pairs, handed to a wire format a batch per upstream read.
-TEXT = "text"  # answer text
-REASONING = "reasoning"  # thinking, where FINSTEP_REASONING=reasoning keeps it apart from the answer
-STEP = "step"  # the upstream entered a phase; value: its name
-STEP_END = "step_end"  # the upstream left its phase
-PHASES = ("THINKING", "ORGANIZING")  # Finstep's phases before it answers
-PHASE_ENDS = ("MSG_START", "MSG_DONE")  # statuses that say the phase is over (as does any answer text)
-
-
-class StopScanner:
-    """Finds a request's stop sequences in the answer text as it streams, and how much of its
-    end could begin one. An Aho-Corasick automaton over all the sequences, built once per
-    request: each character of the answer is read once, whatever the text and the sequences
-    hold (searching the held text again on every delta would cost the square of a
-    sequence's length each time), and while nothing is begun a regular expression jumps, in
-    C, to the next character that could begin one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.order = {stop: index for index, stop in enumerate(self.stops)}
-        self.longest = max(map(len, self.stops))
-        children, depth, ends = [{}], [0], [None]  # by node: the trie's edges, its depth, a sequence ending
-        for stop in self.stops:
-            node = 0
-            for char in stop:
-                if char not in children[node]:
-                    children[node][char] = len(children)
-                    children.append({})
-                    depth.append(depth[node] + 1)
-                    ends.append(None)
-                node = children[node][char]
-            ends[node] = ends[node] or stop
-        # Breadth first: each node's failure link (its longest proper suffix in the trie) and the
-        # longest sequence that ends it, its own or its failure link's.
-        fail, found, queue = [0] * len(children), list(ends), list(children[0].values())
-        for node in queue:  # grows as it goes: every node once, parents first
-            for char, child in children[node].items():
-                link = fail[node]
-                while link and char not in children[link]:
-                    link = fail[link]
-                fail[child] = children[link].get(char, 0) if node else 0
-                found[child] = found[child] or found[fail[child]]
-                queue.append(child)
-        self.children, self.depth, self.fail, self.found = children, depth, fail, found
-        self.begins = re.compile("[%s]" % "".join(re.escape(stop[0]) for stop in self.stops))
-        self.node = 0  # the longest end of the text read that begins some sequence
-
-    def feed(self, text: str) -> Optional[Tuple[int, str]]:
-        """Read `text`: (where in it the earliest stop sequence ending in it begins, negative
-        when it began in text read before; that sequence), or None."""
-        children, fail, ends = self.children, self.fail, self.found
-        node, position, size, best = self.node, 0, len(text), None
-        while position < size:
-            if node == 0:
-                hit = self.begins.search(text, position)
-                if hit is None:
-                    break
-                position = hit.start()
-            char = text[position]
-            while node and char not in children[node]:
-                node = fail[node]
-            node = children[node].get(char, 0)
-            position += 1
-            stop = ends[node]
-            if stop is not None:
-                start = position - len(stop)
-                if best is None or (start, self.order[stop]) < (best[0], self.order[best[1]]):
-                    best = (start, stop)
-                if position - self.longest >= best[0]:  # no sequence ending later can begin earlier
-                    break
-        self.node = node
-        return best
+    def __init__(self, framing: Tuple[str, int], max_body: int, budget: MemoryBudget):
+        self.framing, self.max_body, self.budget = framing, max_body, budget
+        self.reserved = 0  # bytes of the budget this request holds
+        self.broken = False  # an error left the body unread
 
     @property
-    def partial(self) -> int:
-        """How many characters at the end of the text read could begin a stop sequence."""
-        return self.depth[self.node]
+    def unfinished(self) -> bool:
+        """A body was announced and is not read: the connection cannot carry another request."""
+        kind, _ = self.framing
+        return self.broken or kind != NO_BODY
 
-
-class AnswerRouter:
-    """Routes upstream answer text per the reasoning mode into TEXT and REASONING events,
-    and keeps the answer: `content` and `reasoning` hold exactly what went to the client.
-
-    With an output limit or stop sequences it also ends the answer where they say: `cut`
-    turns to "length" or "stop" (with `stop_sequence`), and nothing more is routed. Answer
-    text that could begin a stop sequence waits for the next delta; nothing else ever waits."""
-
-    def __init__(self, mode: str, prompt: str = "", max_output: Optional[int] = None,
-                 stops: Sequence[str] = ()):
-        self.mode = mode
-        self.prompt = prompt  # the query sent upstream, for the usage estimate
-        self.content = []  # type: List[str]
-        self.reasoning = []  # type: List[str]
-        self.unfamiliar_types = set()
-        self.answer_started = False
-        self.think_open = False
-        self.max_output, self.stops = max_output, tuple(stops)
-        self.scanner = StopScanner(self.stops) if self.stops else None
-        self.guarded = max_output is not None or bool(stops)
-        self.cut = None  # type: Optional[str]
-        self.stop_sequence = None  # type: Optional[str]
-        self.held = ""  # answer text that could begin a stop sequence: not sent yet
-        self.spent = (0, 0)  # wide and other characters sent, counted as estimate_tokens does
-
-    def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
-        """(event kind, text) for one RESPONSING event, or None when nothing is sent."""
-        if kind != "deepthink":
-            if kind != "text":
-                self.unfamiliar_types.add(kind)
-            self.answer_started = True
-            if self.think_open or self.guarded:  # the common case stays this short: once per token
-                return self.route_slowly(TEXT, text, True)
-            self.content.append(text)
-            return TEXT, text
-        mode = self.mode
-        if mode == "reasoning" and not self.guarded:
-            self.reasoning.append(text)
-            return REASONING, text
-        if mode == "drop" or (mode == "think" and self.answer_started):
-            return None  # `think` keeps one block before the answer; late thinking is dropped
-        if mode == "think" and not self.think_open:
-            self.think_open = True
-            text = THINK_OPEN + text
-        return self.route_slowly(REASONING if mode == "reasoning" else TEXT, text, False)
-
-    def route_slowly(self, event: str, text: str, answer: bool) -> Optional[Tuple[str, str]]:
-        """route() for answer text that closes a <think> block, for thinking shown as text,
-        and for everything when there are limits to keep."""
-        lead = ""
-        if answer and self.think_open:
-            self.think_open = False
-            lead = THINK_CLOSE
-        if self.guarded:
-            text = self.guard(lead, text, answer)
-            if not text:
-                return None
+    def read(self, rfile) -> bytes:
+        kind, length = self.framing
+        if kind == NO_BODY:
+            raise self.error(411, "A request body with Content-Length is required", "length_required")
+        if kind == CHUNKED:
+            body = self.read_chunked(rfile)
         else:
-            text = lead + text
-        (self.content if event == TEXT else self.reasoning).append(text)
-        return event, text
+            self.reserve(length)
+            body = self.read_exactly(rfile, length)
+        self.framing = NO_BODY, 0  # read
+        self.reserve(parse_cost(body))  # what parsing it takes, held until the request ends
+        return body
 
-    def guard(self, lead: str, text: str, answer: bool) -> str:
-        """`lead` and `text` as far as the stop sequences (searched in answer text only) and
-        the output limit let them go now."""
-        if self.cut:
-            return ""
-        if answer and self.stops:
-            found = self.scanner.feed(text)
-            held, self.held = self.held, ""
-            text = held + text
-            if found is not None:  # it begins in this text, or in the held text before it
-                text, self.stop_sequence, self.cut = text[:len(held) + found[0]], found[1], "stop"
-            else:
-                wait = min(self.scanner.partial, len(text))
-                if wait:
-                    text, self.held = text[:-wait], text[-wait:]
-        text = lead + text
-        return self.within_limit(text) if self.max_output is not None else text
+    def reserve_declared(self) -> None:
+        """Take a declared length from the budget before the client is told to send it."""
+        kind, length = self.framing
+        if kind == LENGTH:
+            self.reserve(length)
 
-    def within_limit(self, text: str) -> str:
-        """The part of `text` the output limit allows; at the limit the answer is cut."""
-        spent_wide, other = self.spent
-        added = count_wide(text)
-        if spent_wide + added + (other + len(text) - added + 3) // 4 <= self.max_output:
-            self.spent = (spent_wide + added, other + len(text) - added)
-            return text
-        for index, char in enumerate(text):
-            wide = char >= WIDE
-            if spent_wide + wide + (other + (not wide) + 3) // 4 > self.max_output:
-                text = text[:index]
+    def reserve(self, total: int) -> None:
+        """Hold `total` bytes of the budget until the request ends, or refuse the request:
+        503 while others hold the budget, 413 if it could never fit."""
+        more, budget = total - self.reserved, self.budget
+        if more <= 0:
+            return
+        if total > budget.limit:
+            raise self.error(413, "Request body needs about %d bytes of memory, more than the %d bytes "
+                                  "of FINSTEP_BODY_BUDGET" % (total, budget.limit), "request_too_large")
+        if not budget.take(more):
+            self.broken = True
+            raise ProxyError(503, "Too many request bodies in memory; retry shortly", code="server_busy",
+                             headers={"Retry-After": "1"})
+        self.reserved = total
+
+    def release(self) -> None:
+        self.budget.give(self.reserved)
+        self.reserved = 0
+
+    def error(self, status: int, message: str, code: str) -> ProxyError:
+        """An error about the body: the rest of it is unread."""
+        self.broken = True
+        return ProxyError(status, message, code=code)
+
+    def read_exactly(self, rfile, size: int) -> bytes:
+        try:
+            body = rfile.read(size)
+        except (socket.timeout, TimeoutError, ConnectionError):
+            body = None
+        if body is None or len(body) < size:
+            raise self.error(408, "The request body did not arrive in full", "request_timeout")
+        return body
+
+    def read_line(self, rfile, limit: int) -> bytes:
+        try:
+            line = rfile.readline(limit)
+        except (socket.timeout, TimeoutError, ConnectionError):
+            line = b""
+        if not line.endswith(b"\n"):
+            if len(line) < limit:
+                raise self.error(408, "The request body did not arrive in full", "request_timeout")
+            raise self.malformed_chunks()
+        return line
+
+    def malformed_chunks(self) -> ProxyError:
+        return self.error(400, "Malformed chunked request body", "invalid_request")
+
+    def read_chunked(self, rfile) -> bytearray:
+        """A chunked body, decoded into one buffer (no object kept per chunk), its size held
+        in the budget as it grows; trailer fields are read and dropped."""
+        body, max_body = bytearray(), self.max_body
+        while True:
+            line = self.read_line(rfile, 1026)
+            size = parse_chunk_size(line[:-2]) if line.endswith(b"\r\n") else None
+            if size is None:
+                raise self.malformed_chunks()
+            if size == 0:
                 break
-            spent_wide, other = spent_wide + wide, other + (not wide)
-        self.spent = (spent_wide, other)
-        self.cut, self.stop_sequence, self.held = "length", None, ""
-        return text
-
-    def finish(self) -> Optional[str]:
-        """The text still due when the answer ends: answer text held for a stop sequence
-        that never came, and the end of an open <think> block."""
-        tail = ""
-        if self.held and not self.cut:
-            tail, self.held = self.held, ""
-            if self.max_output is not None:
-                tail = self.within_limit(tail)
-        if self.think_open:
-            self.think_open = False
-            tail += THINK_CLOSE
-        if not tail:
-            return None
-        self.content.append(tail)
-        return tail
-
-    def usage(self) -> dict:
-        return estimate_usage(self.prompt, "".join(self.reasoning) + "".join(self.content))
+            need = len(body) + size
+            if need > max_body:
+                raise self.error(413, "Request body is larger than the limit of %d bytes" % max_body,
+                                 "request_too_large")
+            if need > self.reserved:
+                self.reserve(max(need, min(self.reserved + 65536, max_body)))
+            body += self.read_exactly(rfile, size)
+            if self.read_exactly(rfile, 2) != b"\r\n":
+                raise self.malformed_chunks()
+        trailers = MAX_HEAD
+        while True:
+            line = self.read_line(rfile, trailers + 1)
+            if line == b"\r\n":
+                return body
+            trailers -= len(line)
+            if not header_line_ok(line) or trailers < 0:
+                raise self.malformed_chunks()
 
 
-WIDE = "\u0800"  # from here on, a character is about a token of its own
-_WIDE_LEADS = bytes(1 if 0xE0 <= byte <= 0xF7 else 0 for byte in range(256))  # of 3- and 4-byte UTF-8
+class ChunkedDecoder:
+    """HTTP/1.1 chunked transfer coding, decoded as bytes arrive. feed() returns the payload
+    bytes the data completes; `done` turns true once the last (zero-size) chunk and the
+    trailer section after it are in, so a connection read this far is ready for its next
+    response; framing that breaks the rules raises ValueError. Bytes fed past the end stay
+    in `buffer`: a server that sent them cannot be trusted with another request."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.left = 0  # payload bytes still due in the current chunk
+        self.crlf = False  # the CRLF that ends a chunk's payload is due
+        self.trailer = False  # the last chunk is in: trailer fields (of no interest) until a blank line
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self.buffer + data if self.buffer else data
+        out, position, end = [], 0, len(buffer)
+        while position < end and not self.done:
+            if self.left:
+                take = min(self.left, end - position)
+                out.append(buffer[position:position + take])
+                position += take
+                self.left -= take
+                self.crlf = not self.left
+            elif self.crlf:
+                if end - position < 2:
+                    break
+                if buffer[position:position + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                position += 2
+                self.crlf = False
+            else:
+                newline = buffer.find(b"\n", position)
+                if newline < 0:
+                    if end - position > 1024:
+                        raise ValueError("chunk size or trailer line too long")
+                    break
+                line = buffer[position:newline]
+                position = newline + 1
+                if self.trailer:
+                    self.done = not line.strip()
+                    continue
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("negative chunk size")
+                self.left = size
+                self.trailer = size == 0
+        self.buffer = buffer[position:]
+        return b"".join(out)
 
 
-def count_wide(text: str) -> int:
-    """The characters from U+0800 on (Chinese, Japanese, Korean and most other scripts,
-    symbols, emoji) in `text`: the lead bytes of its 3- and 4-byte UTF-8 sequences, counted
-    in two passes of C, however the text mixes them."""
-    if text.isascii():
-        return 0
-    return text.encode("utf-8", "surrogatepass").translate(_WIDE_LEADS).count(1)
+# --- Routes -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False, repr=False)  # no more than __init__: every class costs memory for good
+class Route:
+    """One row of the route table. `endpoint` names the ProxyHandler method that answers
+    (`answer`: a request in the `wire` format, answered through the pipeline or by the format
+    itself); `wire` also shapes the route's errors. GET routes answer HEAD with GET's head."""
+    path: str  # the path, or with `prefix` what the paths begin with
+    methods: Tuple[str, ...]
+    endpoint: str
+    wire: str = "chat"  # a WireFormat.name
+    open: bool = False  # answered without PROXY_API_KEY: it holds no data (the page asks for the key itself)
+    prefix: bool = False
+    label: str = ""  # its metrics label, when not its path: a prefix's template
 
 
-def estimate_tokens(text: str) -> int:
-    """An estimate, not a tokenizer: one token per character from U+0800 on (CJK, kana,
-    Hangul…), one per ~4 other characters."""
-    wide = count_wide(text)
-    return wide + (len(text) - wide + 3) // 4
+# The one route table: a new endpoint is one row here (and one WireFormat class where it
+# speaks a format of its own).
+ROUTES = (
+    Route("/v1/chat/completions", ("POST",), "answer", "chat"),
+    Route("/chat/completions", ("POST",), "answer", "chat"),
+    Route("/v1/responses", ("POST",), "answer", "responses"),
+    Route("/responses", ("POST",), "answer", "responses"),
+    Route("/v1/messages", ("POST",), "answer", "messages"),
+    Route("/messages", ("POST",), "answer", "messages"),
+    Route("/v1/messages/count_tokens", ("POST",), "answer", "count_tokens"),
+    Route("/messages/count_tokens", ("POST",), "answer", "count_tokens"),
+    Route("/agui", ("POST",), "answer", "agui"),
+    Route("/v1/agui", ("POST",), "answer", "agui"),
+    Route("/v1/models", ("GET",), "list_models"),
+    Route("/models", ("GET",), "list_models"),
+    Route("/v1/models/", ("GET",), "retrieve_model", prefix=True, label="/v1/models/{id}"),
+    Route("/models/", ("GET",), "retrieve_model", prefix=True, label="/models/{id}"),
+    Route("/status", ("GET",), "show_status"),
+    Route("/metrics", ("GET",), "metrics"),
+    Route("/health", ("GET",), "health", open=True),
+    Route("/", ("GET",), "show_page", open=True),
+)
 
 
-def estimate_usage(prompt: str, completion: str) -> dict:
-    prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens(completion)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def route_path(path: str) -> str:
+    """A request's path as routes know it: no query, no trailing slash."""
+    return path.split("?", 1)[0].rstrip("/") or "/"
 
 
-# --- Callers and browsers: who may use the proxy, and what each may see -----------------
+class RouteTable:
+    """The routes a server answers, found by path: exact paths first, then prefixes."""
+
+    def __init__(self, routes: Sequence[Route]):
+        self.exact = {route.path: route for route in routes if not route.prefix}
+        self.prefixes = tuple(route for route in routes if route.prefix)
+
+    def find(self, path: str) -> Optional[Route]:
+        """The route of a path as route_path() gives it, or None."""
+        route = self.exact.get(path)
+        if route is None:
+            route = next((route for route in self.prefixes if path.startswith(route.path)), None)
+        return route
+
+    def label(self, path: str) -> str:
+        """A request path as a metrics label: a known route's path (a prefix's template), else
+        "other", so that clients cannot multiply the series."""
+        route = self.find(route_path(path))
+        return "other" if route is None else route.label or route.path
+
+
+def build_routes(config: Config) -> RouteTable:
+    """The routes a server with `config` answers: the page only with FINSTEP_PAGE on."""
+    return RouteTable([route for route in ROUTES if config.page or route.endpoint != "show_page"])
+
+
+DEFAULT_ROUTES = RouteTable(ROUTES)
+
+
+def route_for(path: str) -> Optional[Route]:
+    return DEFAULT_ROUTES.find(path)
+
+
+def metrics_path(path: str) -> str:
+    return DEFAULT_ROUTES.label(path)
+
+
+# --- Callers and browsers: who may use the proxy, and what each may see -------------------
+
+def client_key(headers: Mapping[str, str]) -> Optional[str]:
+    """The key a client sent: `Authorization: Bearer <key>` (or a bare key), else `x-api-key`."""
+    scheme, _, rest = (headers.get("Authorization") or "").strip().partition(" ")
+    value = rest.strip() if scheme.lower() == "bearer" else scheme
+    return value or (headers.get("x-api-key") or "").strip() or None
+
 
 PROXY_KEY, PASS_THROUGH, DEPLOYMENT = "proxy-key", "pass-through", "deployment"
 
 
-@dataclasses.dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who a request is for. Everything the proxy remembers (conversations, their names,
     response ids, claims) is scoped by `id`, a digest, never a key: one caller never sees,
     continues or uses up another's. The caller is the proxy key a request presented; else the
@@ -1428,9 +1140,250 @@ class BrowserPolicy:
         return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
 
 
-# --- Wire formats: a request body in, the pipeline's events out as bytes ---------------
+# --- Wire formats: a request body in, the pipeline's events out as bytes ------------------
 
+@dataclasses.dataclass(frozen=True)
+class AnswerRequest:
+    """What the pipeline needs of a request, whatever its wire format."""
+    messages: Tuple[Tuple[str, str], ...]  # (role, text), in order; at least one user message has text
+    stream: bool
+    user: Optional[str] = None  # keeps one caller's conversations apart from another's
+    conversation: Optional[str] = None  # a conversation the client named (X-Session-Id, threadId)
+    max_output: Optional[int] = None  # output tokens (as estimated) the answer may take
+    stops: Tuple[str, ...] = ()  # the answer ends before the first of these in its text
+    resume: Optional["SessionRef"] = None  # the session the wire format knows this turn continues
+    fold: bool = False  # the wire format knows the conversation, and that its session cannot continue it
+
+    @property
+    def history(self) -> Tuple[Tuple[str, str], ...]:
+        """The messages up to and including the last user message."""
+        return self.messages[:last_user(self.messages) + 1]
+
+    @property
+    def question(self) -> str:
+        _, text = self.history[-1]
+        return text
+
+    @property
+    def title(self) -> str:
+        return session_title(next(text for role, text in self.messages
+                                  if role == "user" and text and not text.isspace()))
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _children(value):
+    return iter(value.items()) if isinstance(value, dict) else enumerate(value)
+
+
+def _surrogate_in(value) -> bool:
+    """Whether a string, or an object's field name, holds a lone surrogate."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    return isinstance(value, dict) and any(_SURROGATE.search(name) for name in value)
+
+
+def lone_surrogate_at(payload) -> Optional[str]:
+    """Where in a parsed JSON value a string holds a lone surrogate (text no encoding can
+    carry): its path, like messages[0].content; "" for the top level or a field's name. One
+    walk, depth first, holding only the path to where it is: no string made per value."""
+    if _surrogate_in(payload):
+        return ""
+    if not isinstance(payload, (dict, list)):
+        return None
+    steps, stack = [], [_children(payload)]
+    while stack:
+        for step, item in stack[-1]:
+            if _surrogate_in(item):
+                steps.append(step)
+                return "".join("[%d]" % step if isinstance(step, int) else ("." if at else "") + step
+                               for at, step in enumerate(steps))
+            if isinstance(item, (dict, list)):
+                steps.append(step)
+                stack.append(_children(item))
+                break
+        else:
+            stack.pop()
+            if steps:
+                steps.pop()
+    return None
+
+
+def json_object(body: bytes) -> dict:
+    """A request body as a JSON object; raises ProxyError(400) saying what is wrong."""
+    try:
+        payload = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _invalid("Request body is not valid UTF-8", None) from None
+    except (ValueError, RecursionError) as exc:
+        raise _invalid("Request body is not valid JSON: %s" % exc, None) from None
+    if not isinstance(payload, dict):
+        raise _invalid("Request body must be a JSON object", None)
+    # Raw UTF-8 cannot hold a lone surrogate, so only an escape can bring one in: a pair
+    # makes one character, a lone one is text that can be neither logged nor sent on.
+    if _SURROGATE_ESCAPE.search(body):
+        path = lone_surrogate_at(payload)
+        if path is not None:
+            raise _invalid("Request body holds text that cannot be encoded (a lone UTF-16 surrogate) in %s"
+                           % (path or "a field name"), path or None)
+    return payload
+
+
+def message_text(content, param: str) -> str:
+    """The text of a message's content: a string, or a list of parts whose text parts are joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise _invalid("%s must be a string or a list of content parts" % param, param)
+    texts = []
+    for index, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        field = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}.get(kind)
+        if field is None:
+            raise _invalid("Only text content is supported: %s[%d] is of type %r"
+                           % (param, index, kind), "%s[%d]" % (param, index))
+        if not isinstance(part.get(field), str):
+            raise _invalid("%s[%d] has no %r string" % (param, index, field), "%s[%d]" % (param, index))
+        texts.append(part[field])
+    return "\n".join(texts)
+
+
+def read_messages(raw_messages: list, roles: Optional[Sequence[str]] = None) -> Tuple[Tuple[str, str], ...]:
+    """(role, text) of each message, keeping only `roles` when given (the others are skipped
+    unread); refused unless a user message comes last among them with text."""
+    messages = []
+    for index, message in enumerate(raw_messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str):
+            param = "messages[%d]" % index
+            raise _invalid("%s must be an object with a string 'role'" % param, param)
+        if roles is None or role in roles:
+            content = message.get("content")  # a string mostly: no call, no parameter name made
+            text = content if isinstance(content, str) else message_text(content, "messages[%d].content" % index)
+            messages.append((role, text))
+    require_question(messages)
+    return tuple(messages)
+
+
+def last_user(messages: Sequence[Tuple[str, str]]) -> int:
+    """The index of the last user message among (role, text) pairs, or -1: looked for from
+    the end, where it nearly always is."""
+    for index in range(len(messages) - 1, -1, -1):
+        role, _ = messages[index]
+        if role == "user":
+            return index
+    return -1
+
+
+def require_question(messages: Sequence[Tuple[str, str]]) -> None:
+    """Refuse `messages` (as listed in the body's `messages`) unless a user message with text
+    comes last among the user messages: the question the upstream is asked."""
+    last = last_user(messages)
+    if last < 0:
+        raise _invalid("'messages' must contain a user message", "messages")
+    _, text = messages[last]
+    if not text or text.isspace():
+        raise _invalid("The last user message has no text", "messages[%d].content" % last)
+
+
+MAX_STOPS = 16
+MAX_STOP_LENGTH = 256
+
+
+def read_limit(payload: dict, *names: str) -> Optional[int]:
+    """The smallest of the output limits given under `names`, each a positive whole number."""
+    limits = []
+    for name in names:
+        value = payload.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _invalid("'%s' must be a positive whole number of tokens" % name, name)
+        limits.append(value)
+    return min(limits) if limits else None
+
+
+def read_stops(value, name: str) -> Tuple[str, ...]:
+    """Stop sequences: a string or a list of strings, none empty."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(stop, str) and stop for stop in values):
+        raise _invalid("'%s' must be a non-empty string or a list of non-empty strings" % name, name)
+    if len(values) > MAX_STOPS or any(len(stop) > MAX_STOP_LENGTH for stop in values):
+        raise _invalid("'%s' takes at most %d sequences of at most %d characters each"
+                       % (name, MAX_STOPS, MAX_STOP_LENGTH), name)
+    return tuple(dict.fromkeys(values))
+
+
+def refuse_unsupported(payload: dict) -> None:
+    """400 for a chat parameter that asks for what Finstep cannot give, saying what can be done
+    instead. Parameters that only tune sampling are accepted and ignored (README)."""
+    n = payload.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _unsupported("'n' must be 1: Finstep gives one answer per request; for several answers, "
+                           "send several requests", "n")
+    if payload.get("logprobs") not in (None, False):
+        raise _unsupported("'logprobs' is not available: Finstep does not report token probabilities; "
+                           "leave it out or false", "logprobs")
+    if payload.get("top_logprobs") is not None:
+        raise _unsupported("'top_logprobs' is not available: Finstep does not report token probabilities; "
+                           "leave it out", "top_logprobs")
+    response_format = payload.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise _unsupported("'response_format' other than {\"type\": \"text\"} is not available: Finstep "
+                           "answers in prose and cannot guarantee JSON. Ask for the format in the prompt and "
+                           "parse the answer leniently, or leave response_format out", "response_format")
+    tool_choice = payload.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise _unsupported("'tool_choice' must be \"auto\" or \"none\": Finstep cannot call tools, it always "
+                           "answers with text; tools may be sent, they are not used", "tool_choice")
+
+
+def read_model_and_stream(payload: dict, default_model: str) -> Tuple[str, bool]:
+    model = payload.get("model")
+    if model is None:
+        model = default_model
+    if not isinstance(model, str):
+        raise _invalid("'model' must be a string", "model")
+    stream = payload.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be true or false", "stream")
+    return model, bool(stream)
+
+
+SESSION_TITLE_LIMIT = 50
+_WORDS = re.compile(r"\S+")
+
+
+def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
+    """A session title from a message: whitespace collapsed, cut to `limit` characters. Only
+    the words the title needs are looked at, however long the message."""
+    words, size = [], -1
+    for match in _WORDS.finditer(text):
+        words.append(match.group())
+        size += len(words[-1]) + 1
+        if size > limit:
+            break
+    title = " ".join(words)
+    return title if len(title) <= limit else title[:limit - 1] + "…"
+
+
+# The pipeline's events: (kind, value) pairs, handed to a wire format a batch per upstream read.
+TEXT = "text"  # answer text
+REASONING = "reasoning"  # thinking, where FINSTEP_REASONING=reasoning keeps it apart from the answer
+
+
+STEP = "step"  # the upstream entered a phase; value: its name
+STEP_END = "step_end"  # the upstream left its phase
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 PLACEHOLDER = "\x00"
 
 
@@ -1451,27 +1404,45 @@ def sse_frame(payload: dict) -> Tuple[bytes, bytes]:
     return head, tail
 
 
+@dataclasses.dataclass(eq=False, repr=False)
+class DirectAnswer:
+    """What a wire format answers by itself, without asking Finstep (count_tokens, say)."""
+    payload: dict
+    status: int = 200
+
+
 class WireFormat:
     """One API's dialect, for one request: parse() reads the body into the pipeline's input
-    and keeps what rendering needs; the pipeline then asks for bytes. Errors before the
-    stream's head are answered as JSON in error_body()'s shape; after it, failure() ends it.
+    (or answers it at once, with a DirectAnswer) and keeps what rendering needs; the pipeline
+    then asks for bytes. Errors before the stream's head are answered as JSON in
+    error_body()'s shape, with error_status(); after it, failure() ends the stream.
+
+    Each subclass has a `name`, which the route table uses: defining the class registers it.
 
     The head is held until the upstream answers or a heartbeat is due, so a quick upstream
     error keeps its HTTP status; failure() may then follow the head without opening(). A
     format whose failure event needs its opening sets opens_at_once: its stream starts as
     soon as the request is accepted, and every later failure is an event."""
 
+    name = ""
+    formats = {}  # type: Dict[str, type]  # name -> class, filled as each format is defined
     heartbeat = b": keep-alive\n\n"
     opens_at_once = False
     # After failure(), end the HTTP message properly, or cut it off: a truncated transfer is
     # the one sign of failure that a client reading only a format's success events cannot miss.
     ends_cleanly_after_failure = True
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            WireFormat.formats[cls.name] = cls
+
     def __init__(self, config: Config, memory: "SessionStore"):
         self.config = config
         self.memory = memory  # what the proxy remembers of conversations, shared by every format
 
-    def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
+    def parse(self, body: bytes, headers: Mapping[str, str]):
+        """The pipeline's input (an AnswerRequest), or a DirectAnswer; raises ProxyError."""
         raise NotImplementedError
 
     def recall(self, request: AnswerRequest, caller: str) -> AnswerRequest:
@@ -1488,6 +1459,10 @@ class WireFormat:
         """The request as its X-Session-Id header names its conversation, if it has the header."""
         named = (headers.get("X-Session-Id") or "").strip()
         return dataclasses.replace(request, conversation=named) if named else request
+
+    def error_status(self, error: ProxyError) -> int:
+        """The HTTP status of an error answered before the stream's head."""
+        return error.status
 
     def error_body(self, error: ProxyError) -> dict:
         return error.body()
@@ -1510,7 +1485,36 @@ class WireFormat:
         raise NotImplementedError
 
 
-# OpenAI's chat completions.
+# --- Wire formats: OpenAI's chat completions ----------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest(AnswerRequest):
+    model: str = ""
+    include_usage: bool = False
+
+
+def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
+    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
+    payload = json_object(body)
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    messages = read_messages(raw_messages)
+    model, stream = read_model_and_stream(payload, default_model)
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _invalid("'stream_options' must be an object", "stream_options")
+    session_id = payload.get("session_id")
+    if session_id is not None and not (isinstance(session_id, str) and session_id.strip()):
+        raise _invalid("'session_id' must be a non-empty string", "session_id")
+    refuse_unsupported(payload)
+    user = payload.get("user")
+    return ChatRequest(model=model, messages=messages, stream=stream,
+                       include_usage=bool(options and options.get("include_usage") is True),
+                       user=user if isinstance(user, str) else None, conversation=session_id,
+                       max_output=read_limit(payload, "max_tokens", "max_completion_tokens"),
+                       stops=read_stops(payload.get("stop"), "stop"))
+
 
 def build_chunk(completion_id: str, created: int, model: str, delta: dict,
                 finish_reason: Optional[str] = None) -> dict:
@@ -1564,10 +1568,12 @@ class ChatCompletionsFormat(WireFormat):
     Its protocol has no failure event (our `data: {"error": ...}` is a convention that
     clients reading only `choices` skip), so a stream that fails is also cut off."""
 
+    name = "chat"
+
     ends_cleanly_after_failure = False
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
-        chat = parse_chat_request(body, self.config.models[0])
+        chat = parse_chat_request(body, self.config.default_model)
         self.include_usage = chat.include_usage
         self.chunks = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
         return self.named_by_header(chat, headers)
@@ -1594,7 +1600,33 @@ class ChatCompletionsFormat(WireFormat):
         return build_completion(chunks.completion_id, chunks.created, chunks.model, answer, answer.usage())
 
 
-# AG-UI.
+# --- Wire formats: AG-UI ------------------------------------------------------------------
+
+AGUI_ROLES = ("user", "assistant", "system", "developer")  # tool, reasoning, activity: not conversation
+
+
+@dataclasses.dataclass(frozen=True)
+class AguiRequest(AnswerRequest):
+    thread_id: str = ""
+    run_id: str = ""
+
+
+def parse_agui_input(body: bytes) -> AguiRequest:
+    """Validate an AG-UI RunAgentInput body; raises ProxyError(400) saying what is wrong.
+    state, tools, context, forwardedProps, parentRunId, resume and protocolVersion are
+    accepted and ignored: Finstep has no use for them."""
+    payload = json_object(body)
+    thread_id, run_id = payload.get("threadId"), payload.get("runId")
+    if not (isinstance(thread_id, str) and thread_id.strip()):
+        raise _invalid("'threadId' must be a non-empty string", "threadId")
+    if not isinstance(run_id, str):
+        raise _invalid("'runId' must be a string", "runId")
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list):
+        raise _invalid("'messages' must be a list", "messages")
+    return AguiRequest(messages=read_messages(raw_messages, AGUI_ROLES), stream=True,
+                       conversation=thread_id, thread_id=thread_id, run_id=run_id)
+
 
 def agui_event(kind: str, **fields) -> bytes:
     return format_sse(dict(type=kind, **fields))
@@ -1604,6 +1636,8 @@ class AguiFormat(WireFormat):
     """POST /agui: an AG-UI 1.0 run. RUN_STARTED as soon as the request is accepted; each
     Finstep phase a step; reasoning and answer text as messages, each closed before anything
     else opens; then RUN_FINISHED, or RUN_ERROR after closing whatever was open."""
+
+    name = "agui"
 
     opens_at_once = True
 
@@ -1666,7 +1700,82 @@ class AguiFormat(WireFormat):
         return self.close() + agui_event("RUN_ERROR", message=error.message, code=error.code or error.type)
 
 
-# OpenAI's Responses API.
+# --- Wire formats: OpenAI's Responses API -------------------------------------------------
+
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+
+
+RESPONSES_ECHO = ("instructions", "metadata", "parallel_tool_calls", "tool_choice", "tools", "temperature",
+                  "top_p", "max_output_tokens", "store", "user", "truncation", "reasoning", "service_tier")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponsesRequest(AnswerRequest):
+    model: str = ""
+    new_input: Tuple[Tuple[str, str], ...] = ()  # this request's own input items, as (role, text)
+    previous_response_id: Optional[str] = None
+    echo: Tuple[Tuple[str, object], ...] = ()  # request fields the response object repeats
+
+
+def read_response_input(raw) -> Tuple[Tuple[str, str], ...]:
+    """(role, text) of a Responses `input`: a string, or message items (`type` "message" or
+    none); other items (function calls and their outputs, reasoning) are skipped."""
+    if isinstance(raw, str):
+        return (("user", raw),)
+    if not isinstance(raw, list):
+        raise _invalid("'input' must be a string or a list of input items", "input")
+    messages = []
+    for index, item in enumerate(raw):
+        param = "input[%d]" % index
+        if not isinstance(item, dict):
+            raise _invalid("%s must be an object" % param, param)
+        if item.get("type", "message") != "message":
+            continue
+        if item.get("role") not in RESPONSES_ROLES:
+            raise _invalid("%s.role must be one of %s" % (param, ", ".join(RESPONSES_ROLES)), param + ".role")
+        messages.append((item["role"], message_text(item.get("content"), param + ".content")))
+    return tuple(messages)
+
+
+def parse_responses_request(body: bytes, default_model: str) -> ResponsesRequest:
+    """Validate a /v1/responses body; raises ProxyError(400) saying what is wrong. The history
+    behind `previous_response_id` is the wire format's to add: it is not in the body."""
+    payload = json_object(body)
+    new_input = read_response_input(payload.get("input"))
+    users = [text for role, text in new_input if role == "user"]
+    if not users or not users[-1].strip():
+        raise _invalid("'input' must end its user messages with one that has text", "input")
+    instructions = payload.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("'instructions' must be a string", "instructions")
+    model, stream = read_model_and_stream(payload, default_model)
+    previous = payload.get("previous_response_id")
+    if previous is not None and not (isinstance(previous, str) and previous.strip()):
+        raise _invalid("'previous_response_id' must be a non-empty string", "previous_response_id")
+    conversation = payload.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    if conversation is not None and not (isinstance(conversation, str) and conversation.strip()):
+        raise _invalid("'conversation' must be a non-empty string or an object with an 'id'", "conversation")
+    if conversation is not None and previous is not None:
+        raise _invalid("'conversation' and 'previous_response_id' cannot be used together", "conversation")
+    refuse_unsupported(payload)
+    text = payload.get("text")
+    if isinstance(text, dict) and text.get("format") not in (None, {"type": "text"}):
+        raise _unsupported("'text.format' other than {\"type\": \"text\"} is not available: Finstep answers in "
+                           "prose and cannot guarantee JSON. Ask for the format in the instructions and parse "
+                           "the answer leniently, or leave text.format out", "text.format")
+    if payload.get("background") is True:
+        raise _unsupported("'background' is not available: the proxy answers while the request is open; "
+                           "leave it out and stream instead", "background")
+    user = payload.get("user")
+    system = (("system", instructions),) if instructions else ()
+    return ResponsesRequest(messages=system + new_input, stream=stream, model=model,
+                            user=user if isinstance(user, str) else None, conversation=conversation,
+                            max_output=read_limit(payload, "max_output_tokens"), new_input=new_input,
+                            previous_response_id=previous,
+                            echo=tuple((name, payload[name]) for name in RESPONSES_ECHO if name in payload))
+
 
 def responses_usage(answer: AnswerRouter) -> dict:
     usage = answer.usage()
@@ -1692,6 +1801,9 @@ def content_part(kind: str, text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": []}
 
 
+MAX_RESPONSE_CHAIN = 500  # turns of a previous_response_id chain folded into a forked session
+
+
 class ResponsesFormat(WireFormat):
     """POST /v1/responses: OpenAI's Responses API. A response id is the conversation handle:
     each completed response is remembered (its sessionId, key, parent and turn), so a request
@@ -1700,8 +1812,10 @@ class ResponsesFormat(WireFormat):
     folded in. Streamed as `event:` + `data:` pairs with increasing `sequence_number`; one
     output item open at a time (reasoning, then the message), each added and done."""
 
+    name = "responses"
+
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
-        request = parse_responses_request(body, self.config.models[0])
+        request = parse_responses_request(body, self.config.default_model)
         if request.conversation is None and request.previous_response_id is None:
             request = self.named_by_header(request, headers)
         self.request = request
@@ -1854,10 +1968,58 @@ class ResponsesFormat(WireFormat):
         return self.response(status, output, answer)
 
 
-MAX_RESPONSE_CHAIN = 500  # turns of a previous_response_id chain folded into a forked session
+# --- Wire formats: Anthropic's Messages API -----------------------------------------------
+
+ANTHROPIC_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "tool_use", "tool_result", "server_tool_use",
+                            "web_search_tool_result")
 
 
-# Anthropic's Messages API.
+@dataclasses.dataclass(frozen=True)
+class MessagesRequest(AnswerRequest):
+    model: str = ""
+
+
+def anthropic_text(content, param: str) -> str:
+    """The text of an Anthropic message's content or system: a string, or blocks whose `text`
+    blocks are joined; thinking and tool blocks are skipped, others (images, documents) refused."""
+    if isinstance(content, list):
+        content = [block for block in content
+                   if not (isinstance(block, dict) and block.get("type") in ANTHROPIC_SKIPPED_BLOCKS)]
+    return message_text(content, param)
+
+
+def parse_messages_request(body: bytes, default_model: str, counting: bool = False) -> MessagesRequest:
+    """Validate an Anthropic /v1/messages body (`counting`: a count_tokens body, which has no
+    max_tokens); raises ProxyError(400) saying what is wrong."""
+    payload = json_object(body)
+    raw_messages = payload.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise _invalid("messages: must be a non-empty list", "messages")
+    messages = []
+    for index, message in enumerate(raw_messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("user", "assistant"):
+            param = "messages[%d]" % index
+            raise _invalid("%s: must be an object with role 'user' or 'assistant'" % param, param + ".role")
+        content = message.get("content")  # a string mostly: no call, no parameter name made
+        messages.append((role, content if isinstance(content, str)
+                         else anthropic_text(content, "messages[%d].content" % index)))
+    require_question(messages)
+    if "max_tokens" not in payload and not counting:
+        raise _invalid("max_tokens: Field required", "max_tokens")
+    model, stream = read_model_and_stream(payload, default_model)
+    system = anthropic_text(payload.get("system"), "system")
+    tool_choice = payload.get("tool_choice")
+    if isinstance(tool_choice, dict) and tool_choice.get("type") not in (None, "auto", "none"):
+        raise _unsupported("tool_choice: only 'auto' or 'none': Finstep cannot call tools, it always answers "
+                           "with text; tools may be sent, they are not used", "tool_choice")
+    metadata = payload.get("metadata")
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    return MessagesRequest(messages=((("system", system),) if system.strip() else ()) + tuple(messages),
+                           stream=stream, model=model, user=user if isinstance(user, str) else None,
+                           max_output=read_limit(payload, "max_tokens"),
+                           stops=read_stops(payload.get("stop_sequences"), "stop_sequences"))
+
 
 ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error",
@@ -1873,10 +2035,12 @@ class MessagesFormat(WireFormat):
     `data:` line; thinking and text as content blocks, one open at a time; `ping` frames keep
     the stream alive; after the head, a failure is the protocol's own `error` frame."""
 
+    name = "messages"
+
     heartbeat = anthropic_event("ping")
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
-        request = self.named_by_header(parse_messages_request(body, self.config.models[0]), headers)
+        request = self.named_by_header(parse_messages_request(body, self.config.default_model), headers)
         self.model, self.message_id = request.model, "msg_" + uuid.uuid4().hex
         self.prompt_tokens = 0
         self.index = -1  # the open content block's, when one is open
@@ -1915,12 +2079,13 @@ class MessagesFormat(WireFormat):
     def begin(self, kind: str) -> bytes:
         self.open_kind, self.index = kind, self.index + 1
         if kind == REASONING:
-            block, delta = {"type": "thinking", "thinking": "", "signature": ""}, ("thinking_delta", "thinking")
+            block, delta_type, field = {"type": "thinking", "thinking": "", "signature": ""}, "thinking_delta", "thinking"
         else:
-            block, delta = {"type": "text", "text": ""}, ("text_delta", "text")
+            block, delta_type, field = {"type": "text", "text": ""}, "text_delta", "text"
         self.frame = sse_frame({"type": "content_block_delta", "index": self.index,
-                                "delta": {"type": delta[0], delta[1]: PLACEHOLDER}})
-        self.frame = (b"event: content_block_delta\n" + self.frame[0], self.frame[1])
+                                "delta": {"type": delta_type, field: PLACEHOLDER}})
+        head, tail = self.frame
+        self.frame = (b"event: content_block_delta\n" + head, tail)
         return anthropic_event("content_block_start", index=self.index, content_block=block)
 
     def close(self) -> bytes:
@@ -1958,53 +2123,18 @@ def count_tokens(body: bytes, default_model: str) -> dict:
     return {"input_tokens": estimate_tokens(fold_query(transcript(request.messages), 10 ** 9))}
 
 
-# Routes: a wire format is one class and one line here.
-WIRE_FORMATS = {
-    "/v1/chat/completions": ChatCompletionsFormat,
-    "/chat/completions": ChatCompletionsFormat,
-    "/agui": AguiFormat,
-    "/v1/agui": AguiFormat,
-    "/v1/responses": ResponsesFormat,
-    "/responses": ResponsesFormat,
-    "/v1/messages": MessagesFormat,
-    "/messages": MessagesFormat,
-}
-COUNT_TOKENS_PATHS = ("/v1/messages/count_tokens", "/messages/count_tokens")
+class CountTokensFormat(MessagesFormat):
+    """POST /v1/messages/count_tokens: a Messages body counted, answered without Finstep; its
+    errors in Anthropic's shape."""
+
+    name = "count_tokens"
+
+    def parse(self, body: bytes, headers: Mapping[str, str]) -> DirectAnswer:
+        return DirectAnswer(count_tokens(body, self.config.default_model))
 
 
-def route_for(path: str) -> Optional[Dict[str, str]]:
-    """The handler method names by HTTP method for a path, or None for an unknown path."""
-    if path in COUNT_TOKENS_PATHS:
-        return {"POST": "count_tokens"}
-    if path in WIRE_FORMATS:
-        return {"POST": "answer"}
-    if path in ("/v1/models", "/models"):
-        return {"GET": "list_models"}
-    if path.startswith(("/v1/models/", "/models/")):
-        return {"GET": "retrieve_model"}
-    if path == "/health":
-        return {"GET": "health"}
-    if path == "/metrics":
-        return {"GET": "metrics"}
-    if path == "/status":
-        return {"GET": "show_status"}
-    if path == "/":
-        return {"GET": "show_page"}
-    return None
-
-
-def metrics_path(path: str) -> str:
-    """A request path as a metrics label: known routes as themselves, the model-id route as a
-    template, anything else as "other", so clients cannot multiply the series."""
-    path = path.rstrip("/") or "/"
-    routes = route_for(path)
-    if routes is None:
-        return "other"
-    return path.split("/models/", 1)[0] + "/models/{id}" if "retrieve_model" in routes.values() else path
-
-
-# --- Conversations: continue the upstream session exactly, or fold -------------
-
+# --- Conversations: continue the upstream session exactly, or fold ------------------------
+#
 # Finstep keeps a conversation's history per sessionId and takes one new query a
 # turn; OpenAI clients resend the whole history each turn. After an answer, the
 # conversation as the client will send it back is remembered (as a fingerprint)
@@ -2078,11 +2208,14 @@ def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
     label, ending with the last user message. Over `limit` characters, the oldest turns
     go first; the system text and the last user message always stay. Turns are measured
     from the newest back, and only those kept are written out."""
+    if not turns:
+        return ""
+    _, question = turns[-1]
     if len(turns) < 2:
-        return turns[-1][1] if turns else ""
+        return question
     system = "\n\n".join(text for role, text in turns[:-1] if role == "system")
     head = ["System: " + system] if system else []
-    tail = ["User: " + turns[-1][1]]
+    tail = ["User: " + question]
     middle = [(role, text) for role, text in turns[:-1] if role != "system"]
     size = sum(len(part) + 2 for part in head + tail) - 2
     start = 0
@@ -2090,22 +2223,21 @@ def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
         role, text = middle[index]
         size += len(_ROLE_LABELS[role]) + len(text) + 4  # "Label: text" and the blank line after it
         if size > limit:  # this turn does not fit: keep from the first user message after it
-            start = next((i for i in range(index + 1, len(middle)) if middle[i][0] == "user"), len(middle))
+            start = next((i for i, (role, _) in enumerate(middle[index + 1:], index + 1) if role == "user"),
+                         len(middle))
             break
     kept = ["%s: %s" % (_ROLE_LABELS[role], text) for role, text in middle[start:]]
     return "\n\n".join(head + kept + tail)
 
 
-@dataclasses.dataclass(frozen=True)
-class SessionRef:
+class SessionRef(NamedTuple):
     """An upstream session the proxy remembers: the one a conversation continues in, or the
     latest of a named conversation."""
     session_id: str
     key: str  # the digest of the upstream key the session belongs to
 
 
-@dataclasses.dataclass(frozen=True)
-class ResponseRecord:
+class ResponseRecord(NamedTuple):
     """A Responses API response, remembered: its session, which a continuation resumes, and
     its turn as a conversation counts it (trimmed, <think> blocks removed), which a fork folds.
     `question` is None when the turn alone is longer than a folded query keeps
@@ -2138,22 +2270,24 @@ def decode_record(raw):
         return None
     ids = all(isinstance(item, str) and len(item) <= MAX_RECORD_ID for item in value[:4])
     if len(value) == 2 and ids:
-        return SessionRef(value[0], value[1])
-    if (len(value) == 6 and value[0] == "response" and ids and isinstance(value[4], (str, type(None)))
-            and isinstance(value[5], str)):
-        return ResponseRecord(value[1], value[2], value[3], value[4], value[5])
+        session_id, key = value
+        return SessionRef(session_id, key)
+    if len(value) == 6 and ids:
+        kind, session_id, key, parent, question, answer = value
+        if kind == "response" and isinstance(question, (str, type(None))) and isinstance(answer, str):
+            return ResponseRecord(session_id, key, parent, question, answer)
     return None
 
 
-# What one entry costs besides its strings: the dictionary slot and ordering node, the entry,
-# the record and its attribute dictionary (measured with tracemalloc, rounded up).
-ENTRY_OVERHEAD = 480
+# What one entry costs besides its strings: the dictionary slot and ordering node, the entry
+# and its time (measured with tracemalloc, rounded up); its record is counted by its size.
+ENTRY_OVERHEAD = 256
 
 
 def entry_size(name: str, value) -> int:
     """An upper estimate of the bytes an entry takes in a SessionStore."""
-    fields = vars(value).values() if dataclasses.is_dataclass(value) else ()
-    return ENTRY_OVERHEAD + sys.getsizeof(name) + sum(map(sys.getsizeof, fields))
+    fields = value if isinstance(value, tuple) else ()
+    return ENTRY_OVERHEAD + sys.getsizeof(name) + sys.getsizeof(value) + sum(map(sys.getsizeof, fields))
 
 
 StoreEntry = collections.namedtuple("StoreEntry", "value stored size")
@@ -2215,22 +2349,24 @@ class SessionStore:
         self.bytes += size
         while entries and (len(entries) > self.max_entries or self.bytes > self.max_bytes
                            or now - next(iter(entries.values())).stored > self.ttl):
-            self.bytes -= entries.popitem(last=False)[1].size
+            _, gone = entries.popitem(last=False)
+            self.bytes -= gone.size
 
 
 @dataclasses.dataclass
 class Turn:
     """How one request reaches the upstream, and what to remember once it is answered."""
-    session_id: str
+    session_id: str  # "" for a named conversation's first turn here: turn_on_key() derives it
     query: str
     path: str  # new, continued, folded or explicit
     turns: Tuple[Tuple[str, str], ...]  # the conversation up to its question, as it counts
+    asked: Tuple[Tuple[str, str], ...]  # `turns` as a folded query carries them (FINSTEP_SYSTEM)
+    caller: str  # whose conversation it is (Caller.id)
     key: Optional[str] = None  # the digest of the key its session belongs to, tried first; None: any
-    remember_as: Optional[Tuple[str, Optional[str]]] = None  # (caller, user): remember its fingerprint
+    user: Optional[str] = None  # the request's `user`, which keeps its fingerprints apart too
+    remember: bool = False  # an unnamed conversation: remembered by its fingerprint once answered
     name: Optional[str] = None  # a conversation the client named: its session depends on the key
     mark: Optional[str] = None  # where a named conversation's latest session is remembered
-    asked: Tuple[Tuple[str, str], ...] = ()  # `turns` as a folded query carries them (FINSTEP_SYSTEM)
-    caller: str = ""  # whose conversation it is (Caller.id): a named one's session depends on it
 
 
 def named_mark(caller: str, name: str) -> str:
@@ -2246,29 +2382,31 @@ def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, reque
     "drop", system text never reaches the upstream; conversations are recognised as before."""
     history = request.history
     turns = transcript(history)  # ends with the last user message, which has text
-    asked = turns if system == "fold" else tuple(turn for turn in turns if turn[0] != "system")
-    question = history[-1][1]
+    asked = turns if system == "fold" else tuple((role, text) for role, text in turns if role != "system")
+    _, question = history[-1]
+    common = dict(turns=turns, asked=asked, caller=caller)
     if request.resume is not None:  # the wire format's own conversation handle (a response id)
-        return Turn(request.resume.session_id, question, CONTINUED, turns, request.resume.key, asked=asked)
+        return Turn(session_id=request.resume.session_id, query=question, path=CONTINUED, key=request.resume.key,
+                    **common)
     if mode == "fold" or request.fold:
-        return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED if len(asked) > 1 else NEW, turns,
-                    asked=asked)
+        return Turn(session_id=uuid.uuid4().hex, query=fold_query(asked, max_query),
+                    path=FOLDED if len(asked) > 1 else NEW, **common)
     name = request.conversation
     if name is not None:
         mark = named_mark(caller, name)
         latest = store.get(mark, SessionRef)  # the session of its last answer here
         if latest is None:
-            return Turn("", fold_query(asked, max_query), EXPLICIT, turns, name=name, mark=mark, asked=asked,
-                        caller=caller)
-        return Turn(latest.session_id, question, EXPLICIT, turns, latest.key, name=name, mark=mark, asked=asked,
-                    caller=caller)
-    remember = (caller, request.user)
+            return Turn(session_id="", query=fold_query(asked, max_query), path=EXPLICIT, name=name, mark=mark,
+                        **common)
+        return Turn(session_id=latest.session_id, query=question, path=EXPLICIT, key=latest.key, name=name,
+                    mark=mark, **common)
+    common.update(user=request.user, remember=True)
     if len(asked) == 1:  # the question alone, or with system text that is dropped
-        return Turn(uuid.uuid4().hex, question, NEW, turns, remember_as=remember, asked=asked)
+        return Turn(session_id=uuid.uuid4().hex, query=question, path=NEW, **common)
     entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), SessionRef, consume=True)
     if entry is not None:
-        return Turn(entry.session_id, question, CONTINUED, turns, entry.key, remember, asked=asked)
-    return Turn(uuid.uuid4().hex, fold_query(asked, max_query), FOLDED, turns, remember_as=remember, asked=asked)
+        return Turn(session_id=entry.session_id, query=question, path=CONTINUED, key=entry.key, **common)
+    return Turn(session_id=uuid.uuid4().hex, query=fold_query(asked, max_query), path=FOLDED, **common)
 
 
 def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
@@ -2293,11 +2431,12 @@ def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str
     Only an `exact` answer (the upstream's whole answer) makes its session continuable."""
     if turn.mark is not None:
         store.put(turn.mark, SessionRef(turn.session_id, key_digest(key)))
-    if turn.remember_as is not None and exact:
-        caller, user = turn.remember_as
+    if turn.remember and exact:
         turns = turn.turns + transcript([("assistant", answer_content)])
-        store.put(conversation_fingerprint(caller, user, turns), SessionRef(turn.session_id, key_digest(key)))
+        store.put(conversation_fingerprint(turn.caller, turn.user, turns), SessionRef(turn.session_id, key_digest(key)))
 
+
+# --- Keys: rotation and cool-downs --------------------------------------------------------
 
 def stable_index(name: str, size: int) -> int:
     return int(hashlib.sha256(name.encode("utf-8")).hexdigest(), 16) % size
@@ -2362,7 +2501,7 @@ def retry_after_seconds(value: Optional[str], default: float = 60.0) -> float:
     return default
 
 
-# --- Shared memory: Redis, for several replicas --------------------------------------
+# --- Shared memory: Redis, for several replicas -------------------------------------------
 #
 # With FINSTEP_REDIS_URL, what SessionStore keeps (fingerprints, named conversations, response
 # ids) and the keys' cool-downs live in Redis, so any replica continues any conversation and a
@@ -2705,7 +2844,7 @@ class SharedCooldowns:
                 self.pool.cool_down(key, left / 1000.0, announce=False)
 
 
-# --- Upstream I/O ------------------------------------------------------------
+# --- Upstream: one request to Finstep on a pooled connection, its events as they arrive ---
 
 def shut(sock: socket.socket) -> None:
     """Shut a socket both ways. Unlike close(), this wakes a read blocked on it in another thread."""
@@ -2723,57 +2862,6 @@ def socket_ready(sock: socket.socket, write: bool = False) -> bool:
         return bool(poller.poll(0))
     readable, writable, _ = select.select([] if write else [sock], [sock] if write else [], [], 0)
     return bool(readable or writable)
-
-
-class ChunkedDecoder:
-    """HTTP/1.1 chunked transfer coding, decoded as bytes arrive. feed() returns the payload
-    bytes the data completes; `done` turns true once the last (zero-size) chunk and the
-    trailer section after it are in, so a connection read this far is ready for its next
-    response; framing that breaks the rules raises ValueError. Bytes fed past the end stay
-    in `buffer`: a server that sent them cannot be trusted with another request."""
-
-    def __init__(self):
-        self.buffer = b""
-        self.left = 0  # payload bytes still due in the current chunk
-        self.crlf = False  # the CRLF that ends a chunk's payload is due
-        self.trailer = False  # the last chunk is in: trailer fields (of no interest) until a blank line
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        buffer = self.buffer + data if self.buffer else data
-        out, position, end = [], 0, len(buffer)
-        while position < end and not self.done:
-            if self.left:
-                take = min(self.left, end - position)
-                out.append(buffer[position:position + take])
-                position += take
-                self.left -= take
-                self.crlf = not self.left
-            elif self.crlf:
-                if end - position < 2:
-                    break
-                if buffer[position:position + 2] != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                position += 2
-                self.crlf = False
-            else:
-                newline = buffer.find(b"\n", position)
-                if newline < 0:
-                    if end - position > 1024:
-                        raise ValueError("chunk size or trailer line too long")
-                    break
-                line = buffer[position:newline]
-                position = newline + 1
-                if self.trailer:
-                    self.done = not line.strip()
-                    continue
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                self.left = size
-                self.trailer = size == 0
-        self.buffer = buffer[position:]
-        return b"".join(out)
 
 
 READ_SIZE = io.DEFAULT_BUFFER_SIZE  # the socket reader's buffer: one read takes what it holds
@@ -2800,7 +2888,7 @@ class _UpstreamHTTPSConnection(_UpstreamConnection, http.client.HTTPSConnection)
 
 # Where a connection leads: the scheme, the host it connects to (the origin, or a proxy),
 # the origin tunnelled to through that proxy (if any), and the proxy's credentials.
-Route = collections.namedtuple("Route", "scheme host tunnel proxy_auth")
+UpstreamRoute = collections.namedtuple("UpstreamRoute", "scheme host tunnel proxy_auth")
 
 
 def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
@@ -2865,7 +2953,7 @@ class UpstreamPool:
     def __init__(self, idle_timeout: float, clock=time.monotonic):
         self.idle_timeout, self.clock = idle_timeout, clock
         self.warm_margin = min(5.0, idle_timeout / 4)  # a warm connection this close to expiry gets a successor
-        self.warm = None  # (route, function opening a connection to it)
+        self.warm = None  # (the route kept warm, a function opening a connection to it)
         self.idle = collections.OrderedDict()  # connection -> (route, idle since), oldest first
         self.requests = collections.Counter()  # "true"/"false" (reused) -> upstream requests
         self.retries = 0
@@ -2877,13 +2965,21 @@ class UpstreamPool:
     def __len__(self) -> int:
         return len(self.idle)
 
-    def keep_warm(self, route: Route, connect) -> None:
+    @property
+    def warm_route(self) -> Optional[UpstreamRoute]:
+        """The route kept warm, if any."""
+        if self.warm is None:
+            return None
+        route, _ = self.warm
+        return route
+
+    def keep_warm(self, route: UpstreamRoute, connect) -> None:
         """Keep one idle connection to `route` open at all times; `connect()` opens one."""
         with self.changed:
             self.warm = (route, connect)
             self.changed.notify()
 
-    def take(self, route: Route) -> Optional[http.client.HTTPConnection]:
+    def take(self, route: UpstreamRoute) -> Optional[http.client.HTTPConnection]:
         """The most recently used idle connection to `route` that still works, or None."""
         while True:
             with self.changed:
@@ -2891,7 +2987,7 @@ class UpstreamPool:
                 if conn is None:
                     return None
                 del self.idle[conn]
-                if self.warm is not None and route == self.warm[0]:
+                if self.warm is not None and route == self.warm_route:
                     self.changed.notify()  # the warm connection taken: open its successor now
             if connection_ready(conn):  # a connection whose end is still due is not waited for
                 return conn
@@ -2901,7 +2997,9 @@ class UpstreamPool:
         with self.changed:
             if not self.closed:  # not woken: its next look, within probe_interval, sees this one
                 self.idle[conn] = (conn.route, self.clock())
-                conn = self.idle.popitem(last=False)[0] if len(self.idle) > self.max_idle else None
+                conn = next(iter(self.idle)) if len(self.idle) > self.max_idle else None  # the oldest
+                if conn is not None:
+                    del self.idle[conn]
         if conn is not None:
             close_connection(conn)
 
@@ -2932,13 +3030,14 @@ class UpstreamPool:
                     del self.idle[conn]
                 # A successor is opened before the warm connection expires: never a moment without one.
                 cold = self.warm is not None and now >= next_warm and not any(
-                    route == self.warm[0] and now - since < self.idle_timeout - self.warm_margin
+                    route == self.warm_route and now - since < self.idle_timeout - self.warm_margin
                     for route, since in self.idle.values())
             for conn in doomed:
                 close_connection(conn)
             if cold:
                 try:
-                    self.give(self.warm[1]())
+                    _, connect = self.warm
+                    self.give(connect())
                 except (OSError, http.client.HTTPException) as exc:
                     next_warm = self.clock() + self.warm_retry
                     log.debug("warm upstream connection failed: %s", exc)
@@ -2984,7 +3083,7 @@ class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
         super().__init__()
         self.context, self.pool = context, pool
 
-    def connect(self, route: Route, timeout: float) -> http.client.HTTPConnection:
+    def connect(self, route: UpstreamRoute, timeout: float) -> http.client.HTTPConnection:
         """A new connection to `route`, connected (and tunnelled, and TLS set up) within `timeout`."""
         if route.scheme == "https":
             conn = _UpstreamHTTPSConnection(route.host, route, timeout=timeout, context=self.context)
@@ -3008,7 +3107,7 @@ class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
         headers.update((name, value) for name, value in req.headers.items() if name not in headers)
         headers = {name.title(): value for name, value in headers.items()}
         proxy_auth = headers.pop("Proxy-Authorization", None) if req._tunnel_host else None
-        route = Route(req.type, req.host, req._tunnel_host, proxy_auth)
+        route = UpstreamRoute(req.type, req.host, req._tunnel_host, proxy_auth)
         conn = self.pool.take(route)
         retried = False
         while True:
@@ -3047,7 +3146,7 @@ class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
     http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
 
 
-def upstream_route(url: str, proxies: Mapping[str, str]) -> Optional[Route]:
+def upstream_route(url: str, proxies: Mapping[str, str]) -> Optional[UpstreamRoute]:
     """The route a request to `url` takes, through the proxy the environment names; None
     when that takes more than a connection (a proxy of another scheme)."""
     request = urllib.request.Request(url)
@@ -3060,7 +3159,7 @@ def upstream_route(url: str, proxies: Mapping[str, str]) -> Optional[Route]:
         except AttributeError:
             return None
     proxy_auth = request.headers.get("Proxy-authorization") if request._tunnel_host else None
-    return Route(request.type, request.host, request._tunnel_host, proxy_auth)
+    return UpstreamRoute(request.type, request.host, request._tunnel_host, proxy_auth)
 
 
 def build_upstream_opener(proxies: Mapping[str, str], connector: _UpstreamConnector):
@@ -3072,6 +3171,67 @@ def build_upstream_opener(proxies: Mapping[str, str], connector: _UpstreamConnec
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
+
+
+def build_upstream_body(user_id: str, session_id: str, query: str, title: str) -> bytes:
+    return json.dumps({"userId": user_id, "sessionId": session_id, "query": query,
+                       "sessionTitle": title}, ensure_ascii=False).encode("utf-8")
+
+
+# Upstream statuses that matter; every other status is progress and is ignored.
+RESPONSING = "RESPONSING"
+DONE = "DONE"
+
+
+ERROR = "ERROR"
+UpstreamEvent = Tuple[str, Optional[str], Optional[str]]  # (status, type, text or error message)
+
+
+def parse_upstream_event(line: bytes) -> Optional[UpstreamEvent]:
+    """One upstream SSE line as (status, type, text), or None when it carries nothing usable.
+
+    Finstep ends each event with a single newline, so each `data:` line is one
+    event. Lenient as SSE is: `data:` with or without a space, CR before LF,
+    other fields and comments skipped, a bad payload skipped on its own."""
+    if not line.startswith(b"data:"):
+        return None
+    try:
+        event = json.loads(line[5:])
+    except (ValueError, RecursionError):
+        return None
+    status = event.get("status") if isinstance(event, dict) else None
+    if not isinstance(status, str):
+        return None
+    status = status.upper()
+    if status == RESPONSING:
+        text = event.get("text")
+        if not isinstance(text, str) or not text:
+            return None
+        kind = event.get("type")
+        return RESPONSING, kind if isinstance(kind, str) else "text", text
+    if status == DONE:
+        return DONE, None, None
+    if "ERROR" in status or "FAIL" in status:
+        return ERROR, None, upstream_error_message(event, "Upstream reported " + status)
+    return status, None, None
+
+
+def upstream_error_message(payload, fallback: str) -> str:
+    """The human message in an upstream error payload (a dict or raw bytes), cut short."""
+    if isinstance(payload, bytes):
+        try:
+            payload = json.loads(payload)
+        except (ValueError, RecursionError):
+            text = payload.decode("utf-8", "replace").strip()
+            return text[:300] if text else fallback
+    if isinstance(payload, dict):
+        for field in ("message", "msg", "errorMsg", "error_description", "detail", "error", "text"):
+            value = payload.get(field)
+            if isinstance(value, dict):
+                value = value.get("message")
+            if isinstance(value, str) and value.strip():
+                return value.strip()[:300]
+    return fallback
 
 
 class UpstreamCall:
@@ -3300,13 +3460,6 @@ class UpstreamCall:
             self.connection = None
 
 
-def status_phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "HTTP %d" % status
-
-
 def upstream_status_error(status: int, detail: bytes, retry_after: Optional[str]) -> ProxyError:
     """The client's error for an upstream error status."""
     message = upstream_error_message(detail, status_phrase(status))
@@ -3320,7 +3473,231 @@ def upstream_status_error(status: int, detail: bytes, retry_after: Optional[str]
                       code="upstream_http_%d" % status)
 
 
-# --- Metrics and logs ------------------------------------------------------------
+# --- Answers: upstream text routed into the pipeline's events, limits and stop sequences ---
+
+PHASES = ("THINKING", "ORGANIZING")  # Finstep's phases before it answers
+PHASE_ENDS = ("MSG_START", "MSG_DONE")  # statuses that say the phase is over (as does any answer text)
+THINK_OPEN = "<think>\n"
+
+
+THINK_CLOSE = "\n</think>\n\n"
+
+
+class StopScanner:
+    """Finds a request's stop sequences in the answer text as it streams, and how much of its
+    end could begin one. An Aho-Corasick automaton over all the sequences, built once per
+    request: each character of the answer is read once, whatever the text and the sequences
+    hold (searching the held text again on every delta would cost the square of a
+    sequence's length each time), and while nothing is begun a regular expression jumps, in
+    C, to the next character that could begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.order = {stop: index for index, stop in enumerate(self.stops)}
+        self.longest = max(map(len, self.stops))
+        children, depth, ends = [{}], [0], [None]  # by node: the trie's edges, its depth, a sequence ending
+        for stop in self.stops:
+            node = 0
+            for char in stop:
+                if char not in children[node]:
+                    children[node][char] = len(children)
+                    children.append({})
+                    depth.append(depth[node] + 1)
+                    ends.append(None)
+                node = children[node][char]
+            ends[node] = ends[node] or stop
+        # Breadth first: each node's failure link (its longest proper suffix in the trie) and the
+        # longest sequence that ends it, its own or its failure link's.
+        fail, found, queue = [0] * len(children), list(ends), list(children[0].values())
+        for node in queue:  # grows as it goes: every node once, parents first
+            for char, child in children[node].items():
+                link = fail[node]
+                while link and char not in children[link]:
+                    link = fail[link]
+                fail[child] = children[link].get(char, 0) if node else 0
+                found[child] = found[child] or found[fail[child]]
+                queue.append(child)
+        self.children, self.depth, self.fail, self.found = children, depth, fail, found
+        self.begins = re.compile("[%s]" % "".join(re.escape(stop[0]) for stop in self.stops))
+        self.node = 0  # the longest end of the text read that begins some sequence
+
+    def feed(self, text: str) -> Optional[Tuple[int, str]]:
+        """Read `text`: (where in it the earliest stop sequence ending in it begins, negative
+        when it began in text read before; that sequence), or None."""
+        children, fail, ends = self.children, self.fail, self.found
+        node, position, size, best, best_start, best_order = self.node, 0, len(text), None, 0, 0
+        while position < size:
+            if node == 0:
+                hit = self.begins.search(text, position)
+                if hit is None:
+                    break
+                position = hit.start()
+            char = text[position]
+            while node and char not in children[node]:
+                node = fail[node]
+            node = children[node].get(char, 0)
+            position += 1
+            stop = ends[node]
+            if stop is not None:
+                start = position - len(stop)
+                if best is None or (start, self.order[stop]) < (best_start, best_order):
+                    best, best_start, best_order = (start, stop), start, self.order[stop]
+                if position - self.longest >= best_start:  # no sequence ending later can begin earlier
+                    break
+        self.node = node
+        return best
+
+    @property
+    def partial(self) -> int:
+        """How many characters at the end of the text read could begin a stop sequence."""
+        return self.depth[self.node]
+
+
+class AnswerRouter:
+    """Routes upstream answer text per the reasoning mode into TEXT and REASONING events,
+    and keeps the answer: `content` and `reasoning` hold exactly what went to the client.
+
+    With an output limit or stop sequences it also ends the answer where they say: `cut`
+    turns to "length" or "stop" (with `stop_sequence`), and nothing more is routed. Answer
+    text that could begin a stop sequence waits for the next delta; nothing else ever waits."""
+
+    def __init__(self, mode: str, prompt: str = "", max_output: Optional[int] = None,
+                 stops: Sequence[str] = ()):
+        self.mode = mode
+        self.prompt = prompt  # the query sent upstream, for the usage estimate
+        self.content = []  # type: List[str]
+        self.reasoning = []  # type: List[str]
+        self.unfamiliar_types = set()
+        self.answer_started = False
+        self.think_open = False
+        self.max_output, self.stops = max_output, tuple(stops)
+        self.scanner = StopScanner(self.stops) if self.stops else None
+        self.guarded = max_output is not None or bool(stops)
+        self.cut = None  # type: Optional[str]
+        self.stop_sequence = None  # type: Optional[str]
+        self.held = ""  # answer text that could begin a stop sequence: not sent yet
+        self.spent = (0, 0)  # wide and other characters sent, counted as estimate_tokens does
+
+    def route(self, kind: str, text: str) -> Optional[Tuple[str, str]]:
+        """(event kind, text) for one RESPONSING event, or None when nothing is sent."""
+        if kind != "deepthink":
+            if kind != "text":
+                self.unfamiliar_types.add(kind)
+            self.answer_started = True
+            if self.think_open or self.guarded:  # the common case stays this short: once per token
+                return self.route_slowly(TEXT, text, True)
+            self.content.append(text)
+            return TEXT, text
+        mode = self.mode
+        if mode == "reasoning" and not self.guarded:
+            self.reasoning.append(text)
+            return REASONING, text
+        if mode == "drop" or (mode == "think" and self.answer_started):
+            return None  # `think` keeps one block before the answer; late thinking is dropped
+        if mode == "think" and not self.think_open:
+            self.think_open = True
+            text = THINK_OPEN + text
+        return self.route_slowly(REASONING if mode == "reasoning" else TEXT, text, False)
+
+    def route_slowly(self, event: str, text: str, answer: bool) -> Optional[Tuple[str, str]]:
+        """route() for answer text that closes a <think> block, for thinking shown as text,
+        and for everything when there are limits to keep."""
+        lead = ""
+        if answer and self.think_open:
+            self.think_open = False
+            lead = THINK_CLOSE
+        if self.guarded:
+            text = self.guard(lead, text, answer)
+            if not text:
+                return None
+        else:
+            text = lead + text
+        (self.content if event == TEXT else self.reasoning).append(text)
+        return event, text
+
+    def guard(self, lead: str, text: str, answer: bool) -> str:
+        """`lead` and `text` as far as the stop sequences (searched in answer text only) and
+        the output limit let them go now."""
+        if self.cut:
+            return ""
+        if answer and self.stops:
+            found = self.scanner.feed(text)
+            held, self.held = self.held, ""
+            text = held + text
+            if found is not None:  # it begins in this text, or in the held text before it
+                start, self.stop_sequence = found
+                text, self.cut = text[:len(held) + start], "stop"
+            else:
+                wait = min(self.scanner.partial, len(text))
+                if wait:
+                    text, self.held = text[:-wait], text[-wait:]
+        text = lead + text
+        return self.within_limit(text) if self.max_output is not None else text
+
+    def within_limit(self, text: str) -> str:
+        """The part of `text` the output limit allows; at the limit the answer is cut."""
+        spent_wide, other = self.spent
+        added = count_wide(text)
+        if spent_wide + added + (other + len(text) - added + 3) // 4 <= self.max_output:
+            self.spent = (spent_wide + added, other + len(text) - added)
+            return text
+        for index, char in enumerate(text):
+            wide = char >= WIDE
+            if spent_wide + wide + (other + (not wide) + 3) // 4 > self.max_output:
+                text = text[:index]
+                break
+            spent_wide, other = spent_wide + wide, other + (not wide)
+        self.spent = (spent_wide, other)
+        self.cut, self.stop_sequence, self.held = "length", None, ""
+        return text
+
+    def finish(self) -> Optional[str]:
+        """The text still due when the answer ends: answer text held for a stop sequence
+        that never came, and the end of an open <think> block."""
+        tail = ""
+        if self.held and not self.cut:
+            tail, self.held = self.held, ""
+            if self.max_output is not None:
+                tail = self.within_limit(tail)
+        if self.think_open:
+            self.think_open = False
+            tail += THINK_CLOSE
+        if not tail:
+            return None
+        self.content.append(tail)
+        return tail
+
+    def usage(self) -> dict:
+        return estimate_usage(self.prompt, "".join(self.reasoning) + "".join(self.content))
+
+
+WIDE = "\u0800"  # from here on, a character is about a token of its own
+_WIDE_LEADS = bytes(1 if 0xE0 <= byte <= 0xF7 else 0 for byte in range(256))  # of 3- and 4-byte UTF-8
+
+
+def count_wide(text: str) -> int:
+    """The characters from U+0800 on (Chinese, Japanese, Korean and most other scripts,
+    symbols, emoji) in `text`: the lead bytes of its 3- and 4-byte UTF-8 sequences, counted
+    in two passes of C, however the text mixes them."""
+    if text.isascii():
+        return 0
+    return text.encode("utf-8", "surrogatepass").translate(_WIDE_LEADS).count(1)
+
+
+def estimate_tokens(text: str) -> int:
+    """An estimate, not a tokenizer: one token per character from U+0800 on (CJK, kana,
+    Hangul…), one per ~4 other characters."""
+    wide = count_wide(text)
+    return wide + (len(text) - wide + 3) // 4
+
+
+def estimate_usage(prompt: str, completion: str) -> dict:
+    prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens(completion)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+# --- Metrics ------------------------------------------------------------------------------
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 OUTCOMES = ("ok", "auth", "rate_limited", "upstream_error", "timeout", "client_gone", "shutdown")
@@ -3401,69 +3778,7 @@ def outcome_of(error: Optional[ProxyError]) -> str:
     return {401: "auth", 429: "rate_limited", 504: "timeout"}.get(error.status, "upstream_error")
 
 
-class KeyFilter(logging.Filter):
-    """Every line the proxy logs passes here: upstream keys hidden (the configured ones, and
-    the key a record names as its `secret`, a client's pass-through key), and control
-    characters escaped, since much of a line is what clients sent (a method, a path, the
-    tail of a key). Installed by each server."""
-
-    def __init__(self, keys: Sequence[str]):
-        super().__init__()
-        self.keys = tuple(keys)
-
-    def hide(self, text: str, secret: Optional[str] = None) -> str:
-        """`text` with the configured keys and `secret` hidden: for log lines and for every
-        error message a client is sent."""
-        return hide_keys(text, self.keys + (secret,) if secret else self.keys)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        secret = getattr(record, "secret", None)
-        hiding = self.keys or secret
-        message = record.getMessage()
-        shown = printable(self.hide(message, secret) if hiding else message)
-        if shown != message:
-            record.msg, record.args = shown, ()
-        if record.exc_info and not record.exc_text:  # a traceback is text too
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = printable(self.hide(text, secret) if hiding else text, lines=True)
-        fields = getattr(record, "fields", None)
-        if fields:
-            record.fields = {name: printable(self.hide(value, secret) if hiding else value)
-                             if isinstance(value, str) else value for name, value in fields.items()}
-        return True
-
-
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id"):
-            record.request_id = "-"
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, request_id, message, and the request's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-        entry = {"time": moment.isoformat(timespec="milliseconds"), "level": record.levelname,
-                 "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def configure_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if config.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s [%(request_id)s] %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level)
-
-
-# --- The watchdog: heartbeats, departed clients, slow request heads ----------------
+# --- The watchdog: heartbeats, departed clients, slow request heads -----------------------
 
 class HangupWatcher:
     """Tells which watched client sockets' peers have left. With epoll (Linux) it waits for
@@ -3609,7 +3924,8 @@ class Watchdog:
             now = time.monotonic()
             with self.lock:
                 departed = [self.hangups.departed(fd) for fd in ready]
-                streams = [h for h in self.active if h.stream_open and now - h.last_write >= self.heartbeat_due]
+                streams = [h for h in self.active
+                           if h.exchange.stream_open and now - h.exchange.last_write >= self.heartbeat_due]
                 late = []
                 for handler, when in self.deadlines.items():  # in the order they were set: oldest first
                     if when > now:
@@ -3632,7 +3948,7 @@ class Watchdog:
         self.hangups.close()
 
 
-# --- The answer pipeline: one request, any wire format -------------------------------
+# --- The answer pipeline: one request, any wire format ------------------------------------
 
 class ClientGone(Exception):
     """The client closed its connection; nobody is left to answer."""
@@ -3646,20 +3962,20 @@ def shutting_down() -> ProxyError:
 class AnswerPipeline:
     """Answers one request, whatever its wire format: the keys, the conversation's session,
     a stream slot, the upstream call with key failover, relaying its events to the wire
-    format, remembering the turn, the upstream's metrics. The handler it runs on owns the
-    connection: writes, heartbeats, interruptions and the log line."""
+    format, remembering the turn, the upstream's metrics. It writes the request's state to
+    its Exchange and answers through its ResponseSink; the handler owns both, and the
+    connection."""
 
-    def __init__(self, handler, wire: WireFormat):
-        self.handler, self.wire = handler, wire
-        self.server = handler.server
-        self.config = self.server.config
+    def __init__(self, server: "ProxyServer", exchange: "Exchange", sink: "ResponseSink", wire: WireFormat):
+        self.server, self.exchange, self.sink, self.wire = server, exchange, sink, wire
+        self.config = server.config
         self.slot_held = False
         self.first_byte = None  # type: Optional[float]
 
     def run(self, request: AnswerRequest, caller: Caller) -> None:
-        handler, server, config = self.handler, self.server, self.config
+        exchange, server, config = self.exchange, self.server, self.config
         if server.draining:
-            handler.close_connection = True
+            self.sink.close_after()
             raise shutting_down()
         if not server.begin_stream():
             raise ProxyError(503, "Too many requests in progress (%d); retry shortly" % config.max_streams,
@@ -3670,11 +3986,10 @@ class AnswerPipeline:
             # Memory is read, consumed and claimed only now: for a known caller holding a slot.
             request = self.wire.recall(request, caller.id)
             turn = plan_turn(server.sessions, config.sessions, config.max_query, caller.id, request, config.system)
-            handler.note, handler.session_path = " session=" + turn.path, turn.path
-            handler.stream_open = request.stream
-            server.watchdog.watch(handler)
+            exchange.session, exchange.stream_open = turn.path, request.stream
+            self.sink.watch()
             if request.stream and self.wire.opens_at_once:
-                handler.open_stream()
+                self.sink.open()
             turn, key = self.open_upstream(turn, self.key_order(turn, caller.keys), request.title)
             answer = AnswerRouter(config.reasoning, turn.query, request.max_output, request.stops)
             if request.stream:
@@ -3685,10 +4000,10 @@ class AnswerPipeline:
             error = exc
             raise
         except ClientGone:
-            handler.interrupted = "client_gone"
+            exchange.interrupted = "client_gone"
             raise
         finally:
-            self.release(handler.interrupted or outcome_of(error))
+            self.release(exchange.interrupted or outcome_of(error))
 
     def key_order(self, turn: Turn, keys: Sequence[str]) -> List[str]:
         pool = self.server.key_pool
@@ -3703,7 +4018,7 @@ class AnswerPipeline:
         if not self.slot_held:
             return
         self.slot_held = False
-        upstream = self.handler.upstream
+        upstream = self.exchange.upstream
         if upstream is not None:
             upstream.close()  # a failed call's connection is discarded
             self.server.metrics.upstream(outcome, self.first_byte)
@@ -3712,15 +4027,15 @@ class AnswerPipeline:
     def open_upstream(self, turn: Turn, keys: Sequence[str], title: str) -> Tuple[Turn, str]:
         """Open the upstream with the first key that works: a key refused with 401/403/429
         cools down and the next is tried, each once. Returns the turn as sent, and its key."""
-        handler, config, pool = self.handler, self.config, self.server.key_pool
+        exchange, config, pool = self.exchange, self.config, self.server.key_pool
         error = None
         for key in keys:
             sent = turn_on_key(turn, key, config.max_query)
             body = build_upstream_body(config.user_id, sent.session_id, sent.query, title)
-            upstream = handler.upstream = UpstreamCall(self.server.upstream_opener, self.server.upstream_pool,
+            upstream = exchange.upstream = UpstreamCall(self.server.upstream_opener, self.server.upstream_pool,
                                                        config.upstream_url, key, body, config.connect_timeout,
                                                        config.timeout)
-            if handler.interrupted:  # interrupted before this call existed: it ends at once
+            if exchange.interrupted:  # interrupted before this call existed: it ends at once
                 upstream.abort()
             began = time.monotonic()
             try:
@@ -3730,20 +4045,19 @@ class AnswerPipeline:
                     raise
                 seconds = retry_after_seconds(exc.headers.get("Retry-After"))
                 pool.cool_down(key, seconds)
-                handler.log(logging.WARNING, "upstream key %s refused (HTTP %d): cooling down %gs",
+                self.sink.log(logging.WARNING, "upstream key %s refused (HTTP %d): cooling down %gs",
                             mask_key(key), upstream.status, seconds)
                 error = exc
                 continue
             self.first_byte = time.monotonic() - began
-            handler.note = " session=%s key=%s conn=%s" % (sent.path, mask_key(key), upstream.conn_note)
-            handler.session_path = sent.path
+            exchange.session, exchange.key, exchange.conn = sent.path, mask_key(key), upstream.conn_note
             return sent, key
         raise error
 
     def relay(self, answer: AnswerRouter) -> Iterator[List[Tuple[str, str]]]:
         """The pipeline's events of each upstream read, until DONE or the end of the stream."""
-        handler = self.handler
-        upstream, route = handler.upstream, answer.route
+        exchange = self.exchange
+        upstream, route = exchange.upstream, answer.route
         phase, delivered = None, 0
         try:
             for batch in upstream.events():
@@ -3781,9 +4095,9 @@ class AnswerPipeline:
             raise ProxyError(502, "The upstream connection broke before the answer was complete (%s)"
                              % exc, code="upstream_disconnected") from None
         finally:
-            handler.chunks = delivered
+            exchange.chunks = delivered
             if answer.unfamiliar_types:
-                handler.log(logging.DEBUG, "answer text of unfamiliar type(s) %s treated as answer",
+                self.sink.log(logging.DEBUG, "answer text of unfamiliar type(s) %s treated as answer",
                             sorted(answer.unfamiliar_types))
         if upstream.events_seen == 0:
             said = upstream_error_message(upstream.last_skipped, "")
@@ -3791,37 +4105,880 @@ class AnswerPipeline:
                              code="upstream_empty")
 
     def stream(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
-        handler, wire = self.handler, self.wire
+        sink, wire = self.sink, self.wire
         if not wire.opens_at_once:
-            handler.open_stream()
-        render, write = wire.render, handler.write_chunk
+            sink.open()
+        render, write = wire.render, sink.write
         for events in self.relay(answer):
             data = render(events)
             if data:
                 write(data)
         closing = answer.finish()
         self.complete(turn, key, answer)
-        handler.end_stream((render([(TEXT, closing)]) if closing else b"") + wire.closing(answer))
+        sink.end((render([(TEXT, closing)]) if closing else b"") + wire.closing(answer))
 
     def send(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
         for _ in self.relay(answer):
             pass
         answer.finish()
         self.complete(turn, key, answer)
-        self.handler.send_json(200, self.wire.document(answer))
+        self.sink.send(200, self.wire.document(answer))
 
     def complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
         # Done before the client sees the end, so its next request can never arrive first.
         # A cut answer is not the upstream's whole answer: its next turn folds, as the client has it.
         remember_turn(self.server.sessions, turn, key, "".join(answer.content), exact=not answer.cut)
         self.wire.answered(turn, key, answer)
-        if answer.cut:
-            self.handler.note += " cut=" + answer.cut
-        self.handler.upstream.recycle()
+        self.exchange.cut = answer.cut
+        self.exchange.upstream.recycle()
         self.release("ok")
 
 
-# --- The page at /: try the proxy in a browser, see how it is doing ----------------------
+# --- The HTTP handler ---------------------------------------------------------------------
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+EXPOSED_HEADERS = ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, X-Finstep-Session")
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class Exchange:
+    """One request's state, from its request line to its log line. The handler owns it, the
+    pipeline writes to it through a ResponseSink, the watchdog reads it; the log line is built
+    from its named fields."""
+    request_id: str
+    started: float  # when its request line came (monotonic)
+    last_write: float  # when the client was last sent bytes: heartbeats fill the silences
+    cors: Tuple[Tuple[str, str], ...] = ()  # the CORS headers of its answers
+    route: Optional[Route] = None
+    wire: Optional[WireFormat] = None  # the format that parses it and shapes its errors
+    caller: Optional[Caller] = None  # once authenticated
+    body: Optional[BodyReader] = None  # once its head is checked
+    upstream: Optional[UpstreamCall] = None
+    status: Optional[int] = None  # once its response head is sent
+    stream_open: bool = False  # an event stream whose end has not been sent: heartbeats go to it
+    chunked: Optional[bool] = None  # set when the event-stream head goes out
+    head_held: bool = False  # the event-stream head waits for the first bytes of the body
+    interrupted: Optional[str] = None  # "client_gone" or "shutdown", from another thread
+    dropped: Optional[str] = None  # why its connection was dropped before the request was in
+    # What the log line says of its answer:
+    session: Optional[str] = None  # how it reached its upstream session: new, continued, folded, explicit
+    key: Optional[str] = None  # the upstream key, masked
+    conn: Optional[str] = None  # the upstream connection: new, reused, retried
+    cut: Optional[str] = None  # length or stop: the answer was ended short
+    error: Optional[str] = None  # the code of the error it was answered with
+    client_left: bool = False
+    chunks: int = 0  # upstream answer events delivered
+
+    @property
+    def note(self) -> str:
+        """The log line's tail: what is known of how the request was answered."""
+        parts = [("session", self.session), ("key", self.key), ("conn", self.conn), ("cut", self.cut),
+                 ("error", self.error)]
+        note = "".join(" %s=%s" % (name, value) for name, value in parts if value)
+        return note + " client left" if self.client_left else note
+
+
+class ResponseSink:
+    """How a request is answered, for the pipeline and the handler alike: one JSON document
+    (send), or an event stream (open, write, end: properly, or cut off). Writes to a stream
+    hold a lock: the watchdog writes keep-alives to it too (heartbeat). The response head of
+    a stream is held and leaves with its first body bytes, in one write."""
+
+    def __init__(self, handler: "ProxyHandler"):
+        self.handler = handler
+        self.lock = threading.Lock()
+
+    def send(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
+        handler = self.handler
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(data)
+
+    def open(self) -> None:
+        """Send the event-stream head, unless a heartbeat did, and the wire format's opening."""
+        with self.lock:
+            self.start_locked()
+            self.write_locked(self.handler.exchange.wire.opening())
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.write_locked(data)
+
+    def end(self, data: bytes, clean: bool = True) -> None:
+        """Send the stream's last bytes and end it: properly, or cut off, which no client can
+        take for a complete answer (the connection closes without the last chunk)."""
+        with self.lock:
+            self.handler.exchange.stream_open = False
+            if not clean:
+                self.handler.close_connection = True
+            self.write_locked(data, last=clean)
+
+    def heartbeat(self) -> None:
+        """The wire format's keep-alive (and the response head first, if it is still held);
+        from the watchdog's thread, never while another write is under way."""
+        if not self.lock.acquire(blocking=False):
+            return  # a write is under way: the client is getting bytes anyway
+        try:
+            exchange = self.handler.exchange
+            if exchange.stream_open and socket_ready(self.handler.connection, write=True):
+                self.start_locked()
+                self.write_locked(exchange.wire.heartbeat)
+        except ClientGone:
+            self.handler.interrupt("client_gone")
+        finally:
+            self.lock.release()
+
+    def close_after(self) -> None:
+        """Close the connection once this answer is out."""
+        self.handler.close_connection = True
+
+    def watch(self) -> None:
+        """Let the watchdog see this request: its client leaving, its stream's silences."""
+        self.handler.server.watchdog.watch(self.handler)
+
+    def log(self, level: int, message: str, *args) -> None:
+        self.handler.log(level, message, *args)
+
+    @property
+    def started(self) -> bool:
+        return self.handler.exchange.chunked is not None
+
+    def start_locked(self) -> None:
+        """Send the event-stream response head, once."""
+        handler, exchange = self.handler, self.handler.exchange
+        if exchange.chunked is not None:
+            return
+        exchange.chunked = handler.request_version == "HTTP/1.1"
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        handler.send_header("Cache-Control", "no-cache")
+        handler.send_header("X-Accel-Buffering", "no")
+        if exchange.chunked:
+            handler.send_header("Transfer-Encoding", "chunked")
+        else:
+            handler.close_connection = True  # the end of the body is the end of the connection
+        exchange.head_held = True
+        handler.end_headers()  # held: the head leaves with the first bytes of the body, in one write
+
+    def write_locked(self, data: bytes, last: bool = False) -> None:
+        """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk)."""
+        handler, exchange = self.handler, self.handler.exchange
+        if exchange.chunked:
+            end = b"0\r\n\r\n" if last else b""
+            data = b"%x\r\n%s\r\n%s" % (len(data), data, end) if data else end  # b"0\r\n" ends the body
+        if exchange.head_held:
+            exchange.head_held = False
+            data = b"".join(handler._headers_buffer) + data
+            handler._headers_buffer = []
+        try:
+            handler.wfile.write(data)
+        except (ConnectionError, socket.timeout, TimeoutError, ValueError):
+            raise ClientGone() from None
+        exchange.last_write = time.monotonic()
+
+
+class Endpoints:
+    """The endpoints that answer from the proxy's own state, and `answer`, which hands a
+    request in a wire format to the pipeline (or lets the format answer it). Each is named
+    by a row of the route table and called with the request's path."""
+
+    def health(self, path: str) -> None:
+        redis = self.server.redis  # down is no failure: the proxy answers without it
+        self.sink.send(200, {"status": "ok"} if redis is None else {"status": "ok",
+                                                                    "redis": "up" if redis.up else "down"})
+
+    def metrics(self, path: str) -> None:
+        lines = self.server.upstream_pool.render_metrics()
+        if self.server.redis is not None:
+            lines += self.server.redis.render_metrics()
+        self.send_document(200, (("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),),
+                           (self.server.metrics.render() + "\n".join(lines) + "\n").encode("utf-8"))
+
+    def show_status(self, path: str) -> None:
+        self.sink.send(200, self.server.status(), {"Cache-Control": "no-store"})
+
+    def show_page(self, path: str) -> None:
+        self.send_document(200, PAGE_HEADERS, PAGE.encode("utf-8"))
+
+    def list_models(self, path: str) -> None:
+        models = self.server.config.models  # one list for OpenAI's clients and Anthropic's
+        self.sink.send(200, {"object": "list", "data": [self.model_card(m) for m in models],
+                             "has_more": False, "first_id": models[0], "last_id": models[-1]})
+
+    def retrieve_model(self, path: str) -> None:
+        model = urllib.parse.unquote(path.split("/models/", 1)[1])
+        if model not in self.server.config.models:
+            raise ProxyError(404, "The model %r does not exist" % model[:200], code="model_not_found",
+                             param="model")
+        self.sink.send(200, self.model_card(model))
+
+    def model_card(self, model: str) -> dict:
+        created = datetime.datetime.fromtimestamp(self.server.started, datetime.timezone.utc)
+        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep",
+                "type": "model", "display_name": model, "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def answer(self, path: str) -> None:
+        caller = self.authenticate()  # before the body: nothing is read or parsed for a refused caller
+        wire = self.wire_format()
+        request = wire.parse(self.read_body(), self.headers)
+        if isinstance(request, DirectAnswer):
+            self.sink.send(request.status, request.payload)
+            return
+        AnswerPipeline(self.server, self.exchange, self.sink, wire).run(request, caller)
+
+    def send_document(self, status: int, headers: Sequence[Tuple[str, str]], data: bytes) -> None:
+        """A response that is not JSON: the page, the metrics."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+
+class RequestLog:
+    """One line a request, from its Exchange, once it is answered; a dropped connection's line
+    at DEBUG. Every line passes the KeyFilter: keys hidden, control characters escaped."""
+
+    def log(self, level: int, message: str, *args, fields: Optional[dict] = None) -> None:
+        # The upstream key in use is kept out of sight too: a client's own, when passed through.
+        exchange = self.exchange
+        log.log(level, message, *args, extra={"request_id": exchange.request_id, "fields": fields or {},
+                                              "secret": exchange.upstream.key if exchange.upstream else None})
+
+    def log_summary(self) -> None:
+        exchange = self.exchange
+        path = self.logged_path()
+        seconds = time.monotonic() - exchange.started
+        upstream_status = exchange.upstream.status if exchange.upstream else None
+        self.server.metrics.request(self.server.routes.label(path), exchange.status, seconds)
+        note = exchange.note
+        # Container health checks would drown the log: a healthy /health is a debug line.
+        level = logging.DEBUG if path == "/health" and exchange.status == 200 else logging.INFO
+        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command or "-",
+                 path, exchange.status, seconds * 1000, upstream_status or "-", exchange.chunks, note,
+                 fields={"client": self.client_address[0], "method": self.command or "-", "path": path,
+                         "status": exchange.status, "duration_ms": round(seconds * 1000, 1),
+                         "upstream_status": upstream_status, "chunks": exchange.chunks, "note": note.strip(),
+                         "session": exchange.session, "conn": exchange.conn, "cut": exchange.cut,
+                         "error": exchange.error})
+
+    def logged_path(self) -> str:
+        return printable((self.path or "-").split("?", 1)[0][:200])
+
+    def log_drop(self) -> None:
+        # Routine: an idle keep-alive connection (a partial request is answered 408 and logged).
+        self.log(logging.DEBUG, "%s closed: %s", self.client_address[0], self.exchange.dropped)
+
+    def log_request(self, code="-", size="-") -> None:
+        self.exchange.status = int(code)  # the summary line is written once the request is over
+
+    def log_message(self, format: str, *args) -> None:
+        self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
+
+    def log_error(self, format: str, *args) -> None:
+        # Whatever http.server still reports on its own; every request has its summary line.
+        self.log(logging.DEBUG, "%s %s", self.client_address[0], format % args)
+
+
+class RequestReading:
+    """Reading a request: its head, line by line within MAX_HEAD (HeadReader) and checked as a
+    whole once, before anything answers it (100 Continue included); its body, by its
+    framing, within the body budget (BodyReader)."""
+
+    def read_head(self) -> bool:
+        """Read the request line and headers; False when there is no request to serve."""
+        exchange = self.exchange
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_HEAD + 1)
+            exchange.started = time.monotonic()  # timed from its request line, not the wait for it
+            parsed = bool(self.raw_requestline) and not exchange.dropped and self.parse_request()
+        except http.client.LineTooLong:
+            self.requestline = self.request_version = ""
+            self.send_error(414, "Request line too long")
+            return False
+        if exchange.dropped:  # by its deadline, or to make room: what arrived is not a whole request
+            self.close_connection = True
+            if self.raw_requestline.strip() and exchange.status is None:
+                self.send_error(408, "Request not complete: %s" % exchange.dropped)
+            return False
+        if not self.raw_requestline:
+            self.close_connection = True
+        return parsed
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():  # answers a bad request line or head itself
+            return False
+        if self.exchange.dropped:
+            return False
+        try:
+            self.check_head()
+        except ProxyError as exc:
+            self.fail(exc)
+            return False
+        return True
+
+    def check_head(self) -> None:
+        """Checks of the whole head, once, before anything answers it (100 Continue included)."""
+        exchange = self.exchange
+        if exchange.body is not None:
+            return
+        exchange.body = BodyReader((NO_BODY, 0), self.server.config.max_body, self.server.body_budget)
+        given = (self.headers.get("X-Request-Id") or "").strip()
+        if _REQUEST_ID.fullmatch(given):
+            exchange.request_id = given
+        if self.rfile.malformed or self.request_version == "HTTP/0.9":
+            self.close_connection = True
+            raise _invalid("Malformed header line" if self.rfile.malformed else "HTTP/0.9 is not supported", None)
+        try:
+            framing = request_framing(self.headers, self.request_version, self.server.config.max_body)
+        except ProxyError:
+            self.close_connection = True
+            raise
+        exchange.body.framing = framing
+        kind, _ = framing
+        if kind == NO_BODY:
+            self.server.watchdog.set_deadline(self, None)  # the request is complete
+        elif kind == CHUNKED and self.headers.get("Content-Length") is not None:
+            self.close_connection = True  # a front proxy may have framed it by the length
+
+    def read_body(self) -> bytes:
+        body = self.exchange.body
+        try:
+            return body.read(self.rfile)
+        finally:
+            if not body.unfinished:
+                self.server.watchdog.set_deadline(self, None)  # the request is complete
+
+    def handle_expect_100(self) -> bool:
+        # A request that would be refused gets its answer in place of "100 Continue", so the
+        # client never sends the body: a bad head, page or key, an unknown path, no room for it.
+        if self.exchange.dropped:
+            return False
+        try:
+            self.check_head()
+            self.check_browser()
+            if self.endpoint(self.route_path()) == "answer":
+                self.authenticate()
+            self.exchange.body.reserve_declared()
+        except ProxyError as exc:
+            self.fail(exc)
+            return False
+        return super().handle_expect_100()
+
+
+class Routing:
+    """Routing a request by the server's route table: the browser policy first, then the key
+    where the route needs it, the method, and the endpoint; the route's wire format, which
+    parses its requests and shapes its errors. CORS preflights are answered here."""
+
+    allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
+
+    def do_GET(self) -> None:
+        self.dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
+
+    def do_OPTIONS(self) -> None:
+        try:
+            self.check_browser()
+        except ProxyError as exc:
+            self.fail(exc)  # a preflight from a page that may not call is not granted
+            return
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        requested = [name.strip() for name in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
+        self.send_header("Access-Control-Allow-Headers", ", ".join(
+            [self.allowed_headers] + [name for name in requested if TOKEN.fullmatch(name)]))
+        self.send_header("Access-Control-Max-Age", "86400")
+        if (self.headers.get("Access-Control-Request-Private-Network") or "").lower() == "true":
+            self.send_header("Access-Control-Allow-Private-Network", "true")  # a public page to this address
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def dispatch(self) -> None:
+        path = self.route_path()
+        try:
+            try:
+                self.check_browser()
+                getattr(self, self.endpoint(path))(path)
+            except ProxyError as exc:
+                if self.exchange.interrupted == "client_gone":
+                    raise ClientGone() from None
+                if self.exchange.interrupted == "shutdown":
+                    exc = shutting_down()
+                self.fail(exc)
+        except ClientGone:
+            self.close_connection = True
+            self.exchange.client_left = True
+            if self.exchange.status is None:
+                self.exchange.status = 499  # as nginx logs a client that closed before its answer
+
+    def route_path(self) -> str:
+        return route_path(self.path)
+
+    def route(self) -> Optional[Route]:
+        exchange = self.exchange
+        if exchange.route is None and self.path is not None:
+            exchange.route = self.server.routes.find(self.route_path())
+        return exchange.route
+
+    def wire_format(self) -> WireFormat:
+        """The wire format of this request's route, which also shapes its errors (chat
+        completions' for a path no route knows)."""
+        exchange = self.exchange
+        if exchange.wire is None:
+            route = self.route()
+            exchange.wire = WireFormat.formats[route.wire if route else "chat"](self.server.config,
+                                                                               self.server.sessions)
+        return exchange.wire
+
+    def check_browser(self) -> None:
+        """Refuse, before anything else, a web page that may not use the key this proxy holds
+        (BrowserPolicy), and set the CORS headers of the answer."""
+        policy = self.server.browser
+        if policy.guarded:
+            origin = self.headers.get("Origin")
+            refusal = policy.refusal(origin, self.headers.get("Host"))
+            if refusal is not None:
+                raise refusal
+            self.exchange.cors = policy.headers(origin)
+
+    def endpoint(self, path: str) -> str:
+        """The endpoint (a method name) for this request, once its key is checked where the
+        route needs it; raises ProxyError: 401, 404, 405."""
+        route = self.route()
+        if (route is None or not route.open) and self.server.config.proxy_keys:
+            self.authenticate()
+        if route is None:
+            raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
+        methods = route.methods + (("HEAD",) if "GET" in route.methods else ())  # HEAD: GET's head alone
+        if self.command not in methods:
+            allowed = ", ".join(sorted(methods)) + ", OPTIONS"
+            raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
+                             code="method_not_allowed", headers={"Allow": allowed})
+        return route.endpoint
+
+    def authenticate(self) -> Caller:
+        """The request's caller (see Caller), from its headers alone; raises ProxyError(401)."""
+        exchange = self.exchange
+        if exchange.caller is None:
+            exchange.caller = caller_of(self.server.config, self.headers, self.server.deployment)
+        return exchange.caller
+
+
+class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPRequestHandler):
+    """One client connection, its requests one after another: each head read and checked,
+    routed by the server's route table, refused by the browser policy or the key where it
+    must be, and handed to its endpoint; failures answered in the route's wire format."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "custom_finstep/" + __version__
+    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def send_response_only(self, code: int, message: Optional[str] = None) -> None:
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # no HTTP/0.9 answers (a bare body): every answer has a status
+        super().send_response_only(code, message)
+
+    def setup(self) -> None:
+        # The watchdog ends a request that is slow to arrive, at client_timeout; the socket's
+        # own timeout is the backstop, and bounds a write to a client that stopped reading.
+        super().setup()
+        self.connection.settimeout(self.server.config.client_timeout + 1.0)
+        self.sink = ResponseSink(self)
+        # Each event is one small write: Nagle's algorithm would hold it until the client
+        # acknowledged the previous one, 40 ms or more on a real network.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout, TimeoutError) as exc:
+            log.debug("connection from %s ended: %s", self.client_address[0], exc.__class__.__name__)
+
+    def handle_one_request(self) -> None:
+        now = time.monotonic()
+        self.exchange = exchange = Exchange(uuid.uuid4().hex[:16], now, now, self.server.browser.static_headers)
+        self.command = self.path = None  # not known until the request line is read
+        self.raw_requestline, self.requestline, self.request_version = b"", "", self.default_request_version
+        watchdog, stream = self.server.watchdog, self.rfile
+        # A request (head and body) must be in within client_timeout: slow senders are dropped.
+        watchdog.set_deadline(self, now + self.server.config.client_timeout)
+        try:
+            self.rfile = HeadReader(stream)
+            if self.read_head():
+                self.rfile = stream
+                method = getattr(self, "do_" + self.command, None)
+                if method is None:
+                    self.send_error(501, "Unsupported method (%r)" % self.command[:20])
+                else:
+                    method()
+                self.wfile.flush()
+        except (socket.timeout, TimeoutError):  # the backstop: the watchdog is normally first
+            self.close_connection = True
+        finally:
+            self.rfile = stream
+            watchdog.forget(self)
+            if exchange.body is not None:
+                exchange.body.release()
+            if exchange.status is not None:
+                self.log_summary()
+            elif exchange.dropped:
+                self.log_drop()
+
+    # -- called by the watchdog, from its thread
+
+    def heartbeat(self) -> None:
+        self.sink.heartbeat()
+
+    def interrupt(self, reason: str) -> None:
+        """End this request from another thread, for `reason` ("client_gone" or "shutdown"):
+        shutting its upstream socket wakes the handler thread, which then stops."""
+        exchange = self.exchange
+        exchange.interrupted = reason
+        upstream = exchange.upstream
+        if upstream is not None:
+            upstream.abort()
+
+    def drop(self, reason: str) -> None:
+        """End a connection whose request has not come in, by its deadline or to make room for
+        a new connection: shutting its reading side wakes the handler thread, which answers 408
+        if part of a request had arrived and closes the connection."""
+        self.exchange.dropped = reason
+        if isinstance(self.rfile, HeadReader):
+            self.rfile.cut = True
+        try:
+            self.connection.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    # -- answering
+
+    def end_headers(self) -> None:
+        exchange = self.exchange
+        for name, value in exchange.cors:
+            self.send_header(name, value)
+        self.send_header(*EXPOSED_HEADERS)
+        self.send_header("X-Request-Id", exchange.request_id)
+        if exchange.session:
+            self.send_header("X-Finstep-Session", exchange.session)
+        body = exchange.body
+        if self.close_connection or (body is not None and body.unfinished):  # an unread body cannot be skipped
+            self.close_connection = True
+            self.send_header("Connection", "close")  # and http.server closes after the response
+        super().end_headers()
+
+    def flush_headers(self) -> None:
+        if not self.exchange.head_held:
+            super().flush_headers()
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer a failure: a JSON error before the stream began, the wire format's failure after."""
+        exchange = self.exchange
+        exchange.error = error.code or error.type
+        wire = self.wire_format()
+        error.message = self.server.log_filter.hide(error.message, exchange.upstream.key if exchange.upstream else None)
+        with self.sink.lock:
+            exchange.stream_open = False
+            if not self.sink.started:
+                self.sink.send(wire.error_status(error), wire.error_body(error), error.headers)
+                return
+        self.log(logging.WARNING, "%s stream failed after start: %s", self.client_address[0], error.message)
+        self.sink.end(wire.failure(error), clean=wire.ends_cleanly_after_failure)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own failures (bad request line, oversized headers, ...) as JSON errors."""
+        self.close_connection = True
+        try:
+            self.sink.send(code, ProxyError(code, message or status_phrase(code)).body())
+        except (ConnectionError, socket.timeout, TimeoutError):
+            pass
+
+
+# --- The server ---------------------------------------------------------------------------
+
+class ProxyServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # a burst of connections waits in the kernel instead of retrying SYNs
+
+    def __init__(self, config: Config, handler=ProxyHandler):
+        self.config = config
+        self.started = int(time.time())
+        # Loading the CA bundle costs about 1.3 MB: only an https upstream needs it.
+        https = config.upstream_url.lower().startswith("https:")
+        self.ssl_context = ssl.create_default_context() if https else None
+        proxies = urllib.request.getproxies()
+        self.upstream_pool = UpstreamPool(config.upstream_idle)
+        connector = self.upstream_connector = _UpstreamConnector(self.ssl_context, self.upstream_pool)
+        self.upstream_opener = build_upstream_opener(proxies, connector)
+        if config.prewarm:
+            route = upstream_route(config.upstream_url, proxies)
+            if route is None:
+                log.warning("FINSTEP_PREWARM: the upstream is reached through a proxy of another scheme; "
+                            "no connection is kept warm")
+            else:
+                self.upstream_pool.keep_warm(route, functools.partial(connector.connect, route,
+                                                                      config.connect_timeout))
+        self.sessions = SessionStore(config.session_cache, config.session_ttl, config.session_memory)
+        self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
+        self.redis = None  # type: Optional[RedisClient]
+        if config.redis_url:
+            self.redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout,
+                                     redis_reply_limit(config.max_query))
+            self.sessions = SharedStore(self.redis, self.sessions, config.redis_prefix)
+            if self.key_pool is not None:
+                SharedCooldowns(self.redis, self.key_pool, config.redis_prefix)
+        self.metrics = Metrics()
+        self.browser = BrowserPolicy(config)
+        self.routes = build_routes(config)
+        self.deployment = deployment_caller(config)
+        self.body_budget = MemoryBudget(config.body_budget)
+        self.log_filter = KeyFilter(config.api_keys + config.proxy_keys)
+        log.addFilter(self.log_filter)
+        self.draining = False
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), handler)
+        self.watchdog = Watchdog(config.heartbeat, config.client_timeout)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address) -> None:
+        # Each connection costs a thread, so there is a limit. At the limit, the connection
+        # that has waited longest without a complete request (a slow head, an idle keep-alive)
+        # makes room, as nginx reuses idle connections: slow senders cannot keep others out.
+        # Only when every connection has a request in progress is a new one refused.
+        with self.connections_lock:
+            admitted = self.connections < self.config.connection_limit or self.watchdog.make_room()
+            self.connections += admitted
+        if admitted:
+            super().process_request(request, client_address)
+            return
+        body = json.dumps(ProxyError(503, "Too many open connections; retry shortly",
+                                     code="server_busy").body()).encode("utf-8")
+        cors = "".join("%s: %s\r\n" % header for header in self.browser.static_headers + (EXPOSED_HEADERS,))
+        cors = cors.encode("ascii")
+        try:
+            request.settimeout(1.0)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 1\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                            % (cors, len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
+
+    def status(self) -> dict:
+        """What GET /status shows: no key in clear, nothing a client sent."""
+        config, metrics = self.config, self.metrics
+        with metrics.lock:
+            requests = collections.Counter()
+            for (_, status), count in metrics.requests.items():
+                requests["%dxx" % (status // 100)] += count
+            outcomes, in_flight = dict(metrics.outcomes), metrics.in_flight
+        pool = self.upstream_pool
+        return {"version": __version__, "uptime_seconds": int(time.time()) - self.started,
+                "upstream": urllib.parse.urlsplit(config.upstream_url).hostname, "demo": config.demo,
+                "reasoning": config.reasoning, "sessions": config.sessions, "system": config.system,
+                "streams_in_flight": in_flight, "max_streams": config.max_streams,
+                "requests": dict(requests), "upstream_results": {outcome: outcomes.get(outcome, 0)
+                                                                  for outcome in OUTCOMES},
+                "upstream_connections": {"idle": len(pool), "reused": pool.requests["true"],
+                                         "new": pool.requests["false"]},
+                "keys": [{"key": mask_key(key), "cooling_down_seconds": round(seconds, 1)}
+                         for key, seconds in (self.key_pool.cooling() if self.key_pool else [])],
+                "key_source": "configured" if config.api_keys else "each client"}
+
+    def begin_stream(self) -> bool:
+        """Take one of the FINSTEP_MAX_STREAMS upstream slots, if one is free."""
+        with self.metrics.lock:
+            if self.metrics.in_flight >= self.config.max_streams:
+                return False
+            self.metrics.in_flight += 1
+            return True
+
+    def end_stream(self) -> None:
+        with self.metrics.lock:
+            self.metrics.in_flight -= 1
+
+    def drain(self, seconds: float) -> None:
+        """Let requests in flight finish for up to `seconds`, then end the rest with an error."""
+        self.draining = True
+        self.wait_until_idle(seconds)
+        left = list(self.watchdog.active)
+        for handler in left:
+            handler.interrupt("shutdown")
+        self.wait_until_idle(1.0)  # time for the error events to go out
+        if left:
+            log.warning("closed %d request(s) still in progress after %gs", len(left), seconds)
+
+    def wait_until_idle(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.watchdog.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watchdog.stop()
+        self.upstream_pool.close()
+        if self.redis is not None:
+            self.redis.close()
+        log.removeFilter(self.log_filter)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("unexpected error serving %s", client_address[0])
+
+
+# --- Demo upstream: a stand-in for Finstep, for --demo ------------------------------------
+
+class DemoUpstreamHandler(BaseHTTPRequestHandler):
+    """Streams a short scripted Finstep answer the way Finstep does: one `data:` line per event."""
+    protocol_version = "HTTP/1.1"
+    delay = 0.04
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        query = str(body.get("query", ""))[:100]
+        events = [{"status": "THINKING"}, {"status": "ORGANIZING"}, {"status": "MSG_START"}]
+        for piece in ("嗯，", "用户问的是「%s」。" % query, "这是演示模式，", "我来给一个示例回答。"):
+            events.append({"status": "RESPONSING", "type": "deepthink", "text": piece})
+        for piece in ("这是", " custom_finstep ", "演示模式的回答。", "你的问题是：", query, "。",
+                      "配置 FINSTEP_API_KEY 后即可连接真实的 Finstep。"):
+            events.append({"status": "RESPONSING", "type": "text", "text": piece})
+        events += [{"status": "MSG_DONE"}, {"status": "DONE"}]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream;charset=UTF-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in events:
+            time.sleep(self.delay)
+            line = ("data:" + json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("demo upstream: " + format, *args)
+
+
+def start_demo_upstream() -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), DemoUpstreamHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="demo-upstream", daemon=True).start()
+    return server
+
+
+# --- Main ---------------------------------------------------------------------------------
+
+IMPORTED_AT = time.time()
+
+
+def compiled_at_start() -> bool:
+    """Whether this process compiled this file, rather than loading the bytecode an earlier
+    start cached (a .pyc file that matches the source and is older than this process)."""
+    try:
+        with open(__spec__.cached, "rb") as cached:
+            header = cached.read(16)
+        source, written = os.stat(__spec__.origin), os.stat(__spec__.cached).st_mtime
+    except (AttributeError, TypeError, OSError):
+        return True  # a script, or no bytecode cache
+    import importlib.util
+    flags, mtime, size = (int.from_bytes(header[at:at + 4], "little") for at in (4, 8, 12))
+    matches = header[:4] == importlib.util.MAGIC_NUMBER and (flags != 0 or (
+        mtime == int(source.st_mtime) & 0xFFFFFFFF and size == source.st_size & 0xFFFFFFFF))
+    return not matches or written >= IMPORTED_AT - 1
+
+
+def release_freed_memory() -> None:
+    """Hand back to the system the memory that start-up used and freed, when this start
+    compiled the file: compiling frees some 3 MB that glibc's allocator would otherwise keep
+    for the life of the process. ctypes is imported here, not above: it costs 0.25 MB, worth
+    it only then, and some builds lack it. Without glibc (musl, macOS, Windows) nothing happens."""
+    if not compiled_at_start():
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError, TypeError):
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        config = load_config(os.environ, sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print("custom_finstep: error: %s" % exc, file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse: --help, --version, an unknown flag
+        return exc.code if isinstance(exc.code, int) else 2
+    configure_logging(config)
+    if config.demo:
+        demo = start_demo_upstream()
+        config = dataclasses.replace(config, api_keys=config.api_keys or ("demo-key",),
+                                     upstream_url="http://127.0.0.1:%d/demo" % demo.server_address[1])
+    try:
+        server = ProxyServer(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():
+            os._exit(0)  # a second signal: the operator wants out now
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
+    worker.start()
+    log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s, sessions=%s",
+             __version__, config.host, server.server_address[1], " (demo)" if config.demo else "",
+             config.upstream_url, ", ".join(map(mask_key, config.api_keys)) or "from each client",
+             config.reasoning, config.sessions)
+    browser = server.browser
+    log.log(logging.WARNING if browser.guarded and browser.any_origin else logging.INFO,
+            "web pages: %s", browser.describe())
+    loopback = loopback_name(host_of(config.host))
+    if config.api_keys and not config.proxy_keys and not loopback and not config.demo:
+        log.warning("listening on %s with FINSTEP_API_KEY and no PROXY_API_KEY: anyone who reaches this "
+                    "port spends your Finstep key; set PROXY_API_KEY", config.host)
+    release_freed_memory()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping: requests in flight have %gs to finish", config.drain_seconds)
+    server.shutdown()
+    server.socket.close()  # refuse new connections while draining
+    server.drain(config.drain_seconds)
+    server.server_close()
+    worker.join()
+    return 0
+
+
+# --- The page at /: try the proxy in a browser, see how it is doing -----------------------
 #
 # One document, no external asset: the chat goes through the proxy's own chat completions,
 # the status comes from GET /status. The Content-Security-Policy allows exactly this style
@@ -3863,6 +5020,7 @@ dd{margin:0;word-break:break-word}
 .cool{color:var(--bad)}
 @media (max-width:760px){main{grid-template-columns:1fr;padding:8px}}
 """
+
 
 PAGE_SCRIPT = r"""
 "use strict";
@@ -4081,6 +5239,7 @@ refresh();
 setInterval(refresh, 3000);
 """
 
+
 PAGE_BODY = """
 <header><h1>custom_finstep</h1><span id="version"></span><button id="lang" type="button">English</button></header>
 <main>
@@ -4102,6 +5261,8 @@ def csp_hash(text: str) -> str:
 PAGE = ('<!doctype html>\n<html lang="zh-CN">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>custom_finstep</title>\n'
         "<style>%s</style>\n</head>\n<body>%s<script>%s</script>\n</body>\n</html>\n" % (PAGE_STYLE, PAGE_BODY, PAGE_SCRIPT))
+
+
 PAGE_HEADERS = (
     ("Content-Type", "text/html; charset=utf-8"),
     ("Content-Security-Policy", "default-src 'none'; script-src %s; style-src %s; connect-src 'self'; "
@@ -4111,885 +5272,6 @@ PAGE_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-cache"),
 )
-
-
-# --- HTTP handler --------------------------------------------------------------
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
-class HeadReader:
-    """The client's stream while a request head is read: MAX_HEAD bytes for the request line
-    and all header lines together (http.server alone would take 100 lines of 64 KB each),
-    and every header line checked as it arrives."""
-
-    def __init__(self, stream):
-        self.stream, self.left = stream, MAX_HEAD
-        self.lines = 0
-        self.malformed = False
-        self.cut = False  # the connection was dropped: what still arrives is no request
-
-    def readline(self, limit: int = -1) -> bytes:
-        line = self.stream.readline(self.left + 1 if limit < 0 else min(limit, self.left + 1))
-        if self.cut and self.lines:
-            return b""
-        self.left -= len(line)
-        self.lines += 1
-        if self.left < 0:
-            raise http.client.LineTooLong("request head over %d bytes" % MAX_HEAD)
-        if self.lines > 1 and line not in (b"\r\n", b"\n", b"") and not header_line_ok(line):
-            self.malformed = True
-        return line
-
-
-class ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "custom_finstep/" + __version__
-    sys_version = ""
-    exposed_headers = ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, X-Finstep-Session")
-    allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def send_response_only(self, code: int, message: Optional[str] = None) -> None:
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # no HTTP/0.9 answers (a bare body): every answer has a status
-        super().send_response_only(code, message)
-
-    # -- connection lifecycle
-
-    def setup(self) -> None:
-        # The watchdog ends a request that is slow to arrive, at client_timeout; the socket's
-        # own timeout is the backstop, and bounds a write to a client that stopped reading.
-        super().setup()
-        self.connection.settimeout(self.server.config.client_timeout + 1.0)
-        self.write_lock = threading.Lock()
-        # Each event is one small write: Nagle's algorithm would hold it until the client
-        # acknowledged the previous one, 40 ms or more on a real network.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (ConnectionError, socket.timeout, TimeoutError) as exc:
-            log.debug("connection from %s ended: %s", self.client_address[0], exc.__class__.__name__)
-
-    def handle_one_request(self) -> None:
-        self.started = self.last_write = time.monotonic()
-        self.status = None  # type: Optional[int]
-        self.command = self.path = None  # not known until the request line is read
-        self.raw_requestline, self.requestline, self.request_version = b"", "", self.default_request_version
-        self.request_id = uuid.uuid4().hex[:16]
-        self.stream_open = False
-        self.chunked = None  # type: Optional[bool]  # set when the event-stream head goes out
-        self.head_held = False  # the event-stream head waits for the first bytes of the body
-        self.session_path = None  # type: Optional[str]  # how the answer reaches its upstream session
-        self.interrupted = self.dropped = None  # type: Optional[str]
-        self.framing = None  # type: Optional[Tuple[str, int]]  # of the body still unread
-        self.reserved = 0  # bytes of the body budget this request holds
-        self.wire = None  # type: Optional[WireFormat]
-        self.caller = None  # type: Optional[Caller]  # once authenticated
-        self.cors = self.server.browser.static_headers  # CORS headers of this request's answers
-        self.upstream = None  # type: Optional[UpstreamCall]
-        self.chunks = 0
-        self.note = ""
-        watchdog, stream = self.server.watchdog, self.rfile
-        # A request (head and body) must be in within client_timeout: slow senders are dropped.
-        watchdog.set_deadline(self, self.started + self.server.config.client_timeout)
-        try:
-            self.rfile = HeadReader(stream)
-            if self.read_head():
-                self.rfile = stream
-                method = getattr(self, "do_" + self.command, None)
-                if method is None:
-                    self.send_error(501, "Unsupported method (%r)" % self.command[:20])
-                else:
-                    method()
-                self.wfile.flush()
-        except (socket.timeout, TimeoutError):  # the backstop: the watchdog is normally first
-            self.close_connection = True
-        finally:
-            self.rfile = stream
-            watchdog.forget(self)
-            self.server.body_budget.give(self.reserved)
-            if self.status is not None:
-                self.log_summary()
-            elif self.dropped:
-                self.log_drop()
-
-    def read_head(self) -> bool:
-        """Read the request line and headers; False when there is no request to serve."""
-        try:
-            self.raw_requestline = self.rfile.readline(MAX_HEAD + 1)
-            self.started = time.monotonic()  # a request is timed from its request line, not the wait for it
-            parsed = bool(self.raw_requestline) and not self.dropped and self.parse_request()
-        except http.client.LineTooLong:
-            self.requestline = self.request_version = ""
-            self.send_error(414, "Request line too long")
-            return False
-        if self.dropped:  # by its deadline, or to make room: what arrived is not a whole request
-            self.close_connection = True
-            if self.raw_requestline.strip() and self.status is None:
-                self.send_error(408, "Request not complete: %s" % self.dropped)
-            return False
-        if not self.raw_requestline:
-            self.close_connection = True
-        return parsed
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():  # answers a bad request line or head itself
-            return False
-        if self.dropped:
-            return False
-        try:
-            self.check_head()
-        except ProxyError as exc:
-            self.fail(exc)
-            return False
-        return True
-
-    def check_head(self) -> None:
-        """Checks of the whole head, once, before anything answers it (100 Continue included)."""
-        if self.framing is not None:
-            return
-        self.framing = (NO_BODY, 0)
-        given = (self.headers.get("X-Request-Id") or "").strip()
-        if _REQUEST_ID.fullmatch(given):
-            self.request_id = given
-        if self.rfile.malformed or self.request_version == "HTTP/0.9":
-            self.close_connection = True
-            raise _invalid("Malformed header line" if self.rfile.malformed else "HTTP/0.9 is not supported", None)
-        try:
-            self.framing = request_framing(self.headers, self.request_version, self.server.config.max_body)
-        except ProxyError:
-            self.close_connection = True
-            raise
-        if self.framing[0] == NO_BODY:
-            self.server.watchdog.set_deadline(self, None)  # the request is complete
-        elif self.framing[0] == CHUNKED and self.headers.get("Content-Length") is not None:
-            self.close_connection = True  # a front proxy may have framed it by the length
-
-    @property
-    def sse_started(self) -> bool:
-        return self.chunked is not None
-
-    @property
-    def body_pending(self) -> bool:
-        """A body was announced and is not read: the connection cannot carry another request."""
-        return self.framing is not None and self.framing[0] != NO_BODY
-
-    def log(self, level: int, message: str, *args, fields: Optional[dict] = None) -> None:
-        # The upstream key in use is kept out of sight too: a client's own, when passed through.
-        log.log(level, message, *args, extra={"request_id": self.request_id, "fields": fields or {},
-                                              "secret": self.upstream.key if self.upstream else None})
-
-    def log_summary(self) -> None:
-        path = self.logged_path()
-        seconds = time.monotonic() - self.started
-        upstream_status = self.upstream.status if self.upstream else None
-        self.server.metrics.request(metrics_path(path), self.status, seconds)
-        # Container health checks would drown the log: a healthy /health is a debug line.
-        level = logging.DEBUG if path == "/health" and self.status == 200 else logging.INFO
-        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command or "-",
-                 path, self.status, seconds * 1000, upstream_status or "-", self.chunks, self.note,
-                 fields={"client": self.client_address[0], "method": self.command or "-", "path": path,
-                         "status": self.status, "duration_ms": round(seconds * 1000, 1),
-                         "upstream_status": upstream_status, "chunks": self.chunks, "note": self.note.strip()})
-
-    def logged_path(self) -> str:
-        return printable((self.path or "-").split("?", 1)[0][:200])
-
-    def log_drop(self) -> None:
-        # Routine: an idle keep-alive connection (a partial request is answered 408 and logged).
-        self.log(logging.DEBUG, "%s closed: %s", self.client_address[0], self.dropped)
-
-    def log_request(self, code="-", size="-") -> None:
-        self.status = int(code)  # the summary line is written once the request is over
-
-    def log_message(self, format: str, *args) -> None:
-        self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
-
-    def log_error(self, format: str, *args) -> None:
-        # Whatever http.server still reports on its own; every request has its summary line.
-        self.log(logging.DEBUG, "%s %s", self.client_address[0], format % args)
-
-    # -- called by the watchdog, from its thread
-
-    def heartbeat(self) -> None:
-        """Send the wire format's keep-alive (and the response head first, if it is still held)."""
-        if not self.write_lock.acquire(blocking=False):
-            return  # a write is under way: the client is getting bytes anyway
-        try:
-            if self.stream_open and socket_ready(self.connection, write=True):
-                self.start_sse_locked()
-                self.write_locked(self.wire.heartbeat)
-        except ClientGone:
-            self.interrupt("client_gone")
-        finally:
-            self.write_lock.release()
-
-    def interrupt(self, reason: str) -> None:
-        """End this request from another thread, for `reason` ("client_gone" or "shutdown"):
-        shutting its upstream socket wakes the handler thread, which then stops."""
-        self.interrupted = reason
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.abort()
-
-    def drop(self, reason: str) -> None:
-        """End a connection whose request has not come in, by its deadline or to make room for
-        a new connection: shutting its reading side wakes the handler thread, which answers 408
-        if part of a request had arrived and closes the connection."""
-        self.dropped = reason
-        if isinstance(self.rfile, HeadReader):
-            self.rfile.cut = True
-        try:
-            self.connection.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
-
-    # -- routing
-
-    def do_GET(self) -> None:
-        self.dispatch()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
-
-    def do_OPTIONS(self) -> None:
-        try:
-            self.check_browser()
-        except ProxyError as exc:
-            self.fail(exc)  # a preflight from a page that may not call is not granted
-            return
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        requested = [name.strip() for name in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
-        self.send_header("Access-Control-Allow-Headers", ", ".join(
-            [self.allowed_headers] + [name for name in requested if TOKEN.fullmatch(name)]))
-        self.send_header("Access-Control-Max-Age", "86400")
-        if (self.headers.get("Access-Control-Request-Private-Network") or "").lower() == "true":
-            self.send_header("Access-Control-Allow-Private-Network", "true")  # a public page to this address
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def dispatch(self) -> None:
-        path = self.route_path()
-        try:
-            try:
-                self.check_browser()
-                getattr(self, self.endpoint(path))(path)
-            except ProxyError as exc:
-                if self.interrupted == "client_gone":
-                    raise ClientGone() from None
-                if self.interrupted == "shutdown":
-                    exc = shutting_down()
-                self.fail(exc)
-        except ClientGone:
-            self.close_connection = True
-            self.note += " client left"
-            if self.status is None:
-                self.status = 499  # as nginx logs a client that closed before its answer
-
-    def wire_format(self) -> WireFormat:
-        """The wire format of this request's path, which also shapes its errors (OpenAI's by default)."""
-        if self.wire is None:
-            path = self.route_path()
-            wire = MessagesFormat if path in COUNT_TOKENS_PATHS else WIRE_FORMATS.get(path, ChatCompletionsFormat)
-            self.wire = wire(self.server.config, self.server.sessions)
-        return self.wire
-
-    def route_path(self) -> str:
-        """The request's path as routes know it: no query, no trailing slash."""
-        return self.path.split("?", 1)[0].rstrip("/") or "/"
-
-    def check_browser(self) -> None:
-        """Refuse, before anything else, a web page that may not use the key this proxy holds
-        (BrowserPolicy), and set the CORS headers of the answer."""
-        policy = self.server.browser
-        if policy.guarded:
-            origin = self.headers.get("Origin")
-            refusal = policy.refusal(origin, self.headers.get("Host"))
-            if refusal is not None:
-                raise refusal
-            self.cors = policy.headers(origin)
-
-    def endpoint(self, path: str) -> str:
-        """The handler method for this request, once its key is checked; raises ProxyError."""
-        routes = route_for(path)
-        if path == "/" and not self.server.config.page:
-            routes = None
-        if path not in ("/health", "/") and self.server.config.proxy_keys:
-            self.authenticate()  # the page holds no data: it asks for the key itself
-        if routes is None:
-            raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
-        name = routes.get("GET" if self.command == "HEAD" else self.command)  # HEAD: GET's head alone
-        if name is None:
-            allowed = ", ".join(sorted(set(routes) | ({"HEAD"} if "GET" in routes else set()))) + ", OPTIONS"
-            raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
-                             code="method_not_allowed", headers={"Allow": allowed})
-        return name
-
-    def authenticate(self) -> Caller:
-        """The request's caller (see Caller), from its headers alone; raises ProxyError(401)."""
-        if self.caller is None:
-            self.caller = caller_of(self.server.config, self.headers, self.server.deployment)
-        return self.caller
-
-    # -- endpoints
-
-    def health(self, path: str) -> None:
-        redis = self.server.redis  # down is no failure: the proxy answers without it
-        self.send_json(200, {"status": "ok"} if redis is None else {"status": "ok",
-                                                                   "redis": "up" if redis.up else "down"})
-
-    def metrics(self, path: str) -> None:
-        lines = self.server.upstream_pool.render_metrics()
-        if self.server.redis is not None:
-            lines += self.server.redis.render_metrics()
-        data = (self.server.metrics.render() + "\n".join(lines) + "\n").encode("utf-8")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def show_status(self, path: str) -> None:
-        self.send_json(200, self.server.status(), {"Cache-Control": "no-store"})
-
-    def show_page(self, path: str) -> None:
-        data = PAGE.encode("utf-8")
-        self.send_response(200)
-        for name, value in PAGE_HEADERS:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def list_models(self, path: str) -> None:
-        models = self.server.config.models  # one list for OpenAI's clients and Anthropic's
-        self.send_json(200, {"object": "list", "data": [self.model_card(m) for m in models],
-                             "has_more": False, "first_id": models[0], "last_id": models[-1]})
-
-    def retrieve_model(self, path: str) -> None:
-        model = urllib.parse.unquote(path.split("/models/", 1)[1])
-        if model not in self.server.config.models:
-            raise ProxyError(404, "The model %r does not exist" % model[:200], code="model_not_found",
-                             param="model")
-        self.send_json(200, self.model_card(model))
-
-    def model_card(self, model: str) -> dict:
-        created = datetime.datetime.fromtimestamp(self.server.started, datetime.timezone.utc)
-        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep",
-                "type": "model", "display_name": model, "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-    def count_tokens(self, path: str) -> None:
-        self.authenticate()  # an Anthropic client always sends its key; none, no body is read
-        self.send_json(200, count_tokens(self.read_body(), self.server.config.models[0]))
-
-    def answer(self, path: str) -> None:
-        caller = self.authenticate()  # before the body: nothing is read or parsed for a refused caller
-        wire = self.wire_format()
-        AnswerPipeline(self, wire).run(wire.parse(self.read_body(), self.headers), caller)
-
-    # -- request bodies
-
-    def handle_expect_100(self) -> bool:
-        # A request that would be refused gets its answer in place of "100 Continue", so the
-        # client never sends the body: a bad head or key, an unknown path, no room for it.
-        if self.dropped:
-            return False
-        try:
-            self.check_head()
-            self.check_browser()
-            if self.endpoint(self.route_path()) in ("answer", "count_tokens"):
-                self.authenticate()
-            if self.framing[0] == LENGTH:
-                self.reserve_body(self.framing[1])
-        except ProxyError as exc:
-            self.fail(exc)
-            return False
-        return super().handle_expect_100()
-
-    def body_error(self, status: int, message: str, code: str) -> ProxyError:
-        """An error about the request body: the rest of the body is unread, so the connection
-        cannot carry another request."""
-        self.close_connection = True
-        return ProxyError(status, message, code=code)
-
-    def too_large(self) -> ProxyError:
-        return self.body_error(413, "Request body is larger than the limit of %d bytes"
-                               % self.server.config.max_body, "request_too_large")
-
-    def reserve_body(self, total: int) -> None:
-        """Hold `total` bytes of the body budget (FINSTEP_BODY_BUDGET) until the request ends,
-        or refuse the request: 503 while others hold the budget, 413 if it could never fit."""
-        more, budget = total - self.reserved, self.server.body_budget
-        if more <= 0:
-            return
-        if total > budget.limit:
-            raise self.body_error(413, "Request body needs about %d bytes of memory, more than the %d bytes "
-                                       "of FINSTEP_BODY_BUDGET" % (total, budget.limit), "request_too_large")
-        if not budget.take(more):
-            self.close_connection = True
-            raise ProxyError(503, "Too many request bodies in memory; retry shortly", code="server_busy",
-                             headers={"Retry-After": "1"})
-        self.reserved = total
-
-    def read_body(self) -> bytes:
-        kind, length = self.framing
-        if kind == NO_BODY:
-            raise self.body_error(411, "A request body with Content-Length is required", "length_required")
-        if kind == CHUNKED:
-            body = self.read_chunked_body()
-        else:
-            self.reserve_body(length)
-            body = self.read_exactly(length)
-        self.framing = (NO_BODY, 0)  # read
-        self.server.watchdog.set_deadline(self, None)  # the request is complete
-        self.reserve_body(parse_cost(body))  # what parsing it takes, held until the request ends
-        return body
-
-    def incomplete_body(self) -> ProxyError:
-        return self.body_error(408, "The request body did not arrive in full", "request_timeout")
-
-    def read_exactly(self, size: int) -> bytes:
-        try:
-            body = self.rfile.read(size)
-        except (socket.timeout, TimeoutError, ConnectionError):
-            body = None
-        if body is None or len(body) < size:
-            raise self.incomplete_body()
-        return body
-
-    def read_line(self, limit: int) -> bytes:
-        try:
-            line = self.rfile.readline(limit)
-        except (socket.timeout, TimeoutError, ConnectionError):
-            line = b""
-        if not line.endswith(b"\n"):
-            raise self.incomplete_body() if len(line) < limit else self.malformed_chunks()
-        return line
-
-    def malformed_chunks(self) -> ProxyError:
-        return self.body_error(400, "Malformed chunked request body", "invalid_request")
-
-    def read_chunked_body(self) -> bytearray:
-        """A chunked body, decoded into one buffer (no object kept per chunk), its size held
-        in the body budget as it grows; trailer fields are read and dropped."""
-        body, max_body = bytearray(), self.server.config.max_body
-        while True:
-            line = self.read_line(1026)
-            size = parse_chunk_size(line[:-2]) if line.endswith(b"\r\n") else None
-            if size is None:
-                raise self.malformed_chunks()
-            if size == 0:
-                break
-            need = len(body) + size
-            if need > max_body:
-                raise self.too_large()
-            if need > self.reserved:
-                self.reserve_body(max(need, min(self.reserved + 65536, max_body)))
-            body += self.read_exactly(size)
-            if self.read_exactly(2) != b"\r\n":
-                raise self.malformed_chunks()
-        trailers = MAX_HEAD
-        while True:
-            line = self.read_line(trailers + 1)
-            if line == b"\r\n":
-                return body
-            trailers -= len(line)
-            if not header_line_ok(line) or trailers < 0:
-                raise self.malformed_chunks()
-
-    # -- responses. Writes to a stream hold write_lock: the watchdog writes keep-alives too.
-
-    def end_headers(self) -> None:
-        for name, value in self.cors:
-            self.send_header(name, value)
-        self.send_header(*self.exposed_headers)
-        self.send_header("X-Request-Id", self.request_id)
-        if self.session_path:
-            self.send_header("X-Finstep-Session", self.session_path)
-        if self.close_connection or self.body_pending:  # a body left unread cannot be skipped safely
-            self.send_header("Connection", "close")  # and http.server closes after the response
-        super().end_headers()
-
-    def send_json(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def start_sse_locked(self) -> None:
-        """Send the event-stream response head, once."""
-        if self.sse_started:
-            return
-        self.chunked = self.request_version == "HTTP/1.1"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        if self.chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.close_connection = True  # the end of the body is the end of the connection
-        self.head_held = True
-        self.end_headers()  # held: the head leaves with the first bytes of the body, in one write
-
-    def flush_headers(self) -> None:
-        if not self.head_held:
-            super().flush_headers()
-
-    def write_locked(self, data: bytes, last: bool = False) -> None:
-        """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk)."""
-        if self.chunked:
-            end = b"0\r\n\r\n" if last else b""
-            data = b"%x\r\n%s\r\n%s" % (len(data), data, end) if data else end  # b"0\r\n" ends the body
-        if self.head_held:
-            self.head_held = False
-            data = b"".join(self._headers_buffer) + data
-            self._headers_buffer = []
-        try:
-            self.wfile.write(data)
-        except (ConnectionError, socket.timeout, TimeoutError, ValueError):
-            raise ClientGone() from None
-        self.last_write = time.monotonic()
-
-    def open_stream(self) -> None:
-        """Send the event-stream head, unless a heartbeat did, and the wire format's opening."""
-        with self.write_lock:
-            self.start_sse_locked()
-            self.write_locked(self.wire.opening())
-
-    def write_chunk(self, data: bytes) -> None:
-        with self.write_lock:
-            self.write_locked(data)
-
-    def end_stream(self, data: bytes, clean: bool = True) -> None:
-        """Send the stream's last bytes and end it: properly, or cut off, which no client can
-        take for a complete answer (the connection closes without the last chunk)."""
-        with self.write_lock:
-            self.stream_open = False
-            if not clean:
-                self.close_connection = True
-            self.write_locked(data, last=clean)
-
-    def fail(self, error: ProxyError) -> None:
-        """Answer a failure: a JSON error before the stream began, the wire format's failure after."""
-        self.note += " error=%s" % (error.code or error.type)
-        wire = self.wire_format()
-        error.message = self.server.log_filter.hide(error.message, self.upstream.key if self.upstream else None)
-        with self.write_lock:
-            self.stream_open = False
-            if not self.sse_started:
-                self.send_json(error.status, wire.error_body(error), error.headers)
-                return
-        self.log(logging.WARNING, "%s stream failed after start: %s", self.client_address[0], error.message)
-        self.end_stream(wire.failure(error), clean=wire.ends_cleanly_after_failure)
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own failures (bad request line, oversized headers, ...) as JSON errors."""
-        self.close_connection = True
-        try:
-            self.send_json(code, ProxyError(code, message or status_phrase(code)).body())
-        except (ConnectionError, socket.timeout, TimeoutError):
-            pass
-
-
-class MemoryBudget:
-    """A number of bytes shared by all connections: taken before memory is used, given back
-    after."""
-
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-        self.lock = threading.Lock()
-
-    def take(self, size: int) -> bool:
-        with self.lock:
-            if self.used + size > self.limit:
-                return False
-            self.used += size
-            return True
-
-    def give(self, size: int) -> None:
-        if size:
-            with self.lock:
-                self.used -= size
-
-
-class ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # a burst of connections waits in the kernel instead of retrying SYNs
-
-    def __init__(self, config: Config, handler=ProxyHandler):
-        self.config = config
-        self.started = int(time.time())
-        # Loading the CA bundle costs about 1.3 MB: only an https upstream needs it.
-        https = config.upstream_url.lower().startswith("https:")
-        self.ssl_context = ssl.create_default_context() if https else None
-        proxies = urllib.request.getproxies()
-        self.upstream_pool = UpstreamPool(config.upstream_idle)
-        connector = self.upstream_connector = _UpstreamConnector(self.ssl_context, self.upstream_pool)
-        self.upstream_opener = build_upstream_opener(proxies, connector)
-        if config.prewarm:
-            route = upstream_route(config.upstream_url, proxies)
-            if route is None:
-                log.warning("FINSTEP_PREWARM: the upstream is reached through a proxy of another scheme; "
-                            "no connection is kept warm")
-            else:
-                self.upstream_pool.keep_warm(route, functools.partial(connector.connect, route,
-                                                                      config.connect_timeout))
-        self.sessions = SessionStore(config.session_cache, config.session_ttl, config.session_memory)
-        self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
-        self.redis = None  # type: Optional[RedisClient]
-        if config.redis_url:
-            self.redis = RedisClient(parse_redis_url(config.redis_url), config.redis_timeout,
-                                     redis_reply_limit(config.max_query))
-            self.sessions = SharedStore(self.redis, self.sessions, config.redis_prefix)
-            if self.key_pool is not None:
-                SharedCooldowns(self.redis, self.key_pool, config.redis_prefix)
-        self.metrics = Metrics()
-        self.browser = BrowserPolicy(config)
-        self.deployment = deployment_caller(config)
-        self.body_budget = MemoryBudget(config.body_budget)
-        self.log_filter = KeyFilter(config.api_keys + config.proxy_keys)
-        log.addFilter(self.log_filter)
-        self.draining = False
-        self.connections = 0
-        self.connections_lock = threading.Lock()
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), handler)
-        self.watchdog = Watchdog(config.heartbeat, config.client_timeout)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address) -> None:
-        # Each connection costs a thread, so there is a limit. At the limit, the connection
-        # that has waited longest without a complete request (a slow head, an idle keep-alive)
-        # makes room, as nginx reuses idle connections: slow senders cannot keep others out.
-        # Only when every connection has a request in progress is a new one refused.
-        with self.connections_lock:
-            admitted = self.connections < self.config.connection_limit or self.watchdog.make_room()
-            self.connections += admitted
-        if admitted:
-            super().process_request(request, client_address)
-            return
-        body = json.dumps(ProxyError(503, "Too many open connections; retry shortly",
-                                     code="server_busy").body()).encode("utf-8")
-        cors = "".join("%s: %s\r\n" % header for header in self.browser.static_headers + (
-            ProxyHandler.exposed_headers,)).encode("ascii")
-        try:
-            request.settimeout(1.0)
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                            b"Retry-After: 1\r\n%sConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                            % (cors, len(body), body))
-        except OSError:
-            pass
-        self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.connections_lock:
-                self.connections -= 1
-
-    def status(self) -> dict:
-        """What GET /status shows: no key in clear, nothing a client sent."""
-        config, metrics = self.config, self.metrics
-        with metrics.lock:
-            requests = collections.Counter()
-            for (_, status), count in metrics.requests.items():
-                requests["%dxx" % (status // 100)] += count
-            outcomes, in_flight = dict(metrics.outcomes), metrics.in_flight
-        pool = self.upstream_pool
-        return {"version": __version__, "uptime_seconds": int(time.time()) - self.started,
-                "upstream": urllib.parse.urlsplit(config.upstream_url).hostname, "demo": config.demo,
-                "reasoning": config.reasoning, "sessions": config.sessions, "system": config.system,
-                "streams_in_flight": in_flight, "max_streams": config.max_streams,
-                "requests": dict(requests), "upstream_results": {outcome: outcomes.get(outcome, 0)
-                                                                  for outcome in OUTCOMES},
-                "upstream_connections": {"idle": len(pool), "reused": pool.requests["true"],
-                                         "new": pool.requests["false"]},
-                "keys": [{"key": mask_key(key), "cooling_down_seconds": round(seconds, 1)}
-                         for key, seconds in (self.key_pool.cooling() if self.key_pool else [])],
-                "key_source": "configured" if config.api_keys else "each client"}
-
-    def begin_stream(self) -> bool:
-        """Take one of the FINSTEP_MAX_STREAMS upstream slots, if one is free."""
-        with self.metrics.lock:
-            if self.metrics.in_flight >= self.config.max_streams:
-                return False
-            self.metrics.in_flight += 1
-            return True
-
-    def end_stream(self) -> None:
-        with self.metrics.lock:
-            self.metrics.in_flight -= 1
-
-    def drain(self, seconds: float) -> None:
-        """Let requests in flight finish for up to `seconds`, then end the rest with an error."""
-        self.draining = True
-        self.wait_until_idle(seconds)
-        left = list(self.watchdog.active)
-        for handler in left:
-            handler.interrupt("shutdown")
-        self.wait_until_idle(1.0)  # time for the error events to go out
-        if left:
-            log.warning("closed %d request(s) still in progress after %gs", len(left), seconds)
-
-    def wait_until_idle(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while self.watchdog.active and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.watchdog.stop()
-        self.upstream_pool.close()
-        if self.redis is not None:
-            self.redis.close()
-        log.removeFilter(self.log_filter)
-
-    def handle_error(self, request, client_address) -> None:
-        log.exception("unexpected error serving %s", client_address[0])
-
-
-# --- Demo upstream: a stand-in for Finstep, for --demo ---------------------------
-
-class DemoUpstreamHandler(BaseHTTPRequestHandler):
-    """Streams a short scripted Finstep answer the way Finstep does: one `data:` line per event."""
-    protocol_version = "HTTP/1.1"
-    delay = 0.04
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        query = str(body.get("query", ""))[:100]
-        events = [{"status": "THINKING"}, {"status": "ORGANIZING"}, {"status": "MSG_START"}]
-        for piece in ("嗯，", "用户问的是「%s」。" % query, "这是演示模式，", "我来给一个示例回答。"):
-            events.append({"status": "RESPONSING", "type": "deepthink", "text": piece})
-        for piece in ("这是", " custom_finstep ", "演示模式的回答。", "你的问题是：", query, "。",
-                      "配置 FINSTEP_API_KEY 后即可连接真实的 Finstep。"):
-            events.append({"status": "RESPONSING", "type": "text", "text": piece})
-        events += [{"status": "MSG_DONE"}, {"status": "DONE"}]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream;charset=UTF-8")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for event in events:
-            time.sleep(self.delay)
-            line = ("data:" + json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-        self.wfile.write(b"0\r\n\r\n")
-
-    def log_message(self, format: str, *args) -> None:
-        log.debug("demo upstream: " + format, *args)
-
-
-def start_demo_upstream() -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), DemoUpstreamHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="demo-upstream", daemon=True).start()
-    return server
-
-
-# --- Main ------------------------------------------------------------------------
-
-IMPORTED_AT = time.time()
-
-
-def compiled_at_start() -> bool:
-    """Whether this process compiled this file, rather than loading the bytecode an earlier
-    start cached (a .pyc file that matches the source and is older than this process)."""
-    try:
-        with open(__spec__.cached, "rb") as cached:
-            header = cached.read(16)
-        source, written = os.stat(__spec__.origin), os.stat(__spec__.cached).st_mtime
-    except (AttributeError, TypeError, OSError):
-        return True  # a script, or no bytecode cache
-    import importlib.util
-    flags, mtime, size = (int.from_bytes(header[at:at + 4], "little") for at in (4, 8, 12))
-    matches = header[:4] == importlib.util.MAGIC_NUMBER and (flags != 0 or (
-        mtime == int(source.st_mtime) & 0xFFFFFFFF and size == source.st_size & 0xFFFFFFFF))
-    return not matches or written >= IMPORTED_AT - 1
-
-
-def release_freed_memory() -> None:
-    """Hand back to the system the memory that start-up used and freed, when this start
-    compiled the file: compiling frees some 3 MB that glibc's allocator would otherwise keep
-    for the life of the process. ctypes is imported here, not above: it costs 0.25 MB, worth
-    it only then, and some builds lack it. Without glibc (musl, macOS, Windows) nothing happens."""
-    if not compiled_at_start():
-        return
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError, TypeError):
-        pass
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        config = load_config(os.environ, sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        print("custom_finstep: error: %s" % exc, file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # argparse: --help, --version, an unknown flag
-        return exc.code if isinstance(exc.code, int) else 2
-    configure_logging(config)
-    if config.demo:
-        demo = start_demo_upstream()
-        config = dataclasses.replace(config, api_keys=config.api_keys or ("demo-key",),
-                                     upstream_url="http://127.0.0.1:%d/demo" % demo.server_address[1])
-    try:
-        server = ProxyServer(config)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
-        return 1
-    stop = threading.Event()
-
-    def on_signal(signum, frame) -> None:
-        if stop.is_set():
-            os._exit(0)  # a second signal: the operator wants out now
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
-    worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
-    worker.start()
-    log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s, sessions=%s",
-             __version__, config.host, server.server_address[1], " (demo)" if config.demo else "",
-             config.upstream_url, ", ".join(map(mask_key, config.api_keys)) or "from each client",
-             config.reasoning, config.sessions)
-    browser = server.browser
-    log.log(logging.WARNING if browser.guarded and browser.any_origin else logging.INFO,
-            "web pages: %s", browser.describe())
-    loopback = loopback_name(host_of(config.host))
-    if config.api_keys and not config.proxy_keys and not loopback and not config.demo:
-        log.warning("listening on %s with FINSTEP_API_KEY and no PROXY_API_KEY: anyone who reaches this "
-                    "port spends your Finstep key; set PROXY_API_KEY", config.host)
-    release_freed_memory()
-    while not stop.wait(1.0):
-        pass
-    log.info("stopping: requests in flight have %gs to finish", config.drain_seconds)
-    server.shutdown()
-    server.socket.close()  # refuse new connections while draining
-    server.drain(config.drain_seconds)
-    server.server_close()
-    worker.join()
-    return 0
 
 
 if __name__ == "__main__":

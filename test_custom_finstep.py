@@ -1,5 +1,6 @@
-"""Tests for custom_finstep.py: pure functions first, then the proxy end to end over
-real sockets on 127.0.0.1 against a scripted fake Finstep upstream."""
+"""Tests for custom_finstep.py, in the order of its sections: shared helpers and fixtures (the
+fake Finstep upstream, the proxy on port 0), then the pure functions as tables, then the proxy
+end to end over real sockets on 127.0.0.1 against the scripted fake upstream."""
 
 import ast
 import dataclasses
@@ -44,7 +45,431 @@ def client_caller(key):
     return cf.caller_of(cf.Config(), {"Authorization": "Bearer " + key}).id
 
 
-# --- Configuration -------------------------------------------------------------
+# --- Shared helpers: the fake Finstep upstream, the proxy on port 0 -----------------------
+
+def ev(status, kind=None, text=None, **extra):
+    """One upstream event line, exactly as Finstep writes it."""
+    payload = {"status": status}
+    if kind is not None:
+        payload["type"] = kind
+    if text is not None:
+        payload["text"] = text
+    payload.update(extra)
+    return ("data:" + json.dumps(payload, ensure_ascii=False) + "\n").encode()
+
+
+def answer_events(*texts, thinking=()):
+    return ([ev("THINKING"), ev("ORGANIZING"), ev("MSG_START")]
+            + [ev("RESPONSING", "deepthink", t) for t in thinking]
+            + [ev("RESPONSING", "text", t) for t in texts] + [ev("MSG_DONE"), ev("DONE")])
+
+
+CUT = object()  # close the connection where it stands, without ending the response
+
+
+HOLD = object()  # stay silent until the proxy closes the connection (recorded in `closed_at`)
+
+
+@dataclasses.dataclass
+class Reply:
+    """One scripted upstream response. Steps: bytes are written (one HTTP chunk each in
+    chunked framing), a float sleeps, a threading.Event is waited for, CUT drops the line."""
+    steps: tuple = ()
+    status: int = 200
+    content_type: str = "text/event-stream;charset=UTF-8"
+    framing: str = "chunked"  # or "length" or "close"
+    headers: dict = dataclasses.field(default_factory=dict)
+    before_head: object = None  # a float or an Event, waited for before the status line
+    length: int = None  # a Content-Length to declare instead of the real one
+    status_line_only: bytes = None  # write these bytes of a status line, then close: a broken head
+
+
+def wait_until(condition, seconds=2.0, what="the condition"):
+    """Poll until condition() is truthy and return its value; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.01)
+
+
+def post_raw(port, payload, path="/v1/chat/completions"):
+    """Send a request over a raw socket and return the socket, for tests that hang up or read bytes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = json.dumps(payload).encode()
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return sock
+
+
+def assert_upstream_closed_within_a_second(upstream, left):
+    """The proxy closed the upstream connection once the client left: waited for (the
+    watchdog sees a departure within a tick; the wait leaves a loaded machine room), never timed."""
+    wait_until(lambda: upstream.closed_at, 5, "the upstream connection to close")
+
+
+def wait_step(step):
+    if isinstance(step, threading.Event):
+        assert step.wait(5), "the test never released the upstream"
+    else:
+        time.sleep(step)
+
+
+class FakeUpstreamHandler(BaseHTTPRequestHandler):
+    """Keeps connections alive as HTTP/1.1 servers do (unless `keep_alive` is off: then it
+    closes each connection after its response without saying so, as a server whose idle
+    timeout is shorter than the proxy's does), and counts them."""
+    protocol_version = "HTTP/1.1"
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do
+        self.served = 0
+        self.server.upstream.connections.append(self.connection)
+        self.number = len(self.server.upstream.connections)  # this connection's, counting from 1
+
+    def finish(self):
+        super().finish()
+        self.server.upstream.closed_connections.append(self.connection)
+
+    def do_POST(self):
+        upstream = self.server.upstream
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(body),
+                   "connection": self.number, "served_before": self.served}
+        self.served += 1
+        if request["served_before"] and upstream.drop_reused:  # closing just as the request came
+            upstream.drop_reused -= 1
+            upstream.dropped.append(request)
+            self.close_connection = True
+            return
+        upstream.received.append(request)
+        reply = upstream.replies.pop(0) if upstream.replies else Reply(tuple(answer_events("默认回答")))
+        if reply.before_head is not None:
+            wait_step(reply.before_head)
+        # A declared length that is not the body's own would leave the proxy waiting: close.
+        self.close_connection = not upstream.keep_alive or reply.framing == "close" or reply.length is not None
+        if reply.status_line_only is not None:
+            self.wfile.write(reply.status_line_only)
+            self.close_connection = True
+            return
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        data = b"".join(s for s in reply.steps if isinstance(s, bytes))
+        if reply.framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        elif reply.framing == "length":
+            self.send_header("Content-Length", str(reply.length if reply.length is not None else len(data)))
+        else:
+            self.send_header("Connection", "close")
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            for step in reply.steps:
+                if step is CUT:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if step is HOLD:
+                    self.close_connection = True
+                    self.wfile.flush()
+                    self.hold_until_closed()
+                    return
+                if not isinstance(step, bytes):
+                    wait_step(step)
+                elif reply.framing == "chunked":
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(step), step))
+                else:
+                    self.wfile.write(step)
+            if reply.framing == "chunked":
+                self.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, OSError):
+            self.close_connection = True
+            upstream.client_left.set()
+
+    def hold_until_closed(self):
+        """Stay silent until the proxy closes the connection (then record when), for 10 s at most."""
+        deadline = time.monotonic() + 10
+        self.connection.settimeout(0.01)
+        while time.monotonic() < deadline:
+            try:
+                if not self.connection.recv(1):
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        else:
+            return  # never closed: nothing recorded
+        self.server.upstream.closed_at.append(time.monotonic())
+
+    def log_message(self, format, *args):
+        pass
+
+
+class FakeUpstream:
+    def __init__(self):
+        self.received = []
+        self.replies = []
+        self.client_left = threading.Event()
+        self.closed_at = []
+        self.keep_alive = True
+        self.connections = []  # every connection accepted, in order
+        self.closed_connections = []  # those whose handler has finished
+        self.drop_reused = 0  # close this many kept-alive connections when their next request comes
+        self.dropped = []  # the requests so dropped, unanswered
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
+        self.server.daemon_threads = True
+        self.server.upstream = self
+        self.server.handle_error = self.handle_error
+        self.url = "http://127.0.0.1:%d/chat/api/chat/v2/completion" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def reply(self, *steps, **options):
+        self.replies.append(Reply(tuple(steps), **options))
+
+    @staticmethod
+    def handle_error(request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a proxy that hung up: expected
+            traceback.print_exc()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def upstream():
+    fake = FakeUpstream()
+    yield fake
+    fake.close()
+
+
+class Body(bytes):
+    """A response body; `cut` when the transfer stopped before its end (no last chunk)."""
+    cut = False
+
+
+def read_body(response):
+    try:
+        return Body(response.read())
+    except http.client.IncompleteRead as exc:
+        body = Body(exc.partial)
+        body.cut = True
+        return body
+
+
+class Proxy:
+    def __init__(self, config):
+        self.server = cf.ProxyServer(config)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+                                       daemon=True)
+        self.thread.start()
+
+    def connect(self, timeout=5):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, headers, body bytes) of one request."""
+        conn = self.connect()
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+                headers = dict({"Content-Type": "application/json"}, **(headers or {}))
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, read_body(response)
+        finally:
+            conn.close()
+
+    def agui(self, messages=None, headers=None, path="/agui", **extra):
+        """(status, headers, body) of one AG-UI run."""
+        return self.request("POST", path, agui_input(messages, **extra), dict({"Accept": "text/event-stream"},
+                                                                               **(headers or {})))
+
+    def responses(self, input="你好", headers=None, path="/v1/responses", **extra):
+        """(status, headers, body) of one Responses API request."""
+        return self.request("POST", path, dict({"model": "finstep-proxy", "input": input}, **extra), headers)
+
+    def messages(self, messages=None, headers=None, path="/v1/messages", **extra):
+        """(status, headers, body) of one Anthropic Messages request."""
+        payload = dict({"model": "finstep-proxy", "max_tokens": 1024,
+                        "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
+        return self.request("POST", path, payload, dict({"anthropic-version": "2023-06-01"}, **(headers or {})))
+
+    def chat(self, stream=False, messages=None, headers=None, **extra):
+        payload = dict({"model": "finstep-proxy", "stream": stream,
+                        "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
+        return self.request("POST", "/v1/chat/completions", payload, headers)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def make_proxy(upstream):
+    started = []
+
+    def make(**overrides):
+        settings = dict(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="127.0.0.1", port=0,
+                        timeout=2.0, client_timeout=1.0)
+        settings.update(overrides)
+        proxy = Proxy(cf.Config(**settings))
+        started.append(proxy)
+        return proxy
+    yield make
+    for proxy in started:
+        proxy.close()
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy()
+
+
+def sse_payloads(body):
+    """Every `data:` payload of a chat-completions SSE body, JSON-decoded except [DONE]. A body
+    read by Proxy.request is checked to be cut off exactly when it carries an error event."""
+    assert body.endswith(b"\n\n"), body[-80:]
+    out = []
+    for event in body.decode().split("\n\n")[:-1]:
+        assert event.startswith("data: "), event
+        data = event[len("data: "):]
+        out.append(data if data == "[DONE]" else json.loads(data))
+    if isinstance(body, Body):
+        assert body.cut == any(isinstance(p, dict) and "error" in p for p in out), "cut: %s" % body.cut
+    return out
+
+
+def deltas(payloads):
+    return [p["choices"][0]["delta"] for p in payloads if isinstance(p, dict) and p.get("choices")]
+
+
+def joined(payloads, field="content"):
+    return "".join(d.get(field, "") for d in deltas(payloads))
+
+
+def msgs(*texts):
+    """Alternating user/assistant messages, starting with the user."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+
+
+def turn(proxy, upstream, messages, answer="回答", stream=False, headers=None, **extra):
+    """One chat turn: the fake upstream answers `answer`; returns (what the upstream received,
+    the answer content as the client got it)."""
+    upstream.reply(*answer_events(answer, thinking=["想"]))
+    status, _, body = proxy.chat(stream=stream, messages=messages, headers=headers, **extra)
+    assert status == 200, body
+    content = (joined(sse_payloads(body)) if stream
+               else json.loads(body)["choices"][0]["message"]["content"])
+    return upstream.received[-1]["body"], content
+
+
+def metric(proxy, line_start):
+    """The value of the /metrics line that starts with `line_start` and a space."""
+    for line in proxy.request("GET", "/metrics")[2].decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("%s not in /metrics" % line_start)
+
+
+def recv_all(sock):
+    data = b""
+    while True:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+
+
+def wait_for_log(caplog, text):
+    """The first log message containing text; the summary line is written just after the response."""
+    return wait_until(lambda: next((r.getMessage() for r in caplog.records if text in r.getMessage()), None),
+                      what="a log line with " + text)
+
+
+def log_lines(caplog, level=logging.INFO):
+    return [r for r in caplog.records if r.levelno >= level]
+
+
+def exchange(port, method, path, headers=(), body=b""):
+    """One request sent header for header as a browser (or an attacker) would:
+    (status, headers with lower-case names, body)."""
+    head = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")) for name, value in headers)
+    if not any(name.lower() == "host" for name, _ in headers):
+        head = b"Host: 127.0.0.1:%d\r\n" % port + head
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                     % (method.encode(), path.encode(), head, len(body), body))
+        data = recv_all(sock)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if fields.get("transfer-encoding") == "chunked":
+        rest = b"".join(re.findall(rb"[0-9a-f]+\r\n(.*?)\r\n", rest, re.S))
+    return int(lines[0].split()[1]), fields, rest
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def bearer(key):
+    return {"Authorization": "Bearer " + key}
+
+
+PROXY_KEY = "proxy-key-abcdef123456"
+
+
+KEYS = ("upstream-key-1-aaaa", "upstream-key-2-bbbb", "upstream-key-3-cccc")
+
+
+def sent_keys(upstream):
+    return [r["headers"]["Authorization"] for r in upstream.received]
+
+
+def read_stream_events(response, until=b"data: [DONE]"):
+    """Read a streaming response as it arrives; returns (arrival time, raw event) pairs."""
+    received, events = b"", []
+    while until not in received:
+        piece = response.read1(65536)
+        assert piece, "the stream ended early: %r" % received[-200:]
+        received += piece
+        while b"\n\n" in received:
+            event, received = received.split(b"\n\n", 1)
+            events.append((time.monotonic(), event))
+            if event == until:
+                received = until
+    return events
+
+
+def open_stream(proxy, payload=None, headers=None):
+    conn = proxy.connect()
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        payload or {"stream": True, "messages": [{"role": "user", "content": "q"}]}),
+        dict({"Content-Type": "application/json"}, **(headers or {})))
+    return conn, conn.getresponse()
+
+
+# --- Configuration ------------------------------------------------------------------------
 
 def test_defaults_without_environment():
     config = cf.load_config({}, [])
@@ -136,6 +561,11 @@ def test_bad_key_is_not_echoed_in_the_error():
     assert "secret" not in str(caught.value)
 
 
+# --- Logs: keys hidden, control characters escaped ----------------------------------------
+
+KEY = "AI-ONE-abcdefghijklmnop"
+
+
 @pytest.mark.parametrize("key, shown", [
     (None, "-"), ("", "-"), ("short", "****"), ("12345678901", "****"),
     ("123456789012", "****9012"), ("AI-ONE-abcdefghijklmnop", "****mnop"),
@@ -144,102 +574,45 @@ def test_mask_key(key, shown):
     assert cf.mask_key(key) == shown
 
 
-# --- Requests: messages to the upstream body --------------------------------------
-
-def parse(payload, default_model="finstep-proxy"):
-    return cf.parse_chat_request(json.dumps(payload).encode(), default_model)
-
-
-def test_query_is_last_user_message_and_title_the_first():
-    chat = parse({"model": "m", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "first question"},
-        {"role": "assistant", "content": "answer"},
-        {"role": "user", "content": "second question"}]})
-    assert chat.question == "second question"
-    assert chat.title == "first question"
-    assert chat.model == "m" and chat.stream is False and chat.include_usage is False
-
-
-def test_title_skips_user_messages_without_text():
-    chat = parse({"messages": [{"role": "user", "content": ""}, {"role": "user", "content": "real question"}]})
-    assert chat.title == "real question"
-
-
-def test_text_parts_are_joined():
-    chat = parse({"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}, "c"]}]})
-    assert chat.question == "a\nb\nc"
-
-
-def test_defaults_model_and_reads_stream_options():
-    chat = parse({"messages": [{"role": "user", "content": "x"}], "stream": True,
-                  "stream_options": {"include_usage": True}, "user": "u1"}, "dflt")
-    assert (chat.model, chat.stream, chat.include_usage, chat.user) == ("dflt", True, True, "u1")
-
-
-@pytest.mark.parametrize("body, message, param", [
-    (b"not json", "not valid JSON", None),
-    (b"\xff\xfe{}", "not valid UTF-8", None),
-    (b"[1, 2]", "must be a JSON object", None),
-    (b"[" * 100000, "not valid JSON", None),
-    (b"{}", "'messages' must be a non-empty list", "messages"),
-    (b'{"messages": "hi"}', "'messages' must be a non-empty list", "messages"),
-    (b'{"messages": []}', "'messages' must be a non-empty list", "messages"),
-    (b'{"messages": [{"role": "system", "content": "x"}]}', "must contain a user message", "messages"),
-    (b'{"messages": [{"content": "x"}]}', "string 'role'", "messages[0]"),
-    (b'{"messages": ["x"]}', "string 'role'", "messages[0]"),
-    (b'{"messages": [{"role": "user", "content": "  "}]}', "no text", "messages[0].content"),
-    (b'{"messages": [{"role": "user", "content": 5}]}', "must be a string or a list", "messages[0].content"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
-     "Only text content is supported", "messages[0].content[0]"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "has no 'text'",
-     "messages[0].content[0]"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "model": 3}', "'model' must be a string", "model"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "'stream' must be", "stream"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "'stream_options' must be",
-     "stream_options"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "session_id": ""}', "'session_id' must be",
-     "session_id"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "session_id": 5}', "'session_id' must be",
-     "session_id"),
+@pytest.mark.parametrize("text, hidden", [
+    ("no key here", "no key here"),
+    ("key " + KEY + " here", "key **** here"),
+    ("key " + KEY.upper() + "!", "key ****!"),
+    ("cut " + KEY[:9], "cut ****"),
+    ("middle x" + KEY[6:15] + "y", "middle x****y"),
+    ("seven " + KEY[:7] + " is fine", "seven " + KEY[:7] + " is fine"),
+    ("masked ****" + KEY[-4:], "masked ****" + KEY[-4:]),
+    ("twice %s and %s" % (KEY, KEY.lower()), "twice **** and ****"),
+    ("a short key like short-1 or k is left alone", "a short key like short-1 or k is left alone"),
+    ("eight ch " + "8charkey", "eight ch ****"),
 ])
-def test_bad_requests_are_refused_with_400(body, message, param):
-    with pytest.raises(cf.ProxyError) as caught:
-        cf.parse_chat_request(body, "m")
-    error = caught.value
-    assert error.status == 400 and error.type == "invalid_request_error"
-    assert message in error.message and error.param == param
+def test_hide_keys(text, hidden):
+    assert cf.hide_keys(text, (KEY, "short-1", "k", "8charKEY")) == hidden
 
 
-@pytest.mark.parametrize("text, title", [
-    ("short", "short"),
-    ("  many   spaces\nand\tlines ", "many spaces and lines"),
-    ("长" * 80, "长" * 49 + "…"),
+@pytest.mark.parametrize("text, shown", [
+    ("plain text, 中文", "plain text, 中文"),
+    ("\x1b[31mred", "\\x1b[31mred"),
+    ("back\x08space", "back\\x08space"),
+    ("c1 \x9b31m", "c1 \\x9b31m"),
+    ("del\x7f", "del\\x7f"),
+    ("two\nlines\r", "two\\x0alines\\x0d"),
+    ("bidi \u202eevil\u2066", "bidi \\u202eevil\\u2066"),
+    ("line\u2028sep", "line\\u2028sep"),
 ])
-def test_session_title(text, title):
-    assert cf.session_title(text) == title
-    assert len(cf.session_title(text)) <= cf.SESSION_TITLE_LIMIT
+def test_printable_escapes_control_characters(text, shown):
+    assert cf.printable(text) == shown
 
 
-def test_upstream_body_has_the_four_fields():
-    body = json.loads(cf.build_upstream_body("u", "s" * 32, "问题", "标题"))
-    assert body == {"userId": "u", "sessionId": "s" * 32, "query": "问题", "sessionTitle": "标题"}
+def test_printable_keeps_the_lines_of_a_traceback():
+    assert cf.printable("Traceback\n  x\x1b\n", lines=True) == "Traceback\n  x\\x1b\n"
 
 
-@pytest.mark.parametrize("headers, key", [
-    ({"Authorization": "Bearer abc"}, "abc"),
-    ({"Authorization": "bearer  abc "}, "abc"),
-    ({"Authorization": "AI-ONE-raw"}, "AI-ONE-raw"),
-    ({"x-api-key": "xk"}, "xk"),
-    ({"Authorization": "Bearer "}, None),
-    ({}, None),
-])
-def test_client_key(headers, key):
-    assert cf.client_key(headers) == key
+def test_mask_key_escapes_the_tail_it_shows():
+    assert cf.mask_key("client-key-0\x9b31m") == "****\\x9b31m"
 
 
-# --- Request framing and the memory a body takes ------------------------------------
+# --- HTTP/1.1 framing: heads, bodies, chunks, the memory a body takes ---------------------
 
 @pytest.mark.parametrize("line, ok", [
     (b"Host: 127.0.0.1\r\n", True), (b"X-A:\r\n", True), (b"X-A: v\ta \r\n", True), (b"Host: x\n", True),
@@ -328,48 +701,94 @@ def test_parse_cost_of_ordinary_bodies_is_a_few_times_their_size():
     assert cf.parse_cost(body) < 4 * len(body)
 
 
-KEY = "AI-ONE-abcdefghijklmnop"
+CHUNKED = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n1\r\n!\r\n0\r\nTrailer: x\r\n\r\n"
 
 
-@pytest.mark.parametrize("text, hidden", [
-    ("no key here", "no key here"),
-    ("key " + KEY + " here", "key **** here"),
-    ("key " + KEY.upper() + "!", "key ****!"),
-    ("cut " + KEY[:9], "cut ****"),
-    ("middle x" + KEY[6:15] + "y", "middle x****y"),
-    ("seven " + KEY[:7] + " is fine", "seven " + KEY[:7] + " is fine"),
-    ("masked ****" + KEY[-4:], "masked ****" + KEY[-4:]),
-    ("twice %s and %s" % (KEY, KEY.lower()), "twice **** and ****"),
-    ("a short key like short-1 or k is left alone", "a short key like short-1 or k is left alone"),
-    ("eight ch " + "8charkey", "eight ch ****"),
+@pytest.mark.parametrize("cut", range(len(CHUNKED) + 1))
+def test_chunked_decoder_any_split(cut):
+    decoder = cf.ChunkedDecoder()
+    first = decoder.feed(CHUNKED[:cut])
+    assert first == b"hello, world!"[:len(first)]  # never more than what arrived
+    assert first + decoder.feed(CHUNKED[cut:]) == b"hello, world!" and decoder.done
+
+
+def test_chunked_decoder_byte_by_byte():
+    decoder = cf.ChunkedDecoder()
+    out = b"".join(decoder.feed(CHUNKED[i:i + 1]) for i in range(len(CHUNKED)))
+    assert out == b"hello, world!" and decoder.done
+
+
+def test_chunked_decoder_not_done_before_the_end_of_the_trailer():
+    decoder = cf.ChunkedDecoder()
+    assert decoder.feed(b"3\r\nabc\r\n") == b"abc" and not decoder.done
+    assert decoder.feed(b"0\r\n") == b"" and not decoder.done  # the blank line that ends the body is due
+    assert decoder.feed(b"\r\n") == b"" and decoder.done and decoder.buffer == b""
+
+
+def test_chunked_decoder_keeps_bytes_past_the_end():
+    decoder = cf.ChunkedDecoder()
+    assert decoder.feed(b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200") == b"a" and decoder.done
+    assert decoder.buffer == b"HTTP/1.1 200"  # a connection with such bytes is not reused
+
+
+@pytest.mark.parametrize("data", [b"zz\r\nab\r\n", b"-1\r\n", b"2\r\nabXY", b"1" * 2000])
+def test_chunked_decoder_refuses_broken_framing(data):
+    with pytest.raises(ValueError):
+        cf.ChunkedDecoder().feed(data)
+
+
+# --- Routes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, methods, endpoint, wire", [
+    ("/v1/chat/completions", ("POST",), "answer", "chat"),
+    ("/chat/completions", ("POST",), "answer", "chat"),
+    ("/agui", ("POST",), "answer", "agui"),
+    ("/v1/agui", ("POST",), "answer", "agui"),
+    ("/v1/models", ("GET",), "list_models", "chat"),
+    ("/models", ("GET",), "list_models", "chat"),
+    ("/v1/models/finstep-proxy", ("GET",), "retrieve_model", "chat"),
+    ("/health", ("GET",), "health", "chat"),
+    ("/v1/responses", ("POST",), "answer", "responses"),
+    ("/v1/messages", ("POST",), "answer", "messages"),
+    ("/v1/messages/count_tokens", ("POST",), "answer", "count_tokens"),
+    ("/status", ("GET",), "show_status", "chat"),
+    ("/", ("GET",), "show_page", "chat"),
+    ("/v2/chat/completions", None, None, None),
+    ("/index.html", None, None, None),
 ])
-def test_hide_keys(text, hidden):
-    assert cf.hide_keys(text, (KEY, "short-1", "k", "8charKEY")) == hidden
+def test_route_for(path, methods, endpoint, wire):
+    route = cf.route_for(path)
+    assert (route.methods, route.endpoint, route.wire) == (methods, endpoint, wire) if methods else route is None
 
 
-@pytest.mark.parametrize("text, shown", [
-    ("plain text, 中文", "plain text, 中文"),
-    ("\x1b[31mred", "\\x1b[31mred"),
-    ("back\x08space", "back\\x08space"),
-    ("c1 \x9b31m", "c1 \\x9b31m"),
-    ("del\x7f", "del\\x7f"),
-    ("two\nlines\r", "two\\x0alines\\x0d"),
-    ("bidi \u202eevil\u2066", "bidi \\u202eevil\\u2066"),
-    ("line\u2028sep", "line\\u2028sep"),
+def test_every_route_names_a_wire_format_and_an_endpoint():
+    for route in cf.ROUTES:
+        assert route.wire in cf.WireFormat.formats, route
+        assert callable(getattr(cf.ProxyHandler, route.endpoint, None)), route
+    assert cf.build_routes(cf.Config(page=False)).find("/") is None and cf.build_routes(cf.Config()).find("/")
+
+
+@pytest.mark.parametrize("path, label", [
+    ("/v1/chat/completions", "/v1/chat/completions"), ("/health/", "/health"), ("/metrics", "/metrics"),
+    ("/v1/models/abc", "/v1/models/{id}"), ("/models/x/y", "/models/{id}"), ("/random", "other"),
 ])
-def test_printable_escapes_control_characters(text, shown):
-    assert cf.printable(text) == shown
+def test_metrics_path(path, label):
+    assert cf.metrics_path(path) == label
 
 
-def test_printable_keeps_the_lines_of_a_traceback():
-    assert cf.printable("Traceback\n  x\x1b\n", lines=True) == "Traceback\n  x\\x1b\n"
+# --- Callers and browsers -----------------------------------------------------------------
 
+@pytest.mark.parametrize("headers, key", [
+    ({"Authorization": "Bearer abc"}, "abc"),
+    ({"Authorization": "bearer  abc "}, "abc"),
+    ({"Authorization": "AI-ONE-raw"}, "AI-ONE-raw"),
+    ({"x-api-key": "xk"}, "xk"),
+    ({"Authorization": "Bearer "}, None),
+    ({}, None),
+])
+def test_client_key(headers, key):
+    assert cf.client_key(headers) == key
 
-def test_mask_key_escapes_the_tail_it_shows():
-    assert cf.mask_key("client-key-0\x9b31m") == "****\\x9b31m"
-
-
-# --- Callers and browsers --------------------------------------------------------------------
 
 PROXY_KEYS = ("proxy-key-tenant-a-01", "proxy-key-tenant-b-02")
 
@@ -512,324 +931,82 @@ def test_bad_origins_name_the_variable(raw):
     assert str(caught.value).startswith("FINSTEP_ORIGINS (--origins)")
 
 
-def agui_input(messages=None, **extra):
-    return dict({"threadId": "thread-1", "runId": "run-1",
-                 "messages": messages or [{"id": "m1", "role": "user", "content": "你好"}]}, **extra)
+# --- Wire formats: request bodies parsed, events rendered ---------------------------------
+
+def parse(payload, default_model="finstep-proxy"):
+    return cf.parse_chat_request(json.dumps(payload).encode(), default_model)
 
 
-def test_agui_input_keeps_the_conversation_and_skips_the_rest():
-    run = cf.parse_agui_input(json.dumps(agui_input([
-        {"id": "1", "role": "developer", "content": "be brief"},
-        {"id": "2", "role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "q"}]},
-        {"id": "3", "role": "assistant", "toolCalls": [{"id": "c", "type": "function",
-                                                       "function": {"name": "f", "arguments": "{}"}}]},
-        {"id": "4", "role": "tool", "content": [{"type": "image", "source": {}}], "toolCallId": "c"},
-        {"id": "5", "role": "reasoning", "content": "thought"},
-        {"id": "6", "role": "activity", "activityType": "x", "content": {"a": 1}},
-        {"id": "7", "role": "assistant", "content": "answer"},
-        {"id": "8", "role": "someday", "content": 5},
-        {"id": "9", "role": "user", "content": "second"}],
-        state={"a": 1}, tools=[{"name": "t", "description": "d", "parameters": {}}], context=[],
-        forwardedProps={"x": None}, parentRunId="run-0", resume=[], protocolVersion="1.0.0")).encode())
-    assert run.messages == (("developer", "be brief"), ("user", "first\nq"), ("assistant", ""),
-                            ("assistant", "answer"), ("user", "second"))
-    assert (run.thread_id, run.run_id, run.conversation, run.stream) == ("thread-1", "run-1", "thread-1", True)
-    assert run.question == "second" and run.title == "first q"
+def test_query_is_last_user_message_and_title_the_first():
+    chat = parse({"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "answer"},
+        {"role": "user", "content": "second question"}]})
+    assert chat.question == "second question"
+    assert chat.title == "first question"
+    assert chat.model == "m" and chat.stream is False and chat.include_usage is False
 
 
-@pytest.mark.parametrize("payload, message, param", [
-    ([], "must be a JSON object", None),
-    ({"runId": "r", "messages": []}, "'threadId' must be a non-empty string", "threadId"),
-    (agui_input(threadId=" "), "'threadId' must be a non-empty string", "threadId"),
-    (agui_input(threadId=7), "'threadId' must be a non-empty string", "threadId"),
-    ({"threadId": "t", "messages": []}, "'runId' must be a string", "runId"),
-    (agui_input(messages={"role": "user"}), "'messages' must be a list", "messages"),
-    (agui_input(messages=[{"id": "1", "role": "assistant", "content": "a"}]), "must contain a user message",
-     "messages"),
-    (agui_input(messages=[{"id": "1", "content": "a"}]), "string 'role'", "messages[0]"),
-    (agui_input(messages=[{"id": "1", "role": "user", "content": [
-        {"type": "image", "source": {"type": "url", "value": "http://x/y.png"}}]}]),
+def test_title_skips_user_messages_without_text():
+    chat = parse({"messages": [{"role": "user", "content": ""}, {"role": "user", "content": "real question"}]})
+    assert chat.title == "real question"
+
+
+def test_text_parts_are_joined():
+    chat = parse({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}, "c"]}]})
+    assert chat.question == "a\nb\nc"
+
+
+def test_defaults_model_and_reads_stream_options():
+    chat = parse({"messages": [{"role": "user", "content": "x"}], "stream": True,
+                  "stream_options": {"include_usage": True}, "user": "u1"}, "dflt")
+    assert (chat.model, chat.stream, chat.include_usage, chat.user) == ("dflt", True, True, "u1")
+
+
+@pytest.mark.parametrize("body, message, param", [
+    (b"not json", "not valid JSON", None),
+    (b"\xff\xfe{}", "not valid UTF-8", None),
+    (b"[1, 2]", "must be a JSON object", None),
+    (b"[" * 100000, "not valid JSON", None),
+    (b"{}", "'messages' must be a non-empty list", "messages"),
+    (b'{"messages": "hi"}', "'messages' must be a non-empty list", "messages"),
+    (b'{"messages": []}', "'messages' must be a non-empty list", "messages"),
+    (b'{"messages": [{"role": "system", "content": "x"}]}', "must contain a user message", "messages"),
+    (b'{"messages": [{"content": "x"}]}', "string 'role'", "messages[0]"),
+    (b'{"messages": ["x"]}', "string 'role'", "messages[0]"),
+    (b'{"messages": [{"role": "user", "content": "  "}]}', "no text", "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', "must be a string or a list", "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
      "Only text content is supported", "messages[0].content[0]"),
-    (agui_input(messages=[{"id": "1", "role": "user", "content": [{"type": "binary", "mimeType": "a/b"}]}]),
-     "Only text content is supported", "messages[0].content[0]"),
-    (agui_input(messages=[{"id": "1", "role": "user", "content": " "}]), "no text", "messages[0].content"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "has no 'text'",
+     "messages[0].content[0]"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "model": 3}', "'model' must be a string", "model"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "'stream' must be", "stream"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "'stream_options' must be",
+     "stream_options"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "session_id": ""}', "'session_id' must be",
+     "session_id"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "session_id": 5}', "'session_id' must be",
+     "session_id"),
 ])
-def test_bad_agui_inputs_are_refused_with_400(payload, message, param):
+def test_bad_requests_are_refused_with_400(body, message, param):
     with pytest.raises(cf.ProxyError) as caught:
-        cf.parse_agui_input(json.dumps(payload).encode())
+        cf.parse_chat_request(body, "m")
     error = caught.value
-    assert error.status == 400 and message in error.message and error.param == param
+    assert error.status == 400 and error.type == "invalid_request_error"
+    assert message in error.message and error.param == param
 
 
-# --- Upstream events ---------------------------------------------------------------
-
-@pytest.mark.parametrize("line, event", [
-    (b'data:{"status": "RESPONSING", "type": "text", "text": "hi"}', ("RESPONSING", "text", "hi")),
-    (b'data: {"status": "RESPONSING", "type": "text", "text": "hi"}', ("RESPONSING", "text", "hi")),
-    (b'data:{"status": "RESPONSING", "type": "text", "text": "hi"}\r', ("RESPONSING", "text", "hi")),
-    (b'data:{"status": "RESPONSING", "type": "deepthink", "text": "\xe5\x97\xaf"}',
-     ("RESPONSING", "deepthink", "嗯")),
-    (b'data:{"status": "RESPONSING", "text": "no type"}', ("RESPONSING", "text", "no type")),
-    (b'data:{"status": "RESPONSING", "type": "card", "text": "x"}', ("RESPONSING", "card", "x")),
-    (b'data:{"status": "responsing", "type": "text", "text": "x"}', ("RESPONSING", "text", "x")),
-    (b'data:{"status": "DONE"}', ("DONE", None, None)),
-    (b'data:{"status": "THINKING"}', ("THINKING", None, None)),
-    (b'data:{"status": "MSG_DONE"}', ("MSG_DONE", None, None)),
-    (b'data:{"status": "ERROR", "message": "quota exhausted"}', ("ERROR", None, "quota exhausted")),
-    (b'data:{"status": "FAILED"}', ("ERROR", None, "Upstream reported FAILED")),
-    (b'data:{"status": "RESPONSING", "type": "text"}', None),
-    (b'data:{"status": "RESPONSING", "type": "text", "text": ""}', None),
-    (b'data:{"status": "RESPONSING", "type": "text", "text": 5}', None),
-    (b'data:{"status": "RESPONSING", "type": "text", "text": "cut', None),
-    (b"data:not json", None),
-    (b"data:[1]", None),
-    (b'data:{"text": "no status"}', None),
-    (b"data:", None),
-    (b"event: message", None),
-    (b"id: 7", None),
-    (b": keep-alive", None),
-    (b"", None),
-    (b"\r", None),
+@pytest.mark.parametrize("text, title", [
+    ("short", "short"),
+    ("  many   spaces\nand\tlines ", "many spaces and lines"),
+    ("长" * 80, "长" * 49 + "…"),
 ])
-def test_parse_upstream_event(line, event):
-    assert cf.parse_upstream_event(line) == event
-
-
-CHUNKED = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n1\r\n!\r\n0\r\nTrailer: x\r\n\r\n"
-
-
-@pytest.mark.parametrize("cut", range(len(CHUNKED) + 1))
-def test_chunked_decoder_any_split(cut):
-    decoder = cf.ChunkedDecoder()
-    first = decoder.feed(CHUNKED[:cut])
-    assert first == b"hello, world!"[:len(first)]  # never more than what arrived
-    assert first + decoder.feed(CHUNKED[cut:]) == b"hello, world!" and decoder.done
-
-
-def test_chunked_decoder_byte_by_byte():
-    decoder = cf.ChunkedDecoder()
-    out = b"".join(decoder.feed(CHUNKED[i:i + 1]) for i in range(len(CHUNKED)))
-    assert out == b"hello, world!" and decoder.done
-
-
-def test_chunked_decoder_not_done_before_the_end_of_the_trailer():
-    decoder = cf.ChunkedDecoder()
-    assert decoder.feed(b"3\r\nabc\r\n") == b"abc" and not decoder.done
-    assert decoder.feed(b"0\r\n") == b"" and not decoder.done  # the blank line that ends the body is due
-    assert decoder.feed(b"\r\n") == b"" and decoder.done and decoder.buffer == b""
-
-
-def test_chunked_decoder_keeps_bytes_past_the_end():
-    decoder = cf.ChunkedDecoder()
-    assert decoder.feed(b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200") == b"a" and decoder.done
-    assert decoder.buffer == b"HTTP/1.1 200"  # a connection with such bytes is not reused
-
-
-@pytest.mark.parametrize("data", [b"zz\r\nab\r\n", b"-1\r\n", b"2\r\nabXY", b"1" * 2000])
-def test_chunked_decoder_refuses_broken_framing(data):
-    with pytest.raises(ValueError):
-        cf.ChunkedDecoder().feed(data)
-
-
-@pytest.mark.parametrize("payload, message", [
-    ({"message": "m"}, "m"), ({"msg": "m2"}, "m2"), ({"error": {"message": "nested"}}, "nested"),
-    ({"code": 1}, "fallback"), (b'{"msg": "from bytes"}', "from bytes"), (b"plain text", "plain text"),
-    (b"", "fallback"), ("x" * 500, "fallback"), ({"message": "y" * 500}, "y" * 300),
-])
-def test_upstream_error_message(payload, message):
-    assert cf.upstream_error_message(payload, "fallback") == message
-
-
-# --- Routing answers by reasoning mode ----------------------------------------------
-
-THOUGHT_THEN_ANSWER = [("deepthink", "t1"), ("deepthink", "t2"), ("text", "a1"), ("text", "a2")]
-
-
-@pytest.mark.parametrize("mode, routed, content, reasoning", [
-    ("reasoning", [("reasoning", "t1"), ("reasoning", "t2"), ("text", "a1"), ("text", "a2")], "a1a2", "t1t2"),
-    ("think", [("text", "<think>\nt1"), ("text", "t2"), ("text", "\n</think>\n\na1"), ("text", "a2")],
-     "<think>\nt1t2\n</think>\n\na1a2", ""),
-    ("content", [("text", "t1"), ("text", "t2"), ("text", "a1"), ("text", "a2")], "t1t2a1a2", ""),
-    ("drop", [None, None, ("text", "a1"), ("text", "a2")], "a1a2", ""),
-])
-def test_answer_router_modes(mode, routed, content, reasoning):
-    router = cf.AnswerRouter(mode)
-    assert [router.route(kind, text) for kind, text in THOUGHT_THEN_ANSWER] == routed
-    assert router.finish() is None
-    assert "".join(router.content) == content and "".join(router.reasoning) == reasoning
-
-
-def test_think_block_closed_at_the_end_when_only_thinking():
-    router = cf.AnswerRouter("think")
-    assert router.route("deepthink", "t") == ("text", "<think>\nt")
-    assert router.finish() == "\n</think>\n\n"
-    assert "".join(router.content) == "<think>\nt\n</think>\n\n"
-
-
-def test_think_mode_keeps_one_block_and_drops_late_thinking():
-    router = cf.AnswerRouter("think")
-    router.route("deepthink", "t")
-    router.route("text", "a")
-    assert router.route("deepthink", "late") is None
-    assert "".join(router.content).count("<think>") == 1
-
-
-def test_unfamiliar_types_are_answer_text_and_remembered():
-    router = cf.AnswerRouter("reasoning")
-    assert router.route("card", "x") == ("text", "x")
-    assert router.unfamiliar_types == {"card"}
-
-
-# --- Output limits and stop sequences ----------------------------------------------------
-
-def brute_found(text, stops):
-    """The earliest stop sequence in `text`, searched the plain way: (index, sequence) or None."""
-    found = [(text.find(stop), stop) for stop in stops if stop in text]
-    return min(found, key=lambda pair: pair[0]) if found else None
-
-
-def brute_partial(text, stops):
-    """The longest end of `text` that is a proper beginning of some stop sequence."""
-    return max([size for stop in stops for size in range(1, len(stop))
-                if size <= len(text) and text.endswith(stop[:size])] + [0])
-
-
-@pytest.mark.parametrize("text, stops, found", [
-    ("abc", ("x",), None),
-    ("a。b。", ("。",), (1, "。")),
-    ("Thought: x\nObservation: y", ("\nObservation:", "Thought"), (0, "Thought")),
-    ("one two", ("two", "one"), (0, "one")),
-    ("", ("x",), None),
-    ("aaab", ("aab",), (1, "aab")),
-    ("abababc", ("ababc",), (2, "ababc")),
-])
-def test_stop_scanner_finds_the_earliest_sequence(text, stops, found):
-    assert cf.StopScanner(stops).feed(text) == found == brute_found(text, stops)
-
-
-@pytest.mark.parametrize("text, stops, held", [
-    ("abc", ("x",), 0),  # a one-character stop can never be begun
-    ("abc", ("cd",), 1),
-    ("abc", ("bcd",), 2),
-    ("abc", ("abcd",), 3),
-    ("abc", ("zzz", "c!!"), 1),
-    ("ab\nObs", ("\nObservation:",), 4),
-    ("", ("ab",), 0),
-    ("xyz", ("ab",), 0),
-    ("aabaa", ("aabaab",), 5),
-    ("abaab", ("aabaab",), 3),
-])
-def test_stop_scanner_knows_what_could_begin_a_sequence(text, stops, held):
-    scanner = cf.StopScanner(stops)
-    assert scanner.feed(text) is None and scanner.partial == held == brute_partial(text, stops)
-
-
-def test_stop_scanner_agrees_with_the_plain_search_however_text_is_split():
-    import itertools
-    alphabet = "ab。"
-    stops_list = [("aab",), ("aba", "b。"), ("。a。", "aa"), ("abab", "baa", "a。b")]
-    for stops in stops_list:
-        for length in range(1, 8):
-            for chars in itertools.product(alphabet, repeat=length):
-                text = "".join(chars)
-                for cut in range(len(text) + 1):
-                    scanner = cf.StopScanner(stops)
-                    first = scanner.feed(text[:cut])
-                    if first is not None:
-                        assert first == brute_found(text[:cut], stops)
-                        continue
-                    assert scanner.partial == brute_partial(text[:cut], stops)
-                    second = scanner.feed(text[cut:])
-                    expected = brute_found(text, stops)
-                    assert (second[0] + cut, second[1]) == expected if second else expected is None, (stops, text)
-                    if second is None:
-                        assert scanner.partial == brute_partial(text, stops)
-
-
-def route_all(router, deltas):
-    """What the client gets: the routed texts (None for nothing sent), then finish()."""
-    sent = [router.route(kind, text) for kind, text in deltas]
-    return sent, router.finish()
-
-
-def joined_text(sent, tail):
-    return "".join(text for event in sent if event for kind, text in [event] if kind == "text") + (tail or "")
-
-
-ANSWER = "第一句。Second sentence! 第三句"
-
-
-@pytest.mark.parametrize("cut", range(len(ANSWER) + 1))
-@pytest.mark.parametrize("stops, expected, sequence", [
-    (("。",), "第一句", "。"),
-    (("sentence!",), "第一句。Second ", "sentence!"),
-    (("nd se", "。Sec"), "第一句", "。Sec"),
-    (("不在",), ANSWER, None),
-])
-def test_stop_sequences_found_however_the_answer_is_split(cut, stops, expected, sequence):
-    router = cf.AnswerRouter("reasoning", stops=stops)
-    sent, tail = route_all(router, [("text", ANSWER[:cut]), ("text", ANSWER[cut:])])
-    assert joined_text(sent, tail) == expected and "".join(router.content) == expected
-    assert router.stop_sequence == sequence and router.cut == ("stop" if sequence else None)
-
-
-def test_stop_sequences_byte_by_byte_send_every_other_character_at_once():
-    router = cf.AnswerRouter("reasoning", stops=("XY",))
-    sent = [router.route("text", char) for char in "abXcXYd"]
-    assert sent == [("text", "a"), ("text", "b"), None, ("text", "Xc"), None, None, None]
-    assert router.cut == "stop" and router.finish() is None and "".join(router.content) == "abXc"
-
-
-def test_reasoning_is_never_searched_for_stop_sequences():
-    for mode in ("reasoning", "think", "content"):
-        router = cf.AnswerRouter(mode, stops=("。",))
-        sent, tail = route_all(router, [("deepthink", "想。想"), ("text", "答。后")])
-        assert router.cut == "stop", mode
-        assert "".join(router.content).endswith("答") and "后" not in "".join(router.content), mode
-        assert "想。想" in "".join(router.content + router.reasoning), mode
-
-
-def test_think_close_is_not_searched_either():
-    router = cf.AnswerRouter("think", stops=("\n\n",))
-    sent, tail = route_all(router, [("deepthink", "t"), ("text", "a\n\nb")])
-    assert "".join(router.content) == "<think>\nt\n</think>\n\na" and router.cut == "stop"
-
-
-def test_held_text_is_sent_when_the_answer_ends_without_the_stop():
-    router = cf.AnswerRouter("reasoning", stops=("END",))
-    assert router.route("text", "trEN") == ("text", "tr")
-    assert router.finish() == "EN" and "".join(router.content) == "trEN" and router.cut is None
-
-
-@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8, 13])
-@pytest.mark.parametrize("deltas", [
-    [("text", "你好，世界。Hello world, this is long.")],
-    [("text", "你"), ("text", "好abc"), ("text", "defgh"), ("text", "ijklmnop")],
-    [("deepthink", "先想一想"), ("text", "answer text here")],
-])
-def test_output_limit_cuts_at_the_estimate(limit, deltas):
-    router = cf.AnswerRouter("reasoning", max_output=limit)
-    sent, tail = route_all(router, deltas)
-    out = "".join(router.reasoning) + "".join(router.content)
-    full = "".join(text for _, text in deltas)
-    assert cf.estimate_tokens(out) <= limit and full.startswith(out)
-    if cf.estimate_tokens(full) > limit:
-        assert router.cut == "length" and cf.estimate_tokens(full[:len(out) + 1]) > limit  # the longest
-        assert router.usage()["completion_tokens"] <= limit
-    else:
-        assert router.cut is None and out == full
-
-
-def test_output_limit_wins_over_a_later_stop_sequence():
-    router = cf.AnswerRouter("reasoning", max_output=2, stops=("。",))
-    route_all(router, [("text", "一二三四。")])
-    assert "".join(router.content) == "一二" and router.cut == "length" and router.stop_sequence is None
-
-
-def test_nothing_is_routed_after_a_cut():
-    router = cf.AnswerRouter("reasoning", max_output=1)
-    assert router.route("text", "长回答") == ("text", "长")
-    assert router.route("text", "更多") is None and router.route("deepthink", "想") is None
+def test_session_title(text, title):
+    assert cf.session_title(text) == title
+    assert len(cf.session_title(text)) <= cf.SESSION_TITLE_LIMIT
 
 
 @pytest.mark.parametrize("payload, param, code", [
@@ -881,7 +1058,54 @@ def test_parameters_honoured_or_accepted(payload, max_output, stops):
     assert (chat.max_output, chat.stops) == (max_output, stops)
 
 
-# --- Chunks, SSE, usage ---------------------------------------------------------------
+def agui_input(messages=None, **extra):
+    return dict({"threadId": "thread-1", "runId": "run-1",
+                 "messages": messages or [{"id": "m1", "role": "user", "content": "你好"}]}, **extra)
+
+
+def test_agui_input_keeps_the_conversation_and_skips_the_rest():
+    run = cf.parse_agui_input(json.dumps(agui_input([
+        {"id": "1", "role": "developer", "content": "be brief"},
+        {"id": "2", "role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "q"}]},
+        {"id": "3", "role": "assistant", "toolCalls": [{"id": "c", "type": "function",
+                                                       "function": {"name": "f", "arguments": "{}"}}]},
+        {"id": "4", "role": "tool", "content": [{"type": "image", "source": {}}], "toolCallId": "c"},
+        {"id": "5", "role": "reasoning", "content": "thought"},
+        {"id": "6", "role": "activity", "activityType": "x", "content": {"a": 1}},
+        {"id": "7", "role": "assistant", "content": "answer"},
+        {"id": "8", "role": "someday", "content": 5},
+        {"id": "9", "role": "user", "content": "second"}],
+        state={"a": 1}, tools=[{"name": "t", "description": "d", "parameters": {}}], context=[],
+        forwardedProps={"x": None}, parentRunId="run-0", resume=[], protocolVersion="1.0.0")).encode())
+    assert run.messages == (("developer", "be brief"), ("user", "first\nq"), ("assistant", ""),
+                            ("assistant", "answer"), ("user", "second"))
+    assert (run.thread_id, run.run_id, run.conversation, run.stream) == ("thread-1", "run-1", "thread-1", True)
+    assert run.question == "second" and run.title == "first q"
+
+
+@pytest.mark.parametrize("payload, message, param", [
+    ([], "must be a JSON object", None),
+    ({"runId": "r", "messages": []}, "'threadId' must be a non-empty string", "threadId"),
+    (agui_input(threadId=" "), "'threadId' must be a non-empty string", "threadId"),
+    (agui_input(threadId=7), "'threadId' must be a non-empty string", "threadId"),
+    ({"threadId": "t", "messages": []}, "'runId' must be a string", "runId"),
+    (agui_input(messages={"role": "user"}), "'messages' must be a list", "messages"),
+    (agui_input(messages=[{"id": "1", "role": "assistant", "content": "a"}]), "must contain a user message",
+     "messages"),
+    (agui_input(messages=[{"id": "1", "content": "a"}]), "string 'role'", "messages[0]"),
+    (agui_input(messages=[{"id": "1", "role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "value": "http://x/y.png"}}]}]),
+     "Only text content is supported", "messages[0].content[0]"),
+    (agui_input(messages=[{"id": "1", "role": "user", "content": [{"type": "binary", "mimeType": "a/b"}]}]),
+     "Only text content is supported", "messages[0].content[0]"),
+    (agui_input(messages=[{"id": "1", "role": "user", "content": " "}]), "no text", "messages[0].content"),
+])
+def test_bad_agui_inputs_are_refused_with_400(payload, message, param):
+    with pytest.raises(cf.ProxyError) as caught:
+        cf.parse_agui_input(json.dumps(payload).encode())
+    error = caught.value
+    assert error.status == 400 and message in error.message and error.param == param
+
 
 @pytest.mark.parametrize("kind, field", [("text", "content"), ("reasoning", "reasoning_content")])
 @pytest.mark.parametrize("text", ["plain", "中文，标点", 'quote " backslash \\ newline \n tab \t', "\x00\x1f",
@@ -891,6 +1115,17 @@ def test_fast_delta_equals_the_built_chunk(kind, field, text):
     slow = cf.format_sse(cf.build_chunk("chatcmpl-1", 7, "model\"x", {field: text}))
     assert formatter.delta(kind, text) == slow
     assert json.loads(slow[len(b"data: "):])["choices"][0]["delta"] == {field: text}
+
+
+def test_chunk_shape():
+    chunk = cf.build_chunk("chatcmpl-1", 7, "m", {"content": "x"})
+    assert chunk == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None,
+                                  "finish_reason": None}]}
+
+
+def test_format_sse():
+    assert cf.format_sse({"a": "中"}) == 'data: {"a":"中"}\n\n'.encode()
 
 
 def agui_format():
@@ -962,59 +1197,7 @@ def test_agui_fast_content_frame_equals_the_full_event(text):
     assert decoded(event)[0]["delta"] == text
 
 
-def test_chunk_shape():
-    chunk = cf.build_chunk("chatcmpl-1", 7, "m", {"content": "x"})
-    assert chunk == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
-                     "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None,
-                                  "finish_reason": None}]}
-
-
-def test_format_sse():
-    assert cf.format_sse({"a": "中"}) == 'data: {"a":"中"}\n\n'.encode()
-
-
-@pytest.mark.parametrize("text, tokens", [
-    ("", 0), ("abcd", 1), ("abcde", 2), ("你好", 2), ("你好ab", 3), ("ＡＢ", 2), ("한국", 2),
-])
-def test_estimate_tokens(text, tokens):
-    assert cf.estimate_tokens(text) == tokens
-
-
-def test_estimate_usage_totals():
-    assert cf.estimate_usage("你好", "abcdefgh") == {"prompt_tokens": 2, "completion_tokens": 2,
-                                                    "total_tokens": 4}
-
-
-@pytest.mark.parametrize("path, routes", [
-    ("/v1/chat/completions", {"POST": "answer"}),
-    ("/chat/completions", {"POST": "answer"}),
-    ("/agui", {"POST": "answer"}),
-    ("/v1/agui", {"POST": "answer"}),
-    ("/v1/models", {"GET": "list_models"}),
-    ("/models", {"GET": "list_models"}),
-    ("/v1/models/finstep-proxy", {"GET": "retrieve_model"}),
-    ("/health", {"GET": "health"}),
-    ("/v1/responses", {"POST": "answer"}),
-    ("/v1/messages", {"POST": "answer"}),
-    ("/v1/messages/count_tokens", {"POST": "count_tokens"}),
-    ("/status", {"GET": "show_status"}),
-    ("/", {"GET": "show_page"}),
-    ("/v2/chat/completions", None),
-    ("/index.html", None),
-])
-def test_route_for(path, routes):
-    assert cf.route_for(path) == routes
-
-
-@pytest.mark.parametrize("path, label", [
-    ("/v1/chat/completions", "/v1/chat/completions"), ("/health/", "/health"), ("/metrics", "/metrics"),
-    ("/v1/models/abc", "/v1/models/{id}"), ("/models/x/y", "/models/{id}"), ("/random", "other"),
-])
-def test_metrics_path(path, label):
-    assert cf.metrics_path(path) == label
-
-
-# --- Conversations: pure parts ------------------------------------------------------------
+# --- Conversations ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("messages, turns", [
     ([("user", " q ")], (("user", "q"),)),
@@ -1238,7 +1421,393 @@ def test_continued_conversation_on_another_key_folds_into_a_new_session():
     assert moved.query == "User: q1\n\nAssistant: a1\n\nUser: q2"
 
 
-# --- Adversarial input costs linear work -------------------------------------------------
+# --- Keys ---------------------------------------------------------------------------------
+
+def test_key_pool_order():
+    now = [0.0]
+    pool = cf.KeyPool(("a", "b", "c"), clock=lambda: now[0])
+    assert [pool.order() for _ in range(3)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    pool.cool_down("b", 10)
+    pool.cool_down("a", 5)
+    assert pool.order() == ["c"]
+    pool.cool_down("c", 20)
+    assert pool.order() == ["a"]
+    now[0] = 6
+    assert "a" in pool.order() and "b" not in pool.order()
+
+
+def test_key_pool_order_for_a_named_conversation_is_stable_and_prefers_its_key():
+    pool = cf.KeyPool(("a", "b", "c"))
+    start = cf.stable_index("conv", 3)
+    stable = list(("a", "b", "c")[start:] + ("a", "b", "c")[:start])
+    assert [pool.order("conv") for _ in range(3)] == [stable] * 3  # the round robin does not move it
+    assert pool.order() == ["a", "b", "c"]
+    assert pool.order("conv", prefer=cf.key_digest(stable[2])) == [stable[2], stable[0], stable[1]]
+    assert pool.order(None, prefer=cf.key_digest("c"))[0] == "c"
+    pool.cool_down(stable[0], 10)
+    assert pool.order("conv") == stable[1:]
+    assert pool.order("conv", prefer=cf.key_digest(stable[0])) == stable[1:]  # a cooling key is not preferred
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 60), ("", 60), ("7", 7), ("soon", 60),
+                                            ("Wed, 21 Oct 2015 07:28:00 GMT", 0),
+                                            ("\xb2", 60),  # a digit to str.isdigit(), not to float()
+                                            ("99999999999", 86400), ("Fri, 01 Jan 9999 00:00:00 GMT", 86400)])
+def test_retry_after_seconds(value, seconds):
+    assert cf.retry_after_seconds(value) == seconds
+
+
+# --- Shared memory: Redis -----------------------------------------------------------------
+
+@pytest.mark.parametrize("data, value", [
+    (b"+OK\r\n", "OK"),
+    (b":42\r\n", 42),
+    (b"$5\r\nhello\r\n", b"hello"),
+    (b"$0\r\n\r\n", b""),
+    (b"$-1\r\n", None),
+    (b"*-1\r\n", None),
+    (b"*3\r\n$1\r\na\r\n:7\r\n$-1\r\n", [b"a", 7, None]),
+    (b"*2\r\n*1\r\n+x\r\n$2\r\n\r\n\r\n", [["x"], b"\r\n"]),
+])
+def test_parse_reply(data, value):
+    assert cf.parse_reply(data + b"+next\r\n") == (value, len(data))
+    for cut in range(len(data)):  # a reply split anywhere is incomplete, never wrong
+        assert cf.parse_reply(data[:cut]) is None
+
+
+def test_parse_reply_error_and_garbage():
+    error, end = cf.parse_reply(b"-ERR unknown command 'GETDEL'\r\n")
+    assert isinstance(error, cf.RedisError) and "unknown command" in str(error) and end == 31
+    with pytest.raises(ValueError):
+        cf.parse_reply(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("data", [
+    b"*1\r\n" * 200000 + b":1\r\n",  # nested beyond any reply the proxy asks for
+    b"$" + b"9" * 5000 + b"\r\n",  # a number no reply has (and a quadratic conversion on Python 3.8)
+    b":12x\r\n", b"$-\r\n", b"*\r\n",
+    b"$" + b"1" * 5000,  # a type line that never ends
+    b"!3\r\nabc\r\n",  # RESP3, never asked for
+])
+def test_parse_reply_refuses_what_is_no_reply_to_the_proxy(data):
+    with pytest.raises(cf.RedisProtocolError):
+        cf.parse_reply(bytearray(data))
+
+
+def test_parse_reply_takes_a_growing_buffer():
+    buffer = bytearray(b"*2\r\n$3\r\nab")
+    assert cf.parse_reply(buffer) is None
+    buffer += b"c\r\n:5\r\n"
+    assert cf.parse_reply(buffer) == ([b"abc", 5], len(buffer))
+
+
+def test_resp_command():
+    assert cf.resp_command("SET", "k", "值", "EX", 5) == b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\xe5\x80\xbc\r\n$2\r\nEX\r\n$1\r\n5\r\n"
+
+
+@pytest.mark.parametrize("url, target", [
+    ("redis://localhost", cf.RedisTarget(False, "localhost", 6379, None, None, 0)),
+    ("redis://10.0.0.2:6380/3", cf.RedisTarget(False, "10.0.0.2", 6380, None, None, 3)),
+    ("rediss://:p%40ss@cache:6390", cf.RedisTarget(True, "cache", 6390, None, "p@ss", 0)),
+    ("redis://user:pw@cache/0", cf.RedisTarget(False, "cache", 6379, "user", "pw", 0)),
+    ("http://cache:6379", None), ("redis://", None), ("redis://cache:port", None), ("redis://cache/db", None),
+])
+def test_parse_redis_url(url, target):
+    assert cf.parse_redis_url(url) == target
+
+
+def test_bad_redis_url_names_the_variable():
+    with pytest.raises(cf.ConfigError) as caught:
+        cf.load_config({"FINSTEP_REDIS_URL": "cache:6379"}, [])
+    assert str(caught.value).startswith("FINSTEP_REDIS_URL (--redis-url) must be redis://")
+
+
+# --- Upstream -----------------------------------------------------------------------------
+
+def test_upstream_body_has_the_four_fields():
+    body = json.loads(cf.build_upstream_body("u", "s" * 32, "问题", "标题"))
+    assert body == {"userId": "u", "sessionId": "s" * 32, "query": "问题", "sessionTitle": "标题"}
+
+
+@pytest.mark.parametrize("line, event", [
+    (b'data:{"status": "RESPONSING", "type": "text", "text": "hi"}', ("RESPONSING", "text", "hi")),
+    (b'data: {"status": "RESPONSING", "type": "text", "text": "hi"}', ("RESPONSING", "text", "hi")),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": "hi"}\r', ("RESPONSING", "text", "hi")),
+    (b'data:{"status": "RESPONSING", "type": "deepthink", "text": "\xe5\x97\xaf"}',
+     ("RESPONSING", "deepthink", "嗯")),
+    (b'data:{"status": "RESPONSING", "text": "no type"}', ("RESPONSING", "text", "no type")),
+    (b'data:{"status": "RESPONSING", "type": "card", "text": "x"}', ("RESPONSING", "card", "x")),
+    (b'data:{"status": "responsing", "type": "text", "text": "x"}', ("RESPONSING", "text", "x")),
+    (b'data:{"status": "DONE"}', ("DONE", None, None)),
+    (b'data:{"status": "THINKING"}', ("THINKING", None, None)),
+    (b'data:{"status": "MSG_DONE"}', ("MSG_DONE", None, None)),
+    (b'data:{"status": "ERROR", "message": "quota exhausted"}', ("ERROR", None, "quota exhausted")),
+    (b'data:{"status": "FAILED"}', ("ERROR", None, "Upstream reported FAILED")),
+    (b'data:{"status": "RESPONSING", "type": "text"}', None),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": ""}', None),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": 5}', None),
+    (b'data:{"status": "RESPONSING", "type": "text", "text": "cut', None),
+    (b"data:not json", None),
+    (b"data:[1]", None),
+    (b'data:{"text": "no status"}', None),
+    (b"data:", None),
+    (b"event: message", None),
+    (b"id: 7", None),
+    (b": keep-alive", None),
+    (b"", None),
+    (b"\r", None),
+])
+def test_parse_upstream_event(line, event):
+    assert cf.parse_upstream_event(line) == event
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"message": "m"}, "m"), ({"msg": "m2"}, "m2"), ({"error": {"message": "nested"}}, "nested"),
+    ({"code": 1}, "fallback"), (b'{"msg": "from bytes"}', "from bytes"), (b"plain text", "plain text"),
+    (b"", "fallback"), ("x" * 500, "fallback"), ({"message": "y" * 500}, "y" * 300),
+])
+def test_upstream_error_message(payload, message):
+    assert cf.upstream_error_message(payload, "fallback") == message
+
+
+def test_idle_connection_closed_sees_the_peer_leave_or_talk():
+    assert cf.idle_connection_closed(None)
+    ours, theirs = socket.socketpair()
+    try:
+        ours.settimeout(3.0)
+        assert not cf.idle_connection_closed(ours) and ours.gettimeout() == 3.0  # and its timeout kept
+        theirs.sendall(b"x")  # bytes nobody asked for: the stream is out of step
+        assert cf.idle_connection_closed(ours)
+    finally:
+        ours.close()
+        theirs.close()
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    try:
+        assert cf.idle_connection_closed(ours)
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("url, proxies, route", [
+    ("https://api.example/x", {}, cf.UpstreamRoute("https", "api.example", None, None)),
+    ("https://api.example:8443/x", {"https": "http://proxy:3128"},
+     cf.UpstreamRoute("https", "proxy:3128", "api.example:8443", None)),
+    ("https://api.example/x", {"https": "http://u:p@proxy:3128"},
+     cf.UpstreamRoute("https", "proxy:3128", "api.example", "Basic dTpw")),
+    ("http://api.example/x", {"http": "http://proxy:3128"}, cf.UpstreamRoute("http", "proxy:3128", None, None)),
+    ("http://api.example/x", {"https": "http://proxy:3128"}, cf.UpstreamRoute("http", "api.example", None, None)),
+    ("http://api.example/x", {"http": "https://proxy:3128"}, None),  # a proxy of another scheme
+])
+def test_upstream_route(url, proxies, route, monkeypatch):
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cf.upstream_route(url, proxies) == route
+
+
+# --- Answers: reasoning modes, output limits, stop sequences, estimates -------------------
+
+THOUGHT_THEN_ANSWER = [("deepthink", "t1"), ("deepthink", "t2"), ("text", "a1"), ("text", "a2")]
+
+
+@pytest.mark.parametrize("mode, routed, content, reasoning", [
+    ("reasoning", [("reasoning", "t1"), ("reasoning", "t2"), ("text", "a1"), ("text", "a2")], "a1a2", "t1t2"),
+    ("think", [("text", "<think>\nt1"), ("text", "t2"), ("text", "\n</think>\n\na1"), ("text", "a2")],
+     "<think>\nt1t2\n</think>\n\na1a2", ""),
+    ("content", [("text", "t1"), ("text", "t2"), ("text", "a1"), ("text", "a2")], "t1t2a1a2", ""),
+    ("drop", [None, None, ("text", "a1"), ("text", "a2")], "a1a2", ""),
+])
+def test_answer_router_modes(mode, routed, content, reasoning):
+    router = cf.AnswerRouter(mode)
+    assert [router.route(kind, text) for kind, text in THOUGHT_THEN_ANSWER] == routed
+    assert router.finish() is None
+    assert "".join(router.content) == content and "".join(router.reasoning) == reasoning
+
+
+def test_think_block_closed_at_the_end_when_only_thinking():
+    router = cf.AnswerRouter("think")
+    assert router.route("deepthink", "t") == ("text", "<think>\nt")
+    assert router.finish() == "\n</think>\n\n"
+    assert "".join(router.content) == "<think>\nt\n</think>\n\n"
+
+
+def test_think_mode_keeps_one_block_and_drops_late_thinking():
+    router = cf.AnswerRouter("think")
+    router.route("deepthink", "t")
+    router.route("text", "a")
+    assert router.route("deepthink", "late") is None
+    assert "".join(router.content).count("<think>") == 1
+
+
+def test_unfamiliar_types_are_answer_text_and_remembered():
+    router = cf.AnswerRouter("reasoning")
+    assert router.route("card", "x") == ("text", "x")
+    assert router.unfamiliar_types == {"card"}
+
+
+def brute_found(text, stops):
+    """The earliest stop sequence in `text`, searched the plain way: (index, sequence) or None."""
+    found = [(text.find(stop), stop) for stop in stops if stop in text]
+    return min(found, key=lambda pair: pair[0]) if found else None
+
+
+def brute_partial(text, stops):
+    """The longest end of `text` that is a proper beginning of some stop sequence."""
+    return max([size for stop in stops for size in range(1, len(stop))
+                if size <= len(text) and text.endswith(stop[:size])] + [0])
+
+
+@pytest.mark.parametrize("text, stops, found", [
+    ("abc", ("x",), None),
+    ("a。b。", ("。",), (1, "。")),
+    ("Thought: x\nObservation: y", ("\nObservation:", "Thought"), (0, "Thought")),
+    ("one two", ("two", "one"), (0, "one")),
+    ("", ("x",), None),
+    ("aaab", ("aab",), (1, "aab")),
+    ("abababc", ("ababc",), (2, "ababc")),
+])
+def test_stop_scanner_finds_the_earliest_sequence(text, stops, found):
+    assert cf.StopScanner(stops).feed(text) == found == brute_found(text, stops)
+
+
+@pytest.mark.parametrize("text, stops, held", [
+    ("abc", ("x",), 0),  # a one-character stop can never be begun
+    ("abc", ("cd",), 1),
+    ("abc", ("bcd",), 2),
+    ("abc", ("abcd",), 3),
+    ("abc", ("zzz", "c!!"), 1),
+    ("ab\nObs", ("\nObservation:",), 4),
+    ("", ("ab",), 0),
+    ("xyz", ("ab",), 0),
+    ("aabaa", ("aabaab",), 5),
+    ("abaab", ("aabaab",), 3),
+])
+def test_stop_scanner_knows_what_could_begin_a_sequence(text, stops, held):
+    scanner = cf.StopScanner(stops)
+    assert scanner.feed(text) is None and scanner.partial == held == brute_partial(text, stops)
+
+
+def test_stop_scanner_agrees_with_the_plain_search_however_text_is_split():
+    import itertools
+    alphabet = "ab。"
+    stops_list = [("aab",), ("aba", "b。"), ("。a。", "aa"), ("abab", "baa", "a。b")]
+    for stops in stops_list:
+        for length in range(1, 8):
+            for chars in itertools.product(alphabet, repeat=length):
+                text = "".join(chars)
+                for cut in range(len(text) + 1):
+                    scanner = cf.StopScanner(stops)
+                    first = scanner.feed(text[:cut])
+                    if first is not None:
+                        assert first == brute_found(text[:cut], stops)
+                        continue
+                    assert scanner.partial == brute_partial(text[:cut], stops)
+                    second = scanner.feed(text[cut:])
+                    expected = brute_found(text, stops)
+                    assert (second[0] + cut, second[1]) == expected if second else expected is None, (stops, text)
+                    if second is None:
+                        assert scanner.partial == brute_partial(text, stops)
+
+
+def route_all(router, deltas):
+    """What the client gets: the routed texts (None for nothing sent), then finish()."""
+    sent = [router.route(kind, text) for kind, text in deltas]
+    return sent, router.finish()
+
+
+def joined_text(sent, tail):
+    return "".join(text for event in sent if event for kind, text in [event] if kind == "text") + (tail or "")
+
+
+ANSWER = "第一句。Second sentence! 第三句"
+
+
+@pytest.mark.parametrize("cut", range(len(ANSWER) + 1))
+@pytest.mark.parametrize("stops, expected, sequence", [
+    (("。",), "第一句", "。"),
+    (("sentence!",), "第一句。Second ", "sentence!"),
+    (("nd se", "。Sec"), "第一句", "。Sec"),
+    (("不在",), ANSWER, None),
+])
+def test_stop_sequences_found_however_the_answer_is_split(cut, stops, expected, sequence):
+    router = cf.AnswerRouter("reasoning", stops=stops)
+    sent, tail = route_all(router, [("text", ANSWER[:cut]), ("text", ANSWER[cut:])])
+    assert joined_text(sent, tail) == expected and "".join(router.content) == expected
+    assert router.stop_sequence == sequence and router.cut == ("stop" if sequence else None)
+
+
+def test_stop_sequences_byte_by_byte_send_every_other_character_at_once():
+    router = cf.AnswerRouter("reasoning", stops=("XY",))
+    sent = [router.route("text", char) for char in "abXcXYd"]
+    assert sent == [("text", "a"), ("text", "b"), None, ("text", "Xc"), None, None, None]
+    assert router.cut == "stop" and router.finish() is None and "".join(router.content) == "abXc"
+
+
+def test_reasoning_is_never_searched_for_stop_sequences():
+    for mode in ("reasoning", "think", "content"):
+        router = cf.AnswerRouter(mode, stops=("。",))
+        sent, tail = route_all(router, [("deepthink", "想。想"), ("text", "答。后")])
+        assert router.cut == "stop", mode
+        assert "".join(router.content).endswith("答") and "后" not in "".join(router.content), mode
+        assert "想。想" in "".join(router.content + router.reasoning), mode
+
+
+def test_think_close_is_not_searched_either():
+    router = cf.AnswerRouter("think", stops=("\n\n",))
+    sent, tail = route_all(router, [("deepthink", "t"), ("text", "a\n\nb")])
+    assert "".join(router.content) == "<think>\nt\n</think>\n\na" and router.cut == "stop"
+
+
+def test_held_text_is_sent_when_the_answer_ends_without_the_stop():
+    router = cf.AnswerRouter("reasoning", stops=("END",))
+    assert router.route("text", "trEN") == ("text", "tr")
+    assert router.finish() == "EN" and "".join(router.content) == "trEN" and router.cut is None
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("deltas", [
+    [("text", "你好，世界。Hello world, this is long.")],
+    [("text", "你"), ("text", "好abc"), ("text", "defgh"), ("text", "ijklmnop")],
+    [("deepthink", "先想一想"), ("text", "answer text here")],
+])
+def test_output_limit_cuts_at_the_estimate(limit, deltas):
+    router = cf.AnswerRouter("reasoning", max_output=limit)
+    sent, tail = route_all(router, deltas)
+    out = "".join(router.reasoning) + "".join(router.content)
+    full = "".join(text for _, text in deltas)
+    assert cf.estimate_tokens(out) <= limit and full.startswith(out)
+    if cf.estimate_tokens(full) > limit:
+        assert router.cut == "length" and cf.estimate_tokens(full[:len(out) + 1]) > limit  # the longest
+        assert router.usage()["completion_tokens"] <= limit
+    else:
+        assert router.cut is None and out == full
+
+
+def test_output_limit_wins_over_a_later_stop_sequence():
+    router = cf.AnswerRouter("reasoning", max_output=2, stops=("。",))
+    route_all(router, [("text", "一二三四。")])
+    assert "".join(router.content) == "一二" and router.cut == "length" and router.stop_sequence is None
+
+
+def test_nothing_is_routed_after_a_cut():
+    router = cf.AnswerRouter("reasoning", max_output=1)
+    assert router.route("text", "长回答") == ("text", "长")
+    assert router.route("text", "更多") is None and router.route("deepthink", "想") is None
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("", 0), ("abcd", 1), ("abcde", 2), ("你好", 2), ("你好ab", 3), ("ＡＢ", 2), ("한국", 2),
+])
+def test_estimate_tokens(text, tokens):
+    assert cf.estimate_tokens(text) == tokens
+
+
+def test_estimate_usage_totals():
+    assert cf.estimate_usage("你好", "abcdefgh") == {"prompt_tokens": 2, "completion_tokens": 2,
+                                                    "total_tokens": 4}
+
+
+# --- Adversarial input costs linear work --------------------------------------------------
 #
 # Each hot spot gets a request body of up to FINSTEP_MAX_BODY (8 MB) shaped to hurt it, and
 # must finish well under a second of this thread's CPU time; each took seconds to hours before.
@@ -1326,310 +1895,800 @@ def test_the_token_estimate_keeps_no_string_per_character():
     assert peak < 2.5 * len(text.encode())  # the encoded text and one translation of it
 
 
-# --- The fake Finstep upstream --------------------------------------------------------
+# --- End to end: HTTP/1.1 framing, hostile connections ------------------------------------
 
-def ev(status, kind=None, text=None, **extra):
-    """One upstream event line, exactly as Finstep writes it."""
-    payload = {"status": status}
-    if kind is not None:
-        payload["type"] = kind
-    if text is not None:
-        payload["text"] = text
-    payload.update(extra)
-    return ("data:" + json.dumps(payload, ensure_ascii=False) + "\n").encode()
-
-
-def answer_events(*texts, thinking=()):
-    return ([ev("THINKING"), ev("ORGANIZING"), ev("MSG_START")]
-            + [ev("RESPONSING", "deepthink", t) for t in thinking]
-            + [ev("RESPONSING", "text", t) for t in texts] + [ev("MSG_DONE"), ev("DONE")])
+@pytest.mark.parametrize("body, code", [
+    (b"{not json", None), (b'"a string"', None), (b'{"messages": []}', None),
+    (b'{"messages": [{"role": "assistant", "content": "x"}]}', None),
+])
+def test_bad_bodies_are_400_over_http(proxy, upstream, body, code):
+    status, _, answer = proxy.request("POST", "/v1/chat/completions", body,
+                                      {"Content-Type": "application/json"})
+    assert_error(status, answer, 400, type_="invalid_request_error")
+    assert upstream.received == []
 
 
-CUT = object()  # close the connection where it stands, without ending the response
-HOLD = object()  # stay silent until the proxy closes the connection (recorded in `closed_at`)
+def test_body_over_the_limit_is_413_judged_from_content_length(make_proxy, upstream):
+    proxy = make_proxy(max_body=100)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        # Only the head is sent: the answer must not wait for the announced megabyte.
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
 
 
-@dataclasses.dataclass
-class Reply:
-    """One scripted upstream response. Steps: bytes are written (one HTTP chunk each in
-    chunked framing), a float sleeps, a threading.Event is waited for, CUT drops the line."""
-    steps: tuple = ()
-    status: int = 200
-    content_type: str = "text/event-stream;charset=UTF-8"
-    framing: str = "chunked"  # or "length" or "close"
-    headers: dict = dataclasses.field(default_factory=dict)
-    before_head: object = None  # a float or an Event, waited for before the status line
-    length: int = None  # a Content-Length to declare instead of the real one
-    status_line_only: bytes = None  # write these bytes of a status line, then close: a broken head
+def test_body_over_the_limit_with_expect_continue_is_413_at_once(make_proxy):
+    proxy = make_proxy(max_body=100)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
 
 
-def wait_until(condition, seconds=2.0, what="the condition"):
-    """Poll until condition() is truthy and return its value; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out waiting for " + what
-        time.sleep(0.01)
+def test_expect_continue_within_the_limit_is_served(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n" % len(body))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")  # as curl waits for before its body
+        sock.sendall(body)
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[-1]["body"]["query"] == "x" * 2000
 
 
-def post_raw(port, payload, path="/v1/chat/completions"):
-    """Send a request over a raw socket and return the socket, for tests that hang up or read bytes."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    body = json.dumps(payload).encode()
-    sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
-                 % (path.encode(), len(body), body))
-    return sock
+def test_malformed_chunked_request_body_is_400(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"zz\r\n{}\r\n0\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Malformed chunked" in answer
 
 
-def assert_upstream_closed_within_a_second(upstream, left):
-    closed = wait_until(lambda: upstream.closed_at, 3, "the upstream connection to close")
-    assert closed[0] - left < 1.0
+def test_chunked_request_body_is_accepted(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "分块"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n" + b"%x\r\n%s\r\n" % (10, body[:10])
+                     + b"%x\r\n%s\r\n" % (len(body) - 10, body[10:]) + b"0\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[-1]["body"]["query"] == "分块"
 
 
-def wait_step(step):
-    if isinstance(step, threading.Event):
-        assert step.wait(5), "the test never released the upstream"
-    else:
-        time.sleep(step)
+def test_chunked_request_body_over_the_limit_is_413(make_proxy):
+    proxy = make_proxy(max_body=100)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"1000\r\n" + b"x" * 200)
+        assert recv_all(sock).startswith(b"HTTP/1.1 413 ")
 
 
-class FakeUpstreamHandler(BaseHTTPRequestHandler):
-    """Keeps connections alive as HTTP/1.1 servers do (unless `keep_alive` is off: then it
-    closes each connection after its response without saying so, as a server whose idle
-    timeout is shorter than the proxy's does), and counts them."""
-    protocol_version = "HTTP/1.1"
+def test_missing_content_length_is_411(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 411 ")
 
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do
-        self.served = 0
-        self.server.upstream.connections.append(self.connection)
-        self.number = len(self.server.upstream.connections)  # this connection's, counting from 1
 
-    def finish(self):
-        super().finish()
-        self.server.upstream.closed_connections.append(self.connection)
+def test_garbage_bytes_get_400_and_others_are_served(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"\x00\xff\x16\x03 garbage\r\n\r\n")
+        answer = recv_all(sock)
+    assert b"400" in answer.split(b"\r\n", 1)[0] or json.loads(answer)["error"]
+    assert proxy.request("GET", "/health")[0] == 200
 
-    def do_POST(self):
-        upstream = self.server.upstream
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        request = {"path": self.path, "headers": dict(self.headers), "body": json.loads(body),
-                   "connection": self.number, "served_before": self.served}
-        self.served += 1
-        if request["served_before"] and upstream.drop_reused:  # closing just as the request came
-            upstream.drop_reused -= 1
-            upstream.dropped.append(request)
-            self.close_connection = True
-            return
-        upstream.received.append(request)
-        reply = upstream.replies.pop(0) if upstream.replies else Reply(tuple(answer_events("默认回答")))
-        if reply.before_head is not None:
-            wait_step(reply.before_head)
-        # A declared length that is not the body's own would leave the proxy waiting: close.
-        self.close_connection = not upstream.keep_alive or reply.framing == "close" or reply.length is not None
-        if reply.status_line_only is not None:
-            self.wfile.write(reply.status_line_only)
-            self.close_connection = True
-            return
-        self.send_response(reply.status)
-        self.send_header("Content-Type", reply.content_type)
-        data = b"".join(s for s in reply.steps if isinstance(s, bytes))
-        if reply.framing == "chunked":
-            self.send_header("Transfer-Encoding", "chunked")
-        elif reply.framing == "length":
-            self.send_header("Content-Length", str(reply.length if reply.length is not None else len(data)))
-        else:
-            self.send_header("Connection", "close")
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        try:
-            for step in reply.steps:
-                if step is CUT:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if step is HOLD:
-                    self.close_connection = True
-                    self.wfile.flush()
-                    self.hold_until_closed()
-                    return
-                if not isinstance(step, bytes):
-                    wait_step(step)
-                elif reply.framing == "chunked":
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(step), step))
-                else:
-                    self.wfile.write(step)
-            if reply.framing == "chunked":
-                self.wfile.write(b"0\r\n\r\n")
-        except (ConnectionError, OSError):
-            self.close_connection = True
-            upstream.client_left.set()
 
-    def hold_until_closed(self):
-        deadline = time.monotonic() + 5
-        self.connection.settimeout(0.01)
-        while time.monotonic() < deadline:
+def test_huge_request_line_is_414(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 414 ")
+    assert proxy.request("GET", "/health")[0] == 200
+
+
+def test_too_many_headers_is_431(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_lying_content_length_costs_only_its_own_connection(make_proxy, upstream):
+    proxy = make_proxy(client_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as liar:
+        liar.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{\"me")
+        upstream.reply(*answer_events("served"))
+        status, _, body = proxy.chat()  # served while the liar hangs
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "served"
+        answer = recv_all(liar)  # the liar is answered once client_timeout passes
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_request_head_is_bounded_at_64_kb_in_all(proxy):
+    big = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 40000) for i in range(2)) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(big)
+        assert recv_all(sock).startswith(b"HTTP/1.1 431 ")  # and the connection is closed
+    fits = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1900) for i in range(30))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(fits + b"Connection: close\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def chat_head(length, headers=b""):
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n" % (length, headers))
+
+
+def test_body_budget_is_taken_before_a_body_is_read_and_given_back(make_proxy, upstream):
+    proxy = make_proxy(body_budget=1000000, max_body=400000, client_timeout=5)
+    budget = proxy.server.body_budget
+    holders = []
+    for _ in range(2):
+        holders.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+        holders[-1].sendall(chat_head(400000) + b'{"messages"')  # and never the rest
+    wait_until(lambda: budget.used == 800000, what="two bodies held")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as refused:
+        refused.sendall(chat_head(300000))  # no body sent: the answer comes first
+        answer = recv_all(refused)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b"Connection: close" in answer
+    upstream.reply(*answer_events("small fits"))
+    assert proxy.chat()[0] == 200
+    for sock in holders:
+        sock.close()
+    wait_until(lambda: budget.used == 0, what="the budget given back")
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 90000}]}).encode()
+    upstream.reply(*answer_events("now it fits"))
+    status, _, data = proxy.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert status == 200
+    wait_until(lambda: budget.used == 0, what="the budget given back again")
+
+
+def test_chunked_body_counts_against_the_budget_as_it_arrives(make_proxy):
+    proxy = make_proxy(body_budget=300000, max_body=300000, client_timeout=5)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as holder:
+        holder.sendall(chat_head(250000) + b"{")
+        wait_until(lambda: proxy.server.body_budget.used == 250000, what="a body held")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
             try:
-                if not self.connection.recv(1):
-                    break
-            except socket.timeout:
-                continue
+                for _ in range(100):
+                    sock.sendall(b"1000\r\n" + b"a" * 4096 + b"\r\n")
             except OSError:
-                break
-        self.server.upstream.closed_at.append(time.monotonic())
-
-    def log_message(self, format, *args):
-        pass
+                pass  # refused mid-body: the connection closes
+            answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"server_busy" in answer
 
 
-class FakeUpstream:
-    def __init__(self):
-        self.received = []
-        self.replies = []
-        self.client_left = threading.Event()
-        self.closed_at = []
-        self.keep_alive = True
-        self.connections = []  # every connection accepted, in order
-        self.closed_connections = []  # those whose handler has finished
-        self.drop_reused = 0  # close this many kept-alive connections when their next request comes
-        self.dropped = []  # the requests so dropped, unanswered
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
-        self.server.daemon_threads = True
-        self.server.upstream = self
-        self.server.handle_error = self.handle_error
-        self.url = "http://127.0.0.1:%d/chat/api/chat/v2/completion" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-
-    def reply(self, *steps, **options):
-        self.replies.append(Reply(tuple(steps), **options))
-
-    @staticmethod
-    def handle_error(request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a proxy that hung up: expected
-            traceback.print_exc()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def test_a_body_whose_parsing_would_not_fit_is_413(make_proxy, upstream):
+    proxy = make_proxy(body_budget=500000, max_body=200000)
+    body = b'{"messages": [{"role": "user", "content": "x"}], "junk": [' + b"{}," * 50000 + b"{}]}"
+    status, _, data = proxy.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert_error(status, data, 413, "request_too_large")
+    assert "FINSTEP_BODY_BUDGET" in json.loads(data)["error"]["message"] and upstream.received == []
+    wait_until(lambda: proxy.server.body_budget.used == 0, what="the budget given back")
 
 
-@pytest.fixture
-def upstream():
-    fake = FakeUpstream()
-    yield fake
-    fake.close()
+def test_many_tiny_chunks_decode_into_the_body(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "细" * 3000}]}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 2]), body[i:i + 2]) for i in range(0, len(body), 2))
+    upstream.reply(*answer_events("ok"))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n" + chunked + b"0\r\nX-Trailer: t\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[-1]["body"]["query"] == "细" * 3000
 
 
-class Body(bytes):
-    """A response body; `cut` when the transfer stopped before its end (no last chunk)."""
-    cut = False
+@pytest.mark.parametrize("raw, status", [
+    (b"GET\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 \r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"BREW /pot HTTP/1.1\r\n\r\n", 501),
+    (b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+])
+def test_malformed_requests_get_their_status_and_one_log_line(proxy, caplog, raw, status):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(raw)
+        answer = recv_all(sock)  # answered, then closed
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    lines = wait_until(lambda: log_lines(caplog), what="the log line")
+    time.sleep(0.05)
+    assert len(log_lines(caplog)) == 1 and " %d " % status in lines[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info]
+    assert proxy.request("GET", "/health")[0] == 200
 
 
-def read_body(response):
+def test_a_malformed_request_is_not_logged_with_the_previous_path(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGARBAGE\r\n\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in answer
+    lines = wait_until(lambda: len(log_lines(caplog)) == 2 and log_lines(caplog), what="two log lines")
+    assert "/v1/models" in lines[0].getMessage() and "/v1/models" not in lines[1].getMessage()
+    assert " - - 400 " in lines[1].getMessage()
+
+
+def test_a_partial_request_line_then_nothing_is_answered_408_by_the_deadline(make_proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(client_timeout=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /hea")
+        assert recv_all(sock).startswith(b"HTTP/1.1 408 ")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as idle:
+        assert recv_all(idle) == b""  # nothing sent, nothing said
+    time.sleep(0.1)
+    assert len(log_lines(caplog)) == 1 and not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}', "messages[0].content"),
+    ("/v1/chat/completions", '{"model": "\\udfff", "messages": [{"role": "user", "content": "q"}]}', "model"),
+    ("/v1/chat/completions", '{"session_id": "s\\ud800", "messages": [{"role": "user", "content": "q"}]}',
+     "session_id"),
+    ("/v1/chat/completions", '{"messages": [{"role": "assistant", "content": [{"type": "text", "text": "\\udc00"}]},'
+     ' {"role": "user", "content": "q"}]}', "messages[0].content[0].text"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "metadata": {"x\\ud800": 1}}',
+     "metadata"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "\\ud800": 1}', None),
+    ("/agui", '{"threadId": "t\\ud800", "runId": "r", "messages": [{"id": "1", "role": "user", "content": "q"}]}',
+     "threadId"),
+])
+def test_text_that_cannot_be_encoded_is_refused_naming_the_field(proxy, upstream, path, body, param):
+    status, _, data = proxy.request("POST", path, body.encode(), {"Content-Type": "application/json"})
+    assert_error(status, data, 400)
+    assert json.loads(data)["error"]["param"] == param and upstream.received == []
+
+
+def test_a_surrogate_pair_is_ordinary_text(proxy, upstream):
+    status, _, data = proxy.request("POST", "/v1/chat/completions",
+                                    b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert status == 200 and upstream.received[-1]["body"]["query"] == "😀"
+
+
+def raw_responses(data):
+    """The status lines of the HTTP responses in some bytes read from a connection."""
+    return re.findall(rb"HTTP/1\.1 \d{3} ", data)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /v2/unknown HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n29\r\nGET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    b"\r\n0\r\n\r\n",
+])
+def test_a_body_is_never_read_as_the_next_request(proxy, request_bytes):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = recv_all(sock)
+    assert len(raw_responses(answer)) == 1 and b"Connection: close" in answer
+
+
+def test_content_length_with_chunked_reads_the_chunks_and_closes(proxy, upstream):
+    body = json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode()
+    upstream.reply(*answer_events("ok"))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n0\r\n\r\nGET /health HTTP/1.1\r\n\r\n" % (len(body), body))
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer and len(raw_responses(answer)) == 1
+
+
+@pytest.mark.parametrize("chunks", [b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n",
+                                    b"5_0\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n",
+                                    b"5\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n"])
+def test_malformed_chunks_are_400(proxy, chunks):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Malformed chunked" in answer
+
+
+def test_continue_only_after_the_checks(make_proxy):
+    proxy = make_proxy(proxy_keys=("proxy-key-1234567890",), body_budget=100000, max_body=100000)
+    for headers, status in [(b"Authorization: Bearer wrong\r\n", b"401"),
+                            (b"Authorization: Bearer proxy-key-1234567890\r\n", b"100")]:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(chat_head(10, headers + b"Expect: 100-continue\r\n"))
+            assert sock.recv(65536).startswith(b"HTTP/1.1 " + status + b" ")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v2/nothing HTTP/1.1\r\nAuthorization: Bearer proxy-key-1234567890\r\n"
+                     b"Content-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
+
+
+def test_preflight_echoes_only_header_names_that_are_tokens(proxy):
+    status, headers, _ = proxy.request("OPTIONS", "/v1/chat/completions", headers={
+        "Access-Control-Request-Headers": "x-good, bad header, x-also_good, x(bad), x/bad, x\"bad"})
+    allowed = [name.strip() for name in headers["Access-Control-Allow-Headers"].split(",")]
+    assert "x-good" in allowed and "x-also_good" in allowed
+    assert not [name for name in allowed if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)]
+
+
+@pytest.mark.parametrize("extra", [b"\r\n", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"])
+def test_a_client_leaving_after_sending_more_bytes_is_seen(make_proxy, upstream, extra):
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    sock.sendall(extra)
+    wait_until(lambda: upstream.received, what="the upstream request")
+    time.sleep(0.1)
+    left = time.monotonic()
+    sock.shutdown(socket.SHUT_WR)  # a FIN, with the extra bytes still unread by the proxy
+    assert_upstream_closed_within_a_second(upstream, left)
+    sock.close()
+
+
+def test_pipelined_requests_are_all_answered(proxy, upstream):
+    upstream.reply(*answer_events("one"))
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                     b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n" % (len(body), body))
+        answer = recv_all(sock)
+    assert len(raw_responses(answer)) == 2 and b'"content":"one"' in answer and b'{"status": "ok"}' in answer
+
+
+@pytest.mark.parametrize("epoll", [True, False])
+def test_hangup_watcher_reports_a_departure_once_and_never_for_a_newer_socket(monkeypatch, epoll):
+    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", epoll)
+    watcher = cf.HangupWatcher()
     try:
-        return Body(response.read())
-    except http.client.IncompleteRead as exc:
-        body = Body(exc.partial)
-        body.cut = True
-        return body
+        ours, theirs = socket.socketpair()
+        watcher.watch(ours, "first")
+        theirs.close()  # the peer leaves
+        ready = watcher.ready(1.0)
+        fd = ours.fileno()
+        assert fd in ready
+        watcher.unwatch(ours)  # meanwhile its request ended and the socket closed...
+        ours.close()
+        newer, peer = socket.socketpair()  # ...and a new connection took its number
+        assert newer.fileno() == fd or peer.fileno() == fd
+        if peer.fileno() == fd:
+            newer, peer = peer, newer
+        watcher.watch(newer, "second")
+        assert watcher.departed(fd) is None  # the old news is not the new socket's
+        peer.close()
+        assert fd in watcher.ready(1.0) and watcher.departed(fd) == "second"
+        assert watcher.departed(fd) is None  # reported once
+        newer.close()
+    finally:
+        watcher.close()
 
 
-class Proxy:
-    def __init__(self, config):
-        self.server = cf.ProxyServer(config)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
-                                       daemon=True)
-        self.thread.start()
-
-    def connect(self, timeout=5):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def request(self, method, path, body=None, headers=None):
-        """(status, headers, body bytes) of one request."""
-        conn = self.connect()
-        try:
-            if isinstance(body, (dict, list)):
-                body = json.dumps(body).encode()
-                headers = dict({"Content-Type": "application/json"}, **(headers or {}))
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.headers, read_body(response)
-        finally:
-            conn.close()
-
-    def agui(self, messages=None, headers=None, path="/agui", **extra):
-        """(status, headers, body) of one AG-UI run."""
-        return self.request("POST", path, agui_input(messages, **extra), dict({"Accept": "text/event-stream"},
-                                                                               **(headers or {})))
-
-    def responses(self, input="你好", headers=None, path="/v1/responses", **extra):
-        """(status, headers, body) of one Responses API request."""
-        return self.request("POST", path, dict({"model": "finstep-proxy", "input": input}, **extra), headers)
-
-    def messages(self, messages=None, headers=None, path="/v1/messages", **extra):
-        """(status, headers, body) of one Anthropic Messages request."""
-        payload = dict({"model": "finstep-proxy", "max_tokens": 1024,
-                        "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
-        return self.request("POST", path, payload, dict({"anthropic-version": "2023-06-01"}, **(headers or {})))
-
-    def chat(self, stream=False, messages=None, headers=None, **extra):
-        payload = dict({"model": "finstep-proxy", "stream": stream,
-                        "messages": messages or [{"role": "user", "content": "你好"}]}, **extra)
-        return self.request("POST", "/v1/chat/completions", payload, headers)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def test_departures_are_seen_without_epoll_too(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", False)
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    wait_until(lambda: upstream.received, what="the upstream request")
+    time.sleep(0.1)
+    left = time.monotonic()
+    sock.close()
+    assert_upstream_closed_within_a_second(upstream, left)
 
 
-@pytest.fixture
-def make_proxy(upstream):
-    started = []
-
-    def make(**overrides):
-        settings = dict(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="127.0.0.1", port=0,
-                        timeout=2.0, client_timeout=1.0)
-        settings.update(overrides)
-        proxy = Proxy(cf.Config(**settings))
-        started.append(proxy)
-        return proxy
-    yield make
-    for proxy in started:
-        proxy.close()
+def test_a_pass_through_key_echoed_back_never_shows(make_proxy, upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    client = "client-key-0123456789abcdef"
+    upstream.reply(("client key %s is wrong" % client.upper()).encode(), status=401, framing="length")
+    status, _, body = make_proxy(api_keys=()).chat(headers={"Authorization": "Bearer " + client})
+    assert status == 401
+    assert_no_run_of(client, body.decode())
+    assert_no_run_of(client, logged_text(caplog))
 
 
-@pytest.fixture
-def proxy(make_proxy):
-    return make_proxy()
+def test_keep_alive_serves_several_requests_on_one_connection(proxy, upstream):
+    conn = proxy.connect()
+    for text in ("one", "two"):
+        upstream.reply(*answer_events(text))
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert joined(sse_payloads(response.read())) == text
+    conn.close()
 
 
-def sse_payloads(body):
-    """Every `data:` payload of a chat-completions SSE body, JSON-decoded except [DONE]. A body
-    read by Proxy.request is checked to be cut off exactly when it carries an error event."""
-    assert body.endswith(b"\n\n"), body[-80:]
-    out = []
-    for event in body.decode().split("\n\n")[:-1]:
-        assert event.startswith("data: "), event
-        data = event[len("data: "):]
-        out.append(data if data == "[DONE]" else json.loads(data))
-    if isinstance(body, Body):
-        assert body.cut == any(isinstance(p, dict) and "error" in p for p in out), "cut: %s" % body.cut
-    return out
+def test_http_10_client_gets_an_unchunked_stream(proxy, upstream):
+    upstream.reply(*answer_events("旧"))
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = recv_all(sock)
+    head, stream = answer.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head
+    assert joined(sse_payloads(stream)) == "旧"
 
 
-def deltas(payloads):
-    return [p["choices"][0]["delta"] for p in payloads if isinstance(p, dict) and p.get("choices")]
+# --- End to end: routes and the endpoints answered without Finstep ------------------------
+
+def test_not_found_and_method_not_allowed(proxy):
+    status, _, body = proxy.request("GET", "/v1/nothing")
+    assert_error(status, body, 404, "unknown_url")
+    status, headers, body = proxy.request("GET", "/v1/chat/completions")
+    assert_error(status, body, 405, "method_not_allowed")
+    assert headers["Allow"] == "POST, OPTIONS"
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, _, body = proxy.request(method, "/v1/models")
+        assert_error(status, body, 405)
+    status, headers, body = proxy.request("POST", "/health", b"{}")
+    assert_error(status, body, 405)
+    assert headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
-def joined(payloads, field="content"):
-    return "".join(d.get(field, "") for d in deltas(payloads))
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/", "/status", "/metrics"])
+def test_head_is_get_without_its_body(proxy, path):
+    status, headers, body = proxy.request("HEAD", path)
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    assert proxy.request("GET", path)[1]["Content-Type"] == headers["Content-Type"]
 
 
-# --- Streaming end to end -----------------------------------------------------------
+def test_models_list_and_retrieve(make_proxy):
+    proxy = make_proxy(models=("finstep-proxy", "finstep-deep"))
+    status, _, body = proxy.request("GET", "/v1/models")
+    listing = json.loads(body)
+    assert status == 200 and listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["finstep-proxy", "finstep-deep"]
+    assert all(m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
+               for m in listing["data"])
+    assert json.loads(proxy.request("GET", "/models")[2]) == listing
+    # What Anthropic's clients read from the same list:
+    assert (listing["has_more"], listing["first_id"], listing["last_id"]) == (False, "finstep-proxy", "finstep-deep")
+    assert all(m["type"] == "model" and m["display_name"] == m["id"] and
+               re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["created_at"]) for m in listing["data"])
+    status, _, body = proxy.request("GET", "/v1/models/finstep-deep")
+    assert status == 200 and json.loads(body)["id"] == "finstep-deep"
+    status, _, body = proxy.request("GET", "/v1/models/unknown")
+    assert_error(status, body, 404, "model_not_found")
+
+
+def test_health_does_not_call_the_upstream(proxy, upstream):
+    status, _, body = proxy.request("GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok"} and upstream.received == []
+
+
+def test_chat_completions_without_v1(proxy, upstream):
+    upstream.reply(*answer_events("x"))
+    status, _, _ = proxy.request("POST", "/chat/completions", {"messages": [{"role": "user", "content": "q"}]})
+    assert status == 200 and len(upstream.received) == 1
+
+
+def test_cors_preflight_on_any_path(make_proxy):
+    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))  # callers present a key: any origin may call
+    status, headers, _ = proxy.request("OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "http://app", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert status == 204
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    allowed = [name.strip().lower() for name in headers["Access-Control-Allow-Headers"].split(",")]
+    assert {"authorization", "content-type", "accept", "x-stainless-os"} <= set(allowed)
+    assert proxy.request("OPTIONS", "/anything")[0] == 204
+
+
+def test_cors_header_on_every_response(make_proxy, upstream):
+    proxy = make_proxy(api_keys=())  # pass-through: every caller brings a key, any origin may call
+    upstream.reply(*answer_events("x"))
+    key = {"Authorization": "Bearer client-key-0123456789"}
+    for response in (proxy.request("GET", "/health"), proxy.request("GET", "/nope"),
+                     proxy.chat(stream=True, headers=key)):
+        assert response[1]["Access-Control-Allow-Origin"] == "*"
+
+
+def test_the_page_is_one_document_with_strict_headers(proxy, upstream):
+    status, headers, body = proxy.request("GET", "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
+    assert headers["Cache-Control"] == "no-cache" and len(body) < 30 * 1024
+    policy = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
+    style = re.search(r"<style>(.*)</style>", page, re.S).group(1)
+    assert policy["script-src"] == cf.csp_hash(script) and policy["style-src"] == cf.csp_hash(style)
+    assert not re.search(r"(?i)(https?:|//[a-z0-9])", page.replace("</", ""))  # nothing from elsewhere
+    assert not re.search(r"(?i)\son[a-z]+=", page)  # no inline handlers: the policy would block them
+    assert "/v1/chat/completions" in script and "/status" in script and not upstream.received
+
+
+def test_the_page_needs_no_key_but_status_does(make_proxy):
+    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))
+    assert proxy.request("GET", "/")[0] == 200
+    assert_error(*proxy.request("GET", "/status")[::2], 401)
+    status, _, body = proxy.request("GET", "/status", headers={"Authorization": "Bearer proxy-key-0123456789"})
+    assert status == 200 and json.loads(body)["version"] == cf.__version__
+
+
+def test_page_off_keeps_the_root_a_404(make_proxy):
+    proxy = make_proxy(page=False)
+    assert_error(*proxy.request("GET", "/")[::2], 404)
+    assert proxy.request("GET", "/status")[0] == 200
+
+
+def test_status_shows_the_proxy_without_a_key_in_clear(make_proxy, upstream):
+    keys = ("first-key-0123456789abcd", "second-key-0123456789ab")
+    proxy = make_proxy(api_keys=keys)
+    upstream.reply(b'{"msg": "slow down"}', status=429, framing="length", content_type="application/json",
+                   headers={"Retry-After": "90"})
+    assert proxy.chat()[0] == 200  # the first key is refused, the second answers
+    wait_until(lambda: json.loads(proxy.request("GET", "/status")[2])["requests"].get("2xx", 0) >= 1)
+    status, headers, body = proxy.request("GET", "/status")
+    data = json.loads(body)
+    assert status == 200 and headers["Cache-Control"] == "no-store"
+    assert not any(key in body.decode() for key in keys)
+    assert data["upstream"] == "127.0.0.1" and data["max_streams"] == 256 and data["streams_in_flight"] == 0
+    assert (data["reasoning"], data["sessions"], data["system"]) == ("reasoning", "auto", "fold")
+    assert data["upstream_results"]["ok"] == 1 and data["upstream_connections"]["new"] >= 1
+    cooling = {k["key"]: k["cooling_down_seconds"] for k in data["keys"]}
+    assert cooling == {cf.mask_key(keys[0]): pytest.approx(90, abs=5), cf.mask_key(keys[1]): 0}
+
+
+@pytest.mark.parametrize("call, path", [
+    (lambda p: p.chat(), "new"), (lambda p: p.chat(stream=True), "new"),
+    (lambda p: p.chat(headers={"X-Session-Id": "s1"}), "explicit"),
+    (lambda p: p.responses(), "new"), (lambda p: p.messages(stream=True), "new"),
+    (lambda p: p.agui(), "explicit"),
+])
+def test_every_answer_says_how_it_reached_its_session(proxy, upstream, call, path):
+    status, headers, _ = call(proxy)
+    assert status == 200 and headers["X-Finstep-Session"] == path
+
+
+def test_a_continued_conversation_says_so(proxy, upstream):
+    upstream.reply(*answer_events("答"))
+    proxy.chat(stream=True)
+    _, headers, _ = proxy.chat(stream=True, messages=[{"role": "user", "content": "你好"},
+                                                      {"role": "assistant", "content": "答"},
+                                                      {"role": "user", "content": "再问"}])
+    assert headers["X-Finstep-Session"] == "continued"
+    assert "X-Finstep-Session" in headers["Access-Control-Expose-Headers"]
+
+
+# --- End to end: callers and browsers -----------------------------------------------------
+
+def test_proxy_key_is_required_except_for_health_and_options(make_proxy, upstream):
+    proxy = make_proxy(proxy_keys=(PROXY_KEY, "second-proxy-key-0000"))
+    for headers in ({}, bearer("wrong"), bearer(PROXY_KEY[:-1])):
+        status, _, body = proxy.chat(headers=headers)
+        assert_error(status, body, 401, "invalid_api_key")
+        assert_error(*proxy.request("GET", "/v1/models", headers=headers)[::2], 401)
+        assert_error(*proxy.request("GET", "/metrics", headers=headers)[::2], 401)
+    assert upstream.received == []
+    assert proxy.request("GET", "/health")[0] == 200
+    assert proxy.request("OPTIONS", "/v1/chat/completions")[0] == 204
+    assert proxy.chat(headers=bearer(PROXY_KEY))[0] == 200
+    assert proxy.chat(headers={"x-api-key": "second-proxy-key-0000"})[0] == 200
+    assert [r["headers"]["Authorization"] for r in upstream.received] == [ENV_KEY, ENV_KEY]
+
+
+CHAT_BODY = json.dumps({"model": "finstep-proxy", "stream": True,
+                        "messages": [{"role": "user", "content": "你好"}]}).encode()
+
+
+EVIL = ("Origin", "http://evil.example")
+
+
+def test_a_page_on_a_foreign_origin_cannot_spend_the_held_key(proxy, upstream):
+    # A "simple" request: text/plain, no preflight; the browser would show the answer to the
+    # page if the proxy allowed its origin.
+    status, headers, body = exchange(proxy.port, "POST", "/v1/chat/completions",
+                                     [EVIL, ("Content-Type", "text/plain")], CHAT_BODY)
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    assert "access-control-allow-origin" not in headers
+    for path in ("/status", "/v1/models", "/metrics"):
+        assert exchange(proxy.port, "GET", path, [EVIL])[0] == 403, path
+    assert upstream.received == []
+
+
+def test_a_preflight_from_a_foreign_origin_is_not_granted(proxy):
+    status, headers, _ = exchange(proxy.port, "OPTIONS", "/v1/chat/completions", [
+        EVIL, ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "content-type")])
+    assert status == 403 and not any(name.startswith("access-control-allow") for name in headers)
+
+
+@pytest.mark.parametrize("method, path, body", [("GET", "/status", b""), ("GET", "/", b""),
+                                                ("POST", "/v1/chat/completions", CHAT_BODY)])
+def test_a_rebound_dns_name_is_refused_on_a_loopback_proxy(proxy, upstream, method, path, body):
+    # A page on rebind.evil.example, its name now pointing at 127.0.0.1: same origin to the browser.
+    host = "rebind.evil.example:%d" % proxy.port
+    status, headers, answer = exchange(proxy.port, method, path, [("Host", host)], body)
+    assert status == 403 and json.loads(answer)["error"]["code"] == "host_not_allowed"
+    status, _, _ = exchange(proxy.port, method, path, [("Host", host), ("Origin", "http://" + host)], body)
+    assert status == 403 and upstream.received == []
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:3000", "http://127.0.0.1:5173", "https://[::1]:8443",
+                                    "self"])
+def test_pages_on_localhost_and_the_proxy_s_own_page_still_work(proxy, upstream, origin):
+    origin = "http://127.0.0.1:%d" % proxy.port if origin == "self" else origin
+    status, headers, _ = exchange(proxy.port, "OPTIONS", "/v1/chat/completions", [
+        ("Origin", origin), ("Access-Control-Request-Method", "POST"),
+        ("Access-Control-Request-Headers", "authorization, content-type"),
+        ("Access-Control-Request-Private-Network", "true")])
+    assert status == 204 and headers["access-control-allow-origin"] == origin
+    assert headers["access-control-allow-private-network"] == "true" and "Origin" in headers["vary"]
+    upstream.reply(*answer_events("本地页面"))
+    status, headers, body = exchange(proxy.port, "POST", "/v1/chat/completions",
+                                     [("Origin", origin), ("Content-Type", "application/json")], CHAT_BODY)
+    assert status == 200 and headers["access-control-allow-origin"] == origin and b"\\u672c" not in body
+    assert joined(sse_payloads(body)) == "本地页面"
+
+
+def test_finstep_origins_names_the_pages_and_hosts_allowed(make_proxy, upstream):
+    proxy = make_proxy(origins=("https://chat.example.com",))
+    allowed = [("Origin", "https://chat.example.com"), ("Host", "chat.example.com")]  # behind a reverse proxy
+    assert exchange(proxy.port, "POST", "/v1/chat/completions", allowed, CHAT_BODY)[0] == 200
+    assert exchange(proxy.port, "GET", "/status", [("Origin", "http://localhost:3000")])[0] == 403
+    assert exchange(proxy.port, "GET", "/status", [("Host", "other.example.com")])[0] == 403
+    anyone = make_proxy(origins=("*",))
+    assert exchange(anyone.port, "GET", "/status", [EVIL, ("Host", "rebind.evil.example")])[0] == 200
+
+
+def test_callers_with_a_key_may_call_from_any_origin(make_proxy, upstream):
+    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))
+    foreign = [EVIL, ("Host", "rebind.evil.example")]
+    assert exchange(proxy.port, "POST", "/v1/chat/completions", foreign, CHAT_BODY)[0] == 401  # the key protects
+    status, headers, _ = exchange(proxy.port, "POST", "/v1/chat/completions",
+                                  foreign + [("Authorization", "Bearer proxy-key-0123456789")], CHAT_BODY)
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+    passing = make_proxy(api_keys=())
+    status, headers, _ = exchange(passing.port, "POST", "/v1/chat/completions",
+                                  foreign + [("Authorization", "Bearer client-key-0123456789")], CHAT_BODY)
+    assert status == 200 and headers["access-control-allow-origin"] == "*"
+
+
+def test_the_browser_refusal_comes_in_each_format_s_error_shape(proxy):
+    _, _, body = exchange(proxy.port, "POST", "/v1/messages", [EVIL], b"{}")
+    assert json.loads(body) == {"type": "error", "error": {"type": "permission_error", "message": _AnyText()}}
+    _, _, body = exchange(proxy.port, "POST", "/v1/responses", [EVIL], b"{}")
+    assert json.loads(body)["error"]["type"] == "permission_error"
+
+
+def test_expect_continue_from_a_foreign_origin_gets_403_instead_of_100(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n"
+                     b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 403 ")
+
+
+NAMED = {  # how each wire format names a conversation: (path, body, headers) for the turn's text
+    "X-Session-Id": lambda text: ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]},
+                                  {"X-Session-Id": "chat-1"}),
+    "session_id": lambda text: ("/v1/chat/completions", {"session_id": "chat-1",
+                                                         "messages": [{"role": "user", "content": text}]}, {}),
+    "threadId": lambda text: ("/agui", agui_input([{"id": "m", "role": "user", "content": text}],
+                                                 threadId="chat-1"), {}),
+    "conversation": lambda text: ("/v1/responses", {"input": text, "conversation": "chat-1"}, {}),
+}
+
+
+def tenant(proxy, key, how, text):
+    path, body, headers = NAMED[how](text)
+    status, _, answer = proxy.request("POST", path, body, dict(headers, Authorization="Bearer " + key))
+    assert status == 200, answer
+
+
+@pytest.mark.parametrize("shared", ["memory", "redis"])
+@pytest.mark.parametrize("how", sorted(NAMED))
+def test_tenants_naming_conversations_alike_never_share_a_session(make_proxy, upstream, request, how, shared):
+    settings = {"proxy_keys": PROXY_KEYS}
+    if shared == "redis":
+        settings["redis_url"] = request.getfixturevalue("redis_server").url
+    proxy = make_proxy(**settings)
+    tenant(proxy, PROXY_KEYS[0], how, "A 的问题")
+    tenant(proxy, PROXY_KEYS[1], how, "B 的问题")
+    a, b = (r["body"] for r in upstream.received)
+    assert a["sessionId"] != b["sessionId"] and b["query"] == "B 的问题"
+    other = make_proxy(**settings)  # another replica (sharing Redis, or not: the id is derived alike)
+    tenant(other, PROXY_KEYS[0], how, "A 的追问")
+    assert upstream.received[-1]["body"]["sessionId"] == a["sessionId"]
+
+
+@pytest.mark.parametrize("shared", ["memory", "redis"])
+@pytest.mark.parametrize("mode", ["proxy keys", "pass-through"])
+def test_a_response_id_is_found_only_by_its_caller(make_proxy, upstream, request, mode, shared):
+    settings = {"proxy_keys": PROXY_KEYS} if mode == "proxy keys" else {"api_keys": ()}
+    keys = PROXY_KEYS if mode == "proxy keys" else ("client-key-a-0123456789", "client-key-b-0123456789")
+    if shared == "redis":
+        settings["redis_url"] = request.getfixturevalue("redis_server").url
+    proxy = make_proxy(**settings)
+    a, b = ({"Authorization": "Bearer " + key} for key in keys)
+    upstream.reply(*answer_events("给 A 的回答"))
+    first = json.loads(proxy.responses(input="A 的秘密问题", headers=a)[2])
+    stolen = proxy.responses(input="B 想看", previous_response_id=first["id"], headers=b)
+    made_up = proxy.responses(input="B 想看", previous_response_id="resp_" + "0" * 32, headers=b)
+    assert stolen[0] == made_up[0] == 400
+    assert json.loads(stolen[2])["error"]["code"] == json.loads(made_up[2])["error"]["code"] == \
+        "previous_response_not_found"
+    assert all("秘密" not in r["body"]["query"] for r in upstream.received[1:])
+    _, headers, _ = proxy.responses(input="A 的追问", previous_response_id=first["id"], headers=a)
+    assert headers["X-Finstep-Session"] == "continued"  # B used up nothing of A's
+    assert upstream.received[-1]["body"]["sessionId"] == upstream.received[0]["body"]["sessionId"]
+
+
+def test_a_request_without_a_key_uses_up_nothing(make_proxy, upstream):
+    proxy = make_proxy(api_keys=())
+    a = {"Authorization": "Bearer client-key-a-0123456789"}
+    first = json.loads(proxy.responses(input="问题", headers=a)[2])
+    status, _, body = proxy.responses(input="偷", previous_response_id=first["id"])
+    assert status == 401 and json.loads(body)["error"]["code"] == "missing_api_key"
+    assert proxy.responses(input="追问", previous_response_id=first["id"], headers=a)[1]["X-Finstep-Session"] == \
+        "continued"
+
+
+def test_two_deployments_sharing_redis_keep_their_memories_apart(make_proxy, upstream, redis_server):
+    ours = make_proxy(redis_url=redis_server.url)
+    theirs = make_proxy(redis_url=redis_server.url, api_keys=("their-key-0123456789",))
+    upstream.reply(*answer_events("我们的回答"))
+    first = json.loads(ours.responses(input="我们的问题")[2])
+    assert theirs.responses(input="他们", previous_response_id=first["id"])[0] == 400
+    assert ours.responses(input="追问", previous_response_id=first["id"])[1]["X-Finstep-Session"] == "continued"
+
+
+def test_an_overlong_pass_through_key_is_refused_before_it_is_remembered(make_proxy, upstream):
+    proxy = make_proxy(api_keys=())
+    digests, runs = cf.key_digest.cache_info().currsize, cf.key_runs.cache_info().currsize
+    for index in range(20):
+        bogus = "%02d" % index + "k" * 60000
+        status, _, body = proxy.chat(headers={"Authorization": "Bearer " + bogus})
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert cf.key_digest.cache_info().currsize == digests and cf.key_runs.cache_info().currsize == runs
+    assert upstream.received == [] and len(proxy.server.sessions) == 0
+    longest = "k" * cf.MAX_KEY_LENGTH
+    assert proxy.chat(headers={"Authorization": "Bearer " + longest})[0] == 200
+    assert upstream.received[0]["headers"]["Authorization"] == longest
+
+
+def test_remembered_responses_are_bounded_in_bytes(make_proxy, upstream):
+    one = cf.entry_size(cf.memory_name("resp", held_caller(), "resp_" + "0" * 32),
+                        cf.ResponseRecord("0" * 32, "0" * 32, "", "问" * 9000, "默认回答"))
+    proxy = make_proxy(session_memory=5 * one)
+    store = proxy.server.sessions
+    ids = []
+    for index in range(12):
+        ids.append(json.loads(proxy.responses(input="%02d" % index + "问" * 8998)[2])["id"])
+        assert store.bytes <= 5 * one
+    known = [store.get(cf.memory_name("resp", held_caller(), rid)) is not None for rid in ids]
+    assert 1 <= sum(known) <= 5 and known == sorted(known)  # the oldest made room for the newest
+    assert proxy.responses(input="q", previous_response_id=ids[0])[0] == 400
+    assert proxy.responses(input="q", previous_response_id=ids[-1])[0] == 200
+
+
+def test_a_turn_longer_than_a_fold_keeps_is_not_remembered_for_forks(make_proxy, upstream):
+    proxy = make_proxy(max_query=100)
+    first = json.loads(proxy.responses(input="长" * 200)[2])
+    assert proxy.server.sessions.get(cf.memory_name("resp", held_caller(), first["id"])).question is None
+    second = json.loads(proxy.responses(input="短问题", previous_response_id=first["id"])[2])
+    proxy.responses(input="分叉一", previous_response_id=second["id"])
+    proxy.responses(input="分叉二", previous_response_id=second["id"])  # a fork: folded
+    assert upstream.received[-1]["body"]["query"] == "User: 短问题\n\nAssistant: 默认回答\n\nUser: 分叉二"
+
+
+def test_control_characters_from_clients_never_reach_the_log(make_proxy, upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    proxy = make_proxy(api_keys=())
+    exchange(proxy.port, "G\x1b[2J\x08ET", "/health")
+    exchange(proxy.port, "POST", "/v1/chat/completions", [("Authorization", "Bearer client-key-01\x9b31m")],
+             CHAT_BODY)
+    wait_for_log(caplog, "/v1/chat/completions")
+    wait_for_log(caplog, "/health")
+    text = "".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
+    assert not re.search("[\x00-\x1f\x7f-\x9f]", text.replace("\n", "")), repr(text)
+    assert "\\x1b[2J\\x08ET" in text
+
+
+# --- End to end: chat completions ---------------------------------------------------------
 
 def test_stream_translates_events_to_chunks(proxy, upstream):
     upstream.reply(*answer_events("你好", "，世界", thinking=["嗯", "用户"]))
@@ -1855,8 +2914,6 @@ def test_openai_sdk_style_client_sees_error_not_stop_after_cut(proxy, upstream):
     assert b'"finish_reason":"stop"' not in body and b'"error"' in body
 
 
-# --- Non-streaming end to end -------------------------------------------------------
-
 def test_non_stream_aggregates_the_answer(proxy, upstream):
     upstream.reply(*answer_events("你好", "，世界", thinking=["嗯"]))
     status, headers, body = proxy.chat(stream=False, model="m1")
@@ -1907,8 +2964,6 @@ def test_non_stream_failure_is_an_error_never_a_partial_answer(make_proxy, upstr
     assert json.loads(body)["error"]["code"] == code and b"part" not in body
 
 
-# --- The upstream request --------------------------------------------------------------
-
 def test_upstream_request_shape(proxy, upstream):
     upstream.reply(*answer_events("x"))
     proxy.chat(messages=[{"role": "user", "content": " 第一个问题 "}])
@@ -1956,305 +3011,6 @@ def test_image_content_is_refused_before_the_upstream(proxy, upstream):
     assert status == 400 and "Only text content is supported" in json.loads(body)["error"]["message"]
     assert upstream.received == []
 
-
-# --- Conversations end to end ---------------------------------------------------------------
-
-def turn(proxy, upstream, messages, answer="回答", stream=False, headers=None, **extra):
-    """One chat turn: the fake upstream answers `answer`; returns (what the upstream received,
-    the answer content as the client got it)."""
-    upstream.reply(*answer_events(answer, thinking=["想"]))
-    status, _, body = proxy.chat(stream=stream, messages=messages, headers=headers, **extra)
-    assert status == 200, body
-    content = (joined(sse_payloads(body)) if stream
-               else json.loads(body)["choices"][0]["message"]["content"])
-    return upstream.received[-1]["body"], content
-
-
-def msgs(*texts):
-    """Alternating user/assistant messages, starting with the user."""
-    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
-
-
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("mode", ["reasoning", "think"])
-def test_second_turn_continues_the_session_with_only_the_new_question(make_proxy, upstream, stream, mode):
-    proxy = make_proxy(reasoning=mode)
-    first, a1 = turn(proxy, upstream, msgs("恒瑞医药怎么样"), "恒瑞医药不错", stream)
-    if mode == "think":
-        assert a1.startswith("<think>")  # sent back as the client received it, block included
-    second, a2 = turn(proxy, upstream, msgs("恒瑞医药怎么样", a1, "那药明康德呢？"), "药明康德也不错", stream)
-    assert second["sessionId"] == first["sessionId"] and second["query"] == "那药明康德呢？"
-    third, _ = turn(proxy, upstream, msgs("恒瑞医药怎么样", a1, "那药明康德呢？", a2, "哪个更好？"), "x", stream)
-    assert third["sessionId"] == first["sessionId"] and third["query"] == "哪个更好？"
-    assert third["sessionTitle"] == "恒瑞医药怎么样"
-
-
-def test_client_that_strips_think_blocks_still_continues(make_proxy, upstream):
-    proxy = make_proxy(reasoning="think")
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    stripped = a1.split("</think>")[1].strip()
-    assert stripped == "a1"
-    second, _ = turn(proxy, upstream, msgs("q1", stripped, "q2"))
-    assert second["sessionId"] == first["sessionId"] and second["query"] == "q2"
-
-
-def test_regenerated_turn_forks_a_new_session_with_the_history_folded(proxy, upstream):
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    regenerated, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert second["sessionId"] == first["sessionId"]
-    assert regenerated["sessionId"] not in (first["sessionId"], second["sessionId"])
-    assert regenerated["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
-    assert regenerated["sessionTitle"] == "q1"
-
-
-def test_edited_history_folds(proxy, upstream):
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    edited, _ = turn(proxy, upstream, msgs("q1", a1 + " (edited)", "q2"))
-    assert edited["sessionId"] != first["sessionId"] and edited["query"].startswith("User: q1")
-
-
-def test_new_conversation_with_a_system_prompt_is_folded(proxy, upstream):
-    sent, _ = turn(proxy, upstream, [{"role": "system", "content": "你是分析师"}] + msgs("q1"))
-    assert sent["query"] == "System: 你是分析师\n\nUser: q1"
-    follow, _ = turn(proxy, upstream, [{"role": "system", "content": "你是分析师"}] + msgs("q1", "回答", "q2"))
-    assert follow["sessionId"] == sent["sessionId"] and follow["query"] == "q2"
-
-
-@pytest.mark.parametrize("second_caller", [
-    {"user": "bob"},  # a different `user` field
-    {"headers": {"Authorization": "Bearer other-key-123456"}},  # a different upstream key
-])
-def test_two_callers_with_identical_openings_never_share_a_session(make_proxy, upstream, second_caller):
-    proxy = make_proxy(api_keys=())
-    alice = {"headers": {"Authorization": "Bearer alice-key-123456"}, "user": "alice"}
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1", **alice)
-    caller = dict(alice, **second_caller)
-    other, _ = turn(proxy, upstream, msgs("q1", a1, "q2"), **caller)
-    assert other["sessionId"] != first["sessionId"] and other["query"].startswith("User: q1")
-    own, _ = turn(proxy, upstream, msgs("q1", a1, "q2"), **alice)
-    assert own["sessionId"] == first["sessionId"] and own["query"] == "q2"
-
-
-def test_same_caller_twice_only_one_continues(proxy, upstream):
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    one, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    two, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert [one["sessionId"] == first["sessionId"], two["sessionId"] == first["sessionId"]] == [True, False]
-
-
-def test_proxy_restart_folds(make_proxy, upstream):
-    first, a1 = turn(make_proxy(), upstream, msgs("q1"), "a1")
-    after, _ = turn(make_proxy(), upstream, msgs("q1", a1, "q2"))  # a fresh process memory
-    assert after["sessionId"] != first["sessionId"] and after["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
-
-
-@pytest.mark.parametrize("where", ["header", "body"])
-def test_explicit_session_maps_stably(make_proxy, upstream, where):
-    def ask(proxy, messages):
-        extra = ({"headers": {"X-Session-Id": "conv-42"}} if where == "header" else {"session_id": "conv-42"})
-        return turn(proxy, upstream, messages, **extra)[0]
-    history = [{"role": "system", "content": "简短"}] + msgs("q1")
-    proxy = make_proxy()
-    first = ask(proxy, history)
-    assert first["sessionId"] == cf.explicit_session_id(ENV_KEY, held_caller(), "conv-42")
-    assert first["query"] == "System: 简短\n\nUser: q1"  # first sight: the system prompt is not lost
-    second = ask(proxy, history + msgs("x", "a", "q2")[1:])
-    assert second["sessionId"] == first["sessionId"] and second["query"] == "q2"
-    regenerated = ask(proxy, history + msgs("x", "a", "q2")[1:])
-    assert regenerated["sessionId"] == first["sessionId"] and regenerated["query"] == "q2"
-    restarted = ask(make_proxy(), history + msgs("x", "a", "q2")[1:])
-    assert restarted["sessionId"] == first["sessionId"]  # same id, same key: same session after a restart
-    other_key = ask(make_proxy(api_keys=("another-key-123456",)), history)
-    assert other_key["sessionId"] != first["sessionId"]
-
-
-def test_fold_mode_never_continues(make_proxy, upstream):
-    proxy = make_proxy(sessions="fold")
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    assert first["query"] == "q1"
-    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert second["sessionId"] != first["sessionId"] and second["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_cut_answer_leaves_nothing_to_continue(proxy, upstream, stream):
-    upstream.reply(ev("RESPONSING", "text", "a1"), CUT)
-    proxy.chat(stream=stream, messages=msgs("q1"))
-    first = upstream.received[-1]["body"]
-    after, _ = turn(proxy, upstream, msgs("q1", "a1", "q2"))
-    assert after["sessionId"] != first["sessionId"] and after["query"].startswith("User: q1")
-
-
-def test_failed_continuation_is_not_continued_again(proxy, upstream):
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    upstream.reply(ev("RESPONSING", "text", "half"), CUT)
-    proxy.chat(messages=msgs("q1", a1, "q2"))
-    assert upstream.received[-1]["body"]["sessionId"] == first["sessionId"]
-    retry, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert retry["sessionId"] != first["sessionId"]  # the upstream session may hold the cut turn
-
-
-def test_session_cache_bound_holds(make_proxy, upstream):
-    proxy = make_proxy(session_cache=2)
-    openings = [turn(proxy, upstream, msgs("q%d" % i), "a%d" % i) for i in range(3)]
-    assert len(proxy.server.sessions) == 2
-    oldest, _ = turn(proxy, upstream, msgs("q0", openings[0][1], "next"))
-    newest, _ = turn(proxy, upstream, msgs("q2", openings[2][1], "next"))
-    assert oldest["sessionId"] != openings[0][0]["sessionId"]  # evicted: folded
-    assert newest["sessionId"] == openings[2][0]["sessionId"]
-
-
-def test_remembered_conversations_expire(make_proxy, upstream):
-    proxy = make_proxy(session_ttl=0.05)
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    time.sleep(0.1)
-    after, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert after["sessionId"] != first["sessionId"]
-
-
-def test_long_history_folds_within_max_query(make_proxy, upstream):
-    proxy = make_proxy(max_query=300, sessions="fold")
-    history = [{"role": "system", "content": "SYS"}] + msgs(*["turn %d %s" % (i, "x" * 40) for i in range(20)])
-    history.append({"role": "user", "content": "LAST"})
-    sent, _ = turn(proxy, upstream, history)
-    assert len(sent["query"]) <= 300
-    assert sent["query"].startswith("System: SYS\n\nUser: turn") and sent["query"].endswith("User: LAST")
-    assert "turn 19" in sent["query"] and "turn 0 " not in sent["query"]
-
-
-@pytest.mark.parametrize("system, query", [("fold", "System: You are a helpful assistant.\n\nUser: 你好"),
-                                           ("drop", "你好")])
-def test_system_prompt_folded_or_dropped_end_to_end(make_proxy, upstream, system, query):
-    proxy = make_proxy(system=system)
-    status, _, _ = proxy.chat(messages=[{"role": "system", "content": "You are a helpful assistant."},
-                                        {"role": "user", "content": "你好"}])
-    assert status == 200 and upstream.received[-1]["body"]["query"] == query
-
-
-def test_log_line_names_the_session_path(proxy, upstream, caplog):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    _, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    wait_for_log(caplog, "session=new")
-    turn(proxy, upstream, msgs("q1", a1, "q2"))
-    wait_for_log(caplog, "session=continued")
-    turn(proxy, upstream, msgs("q1", a1, "q2"))
-    wait_for_log(caplog, "session=folded")
-    turn(proxy, upstream, msgs("q1"), headers={"X-Session-Id": "c"})
-    wait_for_log(caplog, "session=explicit")
-
-
-# A self-signed certificate for 127.0.0.1 (valid until 2126), only for the TLS upstream test.
-TEST_CERT = """-----BEGIN CERTIFICATE-----
-MIIDHDCCAgSgAwIBAgIUaYtQKNca3fZOsvfysVSFcGYyyawwDQYJKoZIhvcNAQEL
-BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyNDE4NDg1NVoYDzIxMjYx
-MDMxMTg0ODU1WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
-AQUAA4IBDwAwggEKAoIBAQCzdBgWqiKHFoNSi/dwtXs5FS9mU5em+q1pSefHYXA6
-0JWtJoZ4JCQo5OdA/Gn/6CXf4xawlBa+uVZRaRqESSthAdIVdA28XpOfaTQH/6pJ
-YBr7b572DOzqr4ah5Xikk9JM6OMMHophaAtV0KG9tWas7d+/9kXoLrI2Kfaa7XGU
-xd8Zj7szaIiDFib2HBNVIRG7iw7/aoP99F0TEOUgbJU5BbIK7MikIWo2Fng4N1SQ
-SYav0YF49lQP3agQm4FenTSubr/vNL8acN4l4SZjRzudFC5LA0OHIHGDI9Gui7F3
-tbBU0nVJkvZE7ZwcmA/c8k8pcZb/ullmCWb/hI+gcXj9AgMBAAGjZDBiMB0GA1Ud
-DgQWBBTS4SN98+f7ihCpeiON5UfHIAZ14TAfBgNVHSMEGDAWgBTS4SN98+f7ihCp
-eiON5UfHIAZ14TAPBgNVHRMBAf8EBTADAQH/MA8GA1UdEQQIMAaHBH8AAAEwDQYJ
-KoZIhvcNAQELBQADggEBAFnp7BfqpPwHpXZTkEUs0iHXdUUhMfOnC8z4yETFE8ZU
-DevkJFYas37WCy7OKb2jwEEvAvLkiZLhA7E8RYj0a2lGoNtwBZa8/K+K2+wRjVJG
-JITvZ6xeBIk9l3oTswH5pRFEctqzO4+AxhEPRy5cS84ZBZ8I71mrQuyj3m/HVGvf
-0kcW6fQPEeT7QVCLPC/Kcwkp/s11J2UbgaejBgGz1exIcDrA4vJyudYlbSAdFnA9
-lS/c97VSy4ydZog5PCLhbsd6a9uaSiw5WDUaTwdMCfDazYGPmaAhkmDxKxFOTRop
-6juUyaOU5hpW4A65aS6gs9gOM8i0CNliUYBsslVTSSA=
------END CERTIFICATE-----"""
-TEST_KEY = """-----BEGIN PRIVATE KEY-----
-MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCzdBgWqiKHFoNS
-i/dwtXs5FS9mU5em+q1pSefHYXA60JWtJoZ4JCQo5OdA/Gn/6CXf4xawlBa+uVZR
-aRqESSthAdIVdA28XpOfaTQH/6pJYBr7b572DOzqr4ah5Xikk9JM6OMMHophaAtV
-0KG9tWas7d+/9kXoLrI2Kfaa7XGUxd8Zj7szaIiDFib2HBNVIRG7iw7/aoP99F0T
-EOUgbJU5BbIK7MikIWo2Fng4N1SQSYav0YF49lQP3agQm4FenTSubr/vNL8acN4l
-4SZjRzudFC5LA0OHIHGDI9Gui7F3tbBU0nVJkvZE7ZwcmA/c8k8pcZb/ullmCWb/
-hI+gcXj9AgMBAAECggEADoX+zRbH5Jb12eBqDj0h0+TbCTUKuQDgt/y7PW+tXZU0
-B+duSpriMk0USjYjfgqTxiLi2zeg/56QVdZjxwEE+bzj+8iAtBYTbHtfMqaGaZnV
-lTPbcZ5qLjQ2eTPRJ8Cu7HqMpZZzLJ73C+LutCPSQ3yc9zQ/RCNDWQ7cXn2JC7k0
-5dY/s6bqiilSj+nXNCcZxrHCciNHtabLyz1V0vqSf31EGQvMwvss0lYrRS0ZG4hX
-PgRkDJjYgW4MevEVdDHxfUgw5Zyo4orCGzDznWTau8YyShDsFbY3RlClKNCuA4RZ
-kUGYhwnYk2JBPopcErzbWVMywrvvGTpqiF2iZooPAQKBgQD2QoyOV+sRiPiYUd5A
-oAevLp/Yj7SXUKUQx4kp+JN8p9qM9N3zBie9SmWA3pQmQni/oLDNtou9bl/gg6aK
-uoeJkz54hriPkTDsgiHW16AvCTs9/gFiolktC1S5PtGSYwYKePpvNkVmp4ymSpit
-DFetk1bxrHsl40KUEC6aNi5l6QKBgQC6jRxkXhENIIqaKmZonskr08t+1upZIf3B
-lBEjx68hWTEmU3TgfMWO7FG1jDOsiTVsA15h2oGCcUuvLVDXfwu9rXLHtQ42hl7+
-3eeGdHZkMn/WavhQjKGSoeZ7Nq9d0QAaMpGpwt/rpVnJYLB9mPUTlKE0rUbV0dvh
-FlOCJhbJ9QKBgQDfYkTQBo6UrHQc7/61DrWJwrh7IPiHXj8ttmMFMJjRNg45WRJQ
-ll/MBMWInd8zyY5w/doD8ThXkNzl82ZKZ6P1Nx0vBb47dVA06mK52YVTxYL43AXz
-rCNKigHDvGks6iibrVw3L7rKwOgEHJzcNNr/+CyhM33OQ5Wsa/VqLAXwqQKBgQCe
-HhS+jWxub/KKkP2UF2Hzn+SPcaHYQpNOjC2q4glyfqLGFV6vF5JrfaoT8u2pg/Kf
-xoss7YNwCI9Zv1MSFEDjWCw9URzm4iWKaJNgxz3B13u7RZeKzmf0XP152fPx1L/9
-dHc6KE6a8N+VbDqregXfvs6UU3oCqYlw0vedDKOsMQKBgHa2HxrWCF49pZcjE0h/
-iLF4zWDTJx0KcMsD9VsAi++ojYB392yNnLqGTgqaJ0sUutbFE6wT6yQ3uzNqUs9g
-tzJexe+CvAjiJDynBGL7USmAvk8UQwsV8yuwDEmkUQAJMlctLYmOozUnZy5G92G0
-is9ECfaRpV92wMlfiU7ON00n
------END PRIVATE KEY-----"""
-
-
-@pytest.fixture
-def tls_upstream():
-    """The fake upstream behind TLS, as the real Finstep is."""
-    fake = FakeUpstream()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with tempfile.TemporaryDirectory() as folder:
-        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-        with open(cert, "w") as out:
-            out.write(TEST_CERT)
-        with open(key, "w") as out:
-            out.write(TEST_KEY)
-        context.load_cert_chain(cert, key)
-    fake.server.socket = context.wrap_socket(fake.server.socket, server_side=True)
-    fake.url = fake.url.replace("http://", "https://")
-    yield fake
-    fake.close()
-
-
-def tls_proxy(tls_upstream, **overrides):
-    proxy = Proxy(cf.Config(**dict(dict(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1",
-                                        port=0, timeout=2.0, client_timeout=1.0), **overrides)))
-    assert proxy.server.ssl_context is not None  # an https upstream gets a TLS context
-    proxy.server.upstream_connector.context = ssl.create_default_context(cadata=TEST_CERT)  # trust it
-    return proxy
-
-
-def test_https_upstream_streams(tls_upstream):
-    proxy = tls_proxy(tls_upstream)
-    try:
-        tls_upstream.reply(*answer_events("加密", "通道", thinking=["想"]))
-        status, _, body = proxy.chat(stream=True)
-        assert status == 200 and joined(sse_payloads(body)) == "加密通道"
-        assert tls_upstream.received[-1]["headers"]["Authorization"] == ENV_KEY
-    finally:
-        proxy.close()
-
-
-def test_https_upstream_with_an_untrusted_certificate_is_502(tls_upstream):
-    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1", port=0))
-    try:
-        status, _, body = proxy.chat()
-        error = assert_error(status, body, 502, "upstream_unreachable")
-        assert "CERTIFICATE_VERIFY_FAILED" in error["message"]
-    finally:
-        proxy.close()
-
-
-def test_https_upstream_is_closed_when_the_client_leaves(tls_upstream):
-    proxy = tls_proxy(tls_upstream)
-    try:
-        tls_upstream.reply(ev("THINKING"), HOLD)
-        sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
-        assert b"200 OK" in sock.recv(65536)
-        left = time.monotonic()
-        sock.close()
-        assert_upstream_closed_within_a_second(tls_upstream, left)
-    finally:
-        proxy.close()
-
-
-# --- Request parameters end to end ------------------------------------------------------
 
 LONG_ANSWER = [ev("MSG_START")] + [ev("RESPONSING", "text", part) for part in
                                    ("第一句话。", "第二句话，", "还有更多的内容。", "最后一句。")]
@@ -2355,309 +3111,191 @@ def test_no_tls_context_for_an_http_upstream(proxy):
     assert proxy.server.ssl_context is None
 
 
-# --- Upstream connections: kept alive, reused, discarded --------------------------------------
-
-def test_idle_connection_closed_sees_the_peer_leave_or_talk():
-    assert cf.idle_connection_closed(None)
-    ours, theirs = socket.socketpair()
-    try:
-        ours.settimeout(3.0)
-        assert not cf.idle_connection_closed(ours) and ours.gettimeout() == 3.0  # and its timeout kept
-        theirs.sendall(b"x")  # bytes nobody asked for: the stream is out of step
-        assert cf.idle_connection_closed(ours)
-    finally:
-        ours.close()
-        theirs.close()
-    ours, theirs = socket.socketpair()
-    theirs.close()
-    try:
-        assert cf.idle_connection_closed(ours)
-    finally:
-        ours.close()
+def read_until_last_chunk(sock):
+    """A chunked response, read until its terminating chunk; fails if the connection closes first."""
+    sock.settimeout(5)
+    data = b""
+    while not data.partition(b"\r\n\r\n")[2].endswith(b"\r\n0\r\n\r\n"):
+        piece = sock.recv(65536)
+        assert piece, "closed before the last chunk: %r" % data[-100:]
+        data += piece
+    return data
 
 
-@pytest.mark.parametrize("url, proxies, route", [
-    ("https://api.example/x", {}, cf.Route("https", "api.example", None, None)),
-    ("https://api.example:8443/x", {"https": "http://proxy:3128"},
-     cf.Route("https", "proxy:3128", "api.example:8443", None)),
-    ("https://api.example/x", {"https": "http://u:p@proxy:3128"},
-     cf.Route("https", "proxy:3128", "api.example", "Basic dTpw")),
-    ("http://api.example/x", {"http": "http://proxy:3128"}, cf.Route("http", "proxy:3128", None, None)),
-    ("http://api.example/x", {"https": "http://proxy:3128"}, cf.Route("http", "api.example", None, None)),
-    ("http://api.example/x", {"http": "https://proxy:3128"}, None),  # a proxy of another scheme
+def test_chat_stream_failure_ends_the_transfer_without_its_last_chunk(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "半"), CUT)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    raw = recv_all(sock)  # the proxy closes the connection
+    sock.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert b'"code":"upstream_disconnected"' in body and b"data: [DONE]\n\n\r\n" in body
+    assert not body.endswith(b"0\r\n\r\n")  # no terminating chunk: an incomplete HTTP message
+
+
+def test_chat_stream_success_ends_with_the_last_chunk_and_keeps_the_connection(proxy, upstream):
+    upstream.reply(*answer_events("好"))
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    data = read_until_last_chunk(sock)
+    assert b"data: [DONE]" in data
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+
+def test_agui_failure_ends_the_transfer_cleanly_after_run_error(proxy, upstream):
+    upstream.reply(ev("RESPONSING", "text", "半"), CUT)
+    sock = post_raw(proxy.port, agui_input(), path="/agui")
+    data = read_until_last_chunk(sock)
+    assert data.index(b'"RUN_ERROR"') > data.index(b'"TEXT_MESSAGE_END"')
+    sock.close()
+
+
+def assert_error(status, body, expected_status, code=None, type_=None):
+    assert status == expected_status, body
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code:
+        assert error["code"] == code
+    if type_:
+        assert error["type"] == type_
+    return error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("upstream_status, status, code, type_", [
+    (401, 401, "invalid_api_key", "authentication_error"),
+    (403, 401, "invalid_api_key", "authentication_error"),
+    (429, 429, "rate_limit_exceeded", "rate_limit_error"),
+    (500, 502, "upstream_http_500", "upstream_error"),
+    (503, 502, "upstream_http_503", "upstream_error"),
+    (404, 502, "upstream_http_404", "upstream_error"),
 ])
-def test_upstream_route(url, proxies, route, monkeypatch):
-    for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    assert cf.upstream_route(url, proxies) == route
+def test_upstream_error_statuses(proxy, upstream, stream, upstream_status, status, code, type_):
+    upstream.reply(b'{"code": 1, "msg": "upstream says no"}', status=upstream_status,
+                   content_type="application/json", framing="length")
+    got, _, body = proxy.chat(stream=stream)
+    error = assert_error(got, body, status, code, type_)
+    assert "upstream says no" in error["message"]
 
 
-def metric(proxy, line_start):
-    """The value of the /metrics line that starts with `line_start` and a space."""
-    for line in proxy.request("GET", "/metrics")[2].decode().splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("%s not in /metrics" % line_start)
+def assert_no_run_of(key, text):
+    """No KEY_RUN characters of `key` in a row, in any letter case, anywhere in `text`."""
+    runs = [key[i:i + 8].lower() for i in range(len(key) - 7)]
+    assert not [run for run in runs if run in text.lower()], text
 
 
-REUSED = 'finstep_proxy_upstream_connections_total{reused="true"}'
-NEW = 'finstep_proxy_upstream_connections_total{reused="false"}'
-IDLE = "finstep_proxy_upstream_idle_connections"
+def logged_text(caplog):
+    return "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {}), ensure_ascii=False)
+                     for r in caplog.records)
 
 
-def conn_notes(caplog):
-    """The conn= of each request's log line, in order."""
-    return [re.search(r"conn=(\w+)", r.getMessage()).group(1) for r in caplog.records
-            if "conn=" in r.getMessage()]
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("echo", [ENV_KEY, ENV_KEY.upper(), ENV_KEY[:9], "x" + ENV_KEY[5:15].lower() + "x"])
+def test_an_upstream_echoing_the_key_never_shows_it(proxy, upstream, caplog, stream, echo):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    upstream.reply(('{"msg": "invalid key %s"}' % echo).encode(), status=401, framing="length",
+                   content_type="application/json")
+    upstream.reply(ev("RESPONSING", "text", "a"), ev("ERROR", message="bad key " + echo))
+    upstream.reply(("data:{\"code\":401,\"msg\":\"key %s\"}\n" % echo).encode())  # a skipped line, logged at DEBUG
+    for _ in range(3):
+        status, _, body = proxy.chat(stream=stream)
+        assert status != 200 or stream
+        assert_no_run_of(ENV_KEY, body.decode())
+        assert "****" in body.decode()
+    assert "skipped upstream line" in logged_text(caplog)
+    assert_no_run_of(ENV_KEY, logged_text(caplog))
 
 
-def ask(proxy, question="问", stream=True):
-    status, _, body = proxy.chat(stream=stream, messages=[{"role": "user", "content": question}])
-    assert status == 200, body
-    return joined(sse_payloads(body)) if stream else json.loads(body)["choices"][0]["message"]["content"]
+def test_upstream_429_passes_retry_after(proxy, upstream):
+    upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "17"})
+    status, headers, _ = proxy.chat(stream=True)
+    assert status == 429 and headers["Retry-After"] == "17"
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_sequential_requests_reuse_one_upstream_connection(proxy, upstream, caplog, stream):
+def test_upstream_200_with_a_json_body_is_502(proxy, upstream):
+    upstream.reply(b'{"code": 401, "msg": "token invalid"}', content_type="application/json;charset=UTF-8",
+                   framing="length")
+    status, _, body = proxy.chat(stream=True)
+    error = assert_error(status, body, 502, "upstream_not_streaming")
+    assert "token invalid" in error["message"]
+
+
+def test_refused_connection_is_502(make_proxy):
+    port = free_port()  # nothing listens there once the socket closes
+    status, _, body = make_proxy(upstream_url="http://127.0.0.1:%d/x" % port).chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+
+
+def test_unresolvable_host_is_502(make_proxy):
+    status, _, body = make_proxy(upstream_url="http://finstep.invalid/x").chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_silent_upstream_before_headers_is_504(make_proxy, upstream, stream):
+    upstream.reply(*answer_events("late"), before_head=1.0)
+    status, _, body = make_proxy(timeout=0.2).chat(stream=stream)
+    assert_error(status, body, 504, "upstream_timeout", "timeout_error")
+
+
+def test_connect_timeout_is_504(make_proxy):
+    # A listening socket whose backlog is full never completes the handshake.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+        try:
+            proxy = make_proxy(upstream_url="http://127.0.0.1:%d/x" % full.getsockname()[1], connect_timeout=0.3)
+            status, _, body = proxy.chat()
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert_error(status, body, 504, "upstream_connect_timeout")
+
+
+def test_log_line_escapes_control_characters(proxy, caplog):
     caplog.set_level(logging.INFO, logger="custom_finstep")
-    assert [ask(proxy, q, stream) for q in ("一", "二", "三")] == ["默认回答"] * 3
-    assert len(upstream.connections) == 1
-    assert [r["served_before"] for r in upstream.received] == [0, 1, 2]
-    assert (metric(proxy, NEW), metric(proxy, REUSED), metric(proxy, IDLE)) == (1, 2, 1)
-    assert wait_until(lambda: len(conn_notes(caplog)) == 3 and conn_notes(caplog)) == ["new", "reused", "reused"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /x\x1b[31mred HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert recv_all(sock).startswith(b"HTTP/1.1 404 ")
+    wait_for_log(caplog, "GET /x")
+    assert all("\x1b" not in r.getMessage() for r in caplog.records)
 
 
-def test_tls_upstream_connection_is_reused(tls_upstream):
-    proxy = tls_proxy(tls_upstream)
-    try:
-        assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
-        assert len(tls_upstream.connections) == 1 and metric(proxy, REUSED) == 2
-    finally:
-        proxy.close()
-
-
-def test_tls_prewarm_connection_survives_its_session_tickets(tls_upstream, monkeypatch):
-    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
-    monkeypatch.setattr(cf.UpstreamPool, "warm_retry", 0.05)  # tls_proxy trusts the test certificate late
-    proxy = tls_proxy(tls_upstream, prewarm=True)
-    try:
-        wait_until(lambda: tls_upstream.connections, what="a warm TLS connection")
-        time.sleep(0.2)  # several probes: TLS 1.3 tickets arriving after the handshake must not count as a close
-        assert len(tls_upstream.connections) == 1 and ask(proxy) == "默认回答"
-        assert tls_upstream.received[0]["connection"] == 1
-    finally:
-        proxy.close()
-
-
-def test_a_server_closing_idle_connections_costs_no_request(proxy, upstream):
-    upstream.keep_alive = False  # closes each connection after its response, without a word
-    assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
-    assert len(upstream.received) == 3 and len(upstream.connections) == 3 and not upstream.dropped
-
-
-def test_a_request_the_server_dropped_on_a_kept_alive_connection_is_sent_once_more(proxy, upstream, caplog):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    assert ask(proxy, "一") == "默认回答"
-    upstream.drop_reused = 1  # the server closes the connection as the next request arrives
-    upstream.reply(*answer_events("第二个回答"))
-    assert ask(proxy, "二") == "第二个回答"
-    assert len(upstream.dropped) == 1 and len(upstream.received) == 2  # answered once, on a new connection
-    assert upstream.received[1]["connection"] == 2 and upstream.received[1]["served_before"] == 0
-    assert metric(proxy, "finstep_proxy_upstream_retries_total") == 1
-    assert wait_until(lambda: len(conn_notes(caplog)) == 2 and conn_notes(caplog)) == ["new", "retried"]
-
-
-def test_no_retry_once_a_response_byte_came(proxy, upstream):
-    assert ask(proxy, "一") == "默认回答"
-    upstream.reply(status_line_only=b"HTTP/1.1 2")  # part of a status line, then the end
+def test_upstream_closing_before_answering_is_502(proxy, upstream):
+    class Closer(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.connection.shutdown(socket.SHUT_RDWR)
+    upstream.server.RequestHandlerClass = Closer
     status, _, body = proxy.chat()
     assert_error(status, body, 502, "upstream_unreachable")
-    assert len(upstream.received) == 2 and len(upstream.connections) == 1  # the request went out once
-    assert ask(proxy, "三") == "默认回答" and len(upstream.connections) == 2
 
 
-def test_a_response_saying_connection_close_is_not_reused(proxy, upstream):
-    upstream.reply(*answer_events("一"), headers={"Connection": "close"})
-    assert ask(proxy, "一") == "一" and ask(proxy, "二") == "默认回答"
-    assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
+def test_requests_while_draining_get_503(proxy, upstream):
+    proxy.server.draining = True
+    status, headers, body = proxy.chat()
+    assert_error(status, body, 503, "server_shutting_down")
+    assert headers["Retry-After"] == "1" and upstream.received == []
 
 
-def all_at_once(calls, gate, upstream, upstream_requests):
-    """The results of `calls`, run in threads while the upstream holds its answers behind
-    `gate`, which opens once it has seen `upstream_requests` requests in all."""
-    results = [None] * len(calls)
-    threads = [threading.Thread(target=lambda index=index, call=call: results.__setitem__(index, call()))
-               for index, call in enumerate(calls)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(upstream.received) == upstream_requests, what="requests upstream at once")
-    gate.set()
-    for thread in threads:
-        thread.join(5)
-    return results
-
-
-def hang_up_mid_answer(proxy, upstream):
-    upstream.reply(ev("THINKING"), HOLD)
-    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
-    assert b"200 OK" in sock.recv(65536)
-    sock.close()
-    wait_until(lambda: upstream.closed_at, what="the upstream connection to close")
-
-
-@pytest.mark.parametrize("failure", ["cut", "error event", "timeout", "client left", "401"])
-def test_a_failed_call_closes_its_connection(make_proxy, upstream, failure):
-    proxy = make_proxy(timeout=0.3, api_keys=(ENV_KEY, "second-key-0123456789"))
-    if failure == "client left":
-        hang_up_mid_answer(proxy, upstream)
-    else:
-        upstream.reply(*{"cut": (ev("RESPONSING", "text", "半"), CUT),
-                         "error event": (ev("RESPONSING", "text", "半"), ev("ERROR", message="boom")),
-                         "timeout": (ev("THINKING"), HOLD),
-                         "401": (b'{"msg": "bad key"}',)}[failure],
-                       **({"status": 401, "framing": "length", "content_type": "application/json"}
-                          if failure == "401" else {}))
-        status, _, body = proxy.chat(stream=True)
-        if failure == "401":  # the next key is tried on a new connection, and answers
-            assert status == 200 and joined(sse_payloads(body)) == "默认回答"
-        else:
-            assert body.cut and "error" in sse_payloads(body)[-2]
-    first = upstream.connections[0]
-    wait_until(lambda: first in upstream.closed_connections, what="the failed call's connection to close")
-    assert ask(proxy) == "默认回答"
-    assert upstream.received[-1]["connection"] != 1  # the failed call's connection is never used again
-
-
-def test_idle_connections_close_after_upstream_idle(make_proxy, upstream, monkeypatch):
-    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
-    proxy = make_proxy(upstream_idle=0.2)
-    assert ask(proxy) == "默认回答" and metric(proxy, IDLE) == 1
-    wait_until(lambda: upstream.closed_connections, what="the idle connection to close")
-    assert metric(proxy, IDLE) == 0
-    assert ask(proxy) == "默认回答" and len(upstream.connections) == 2
-
-
-def test_the_idle_pool_is_bounded(make_proxy, upstream, monkeypatch):
-    monkeypatch.setattr(cf.UpstreamPool, "max_idle", 2)
-    proxy = make_proxy()
-    release = threading.Event()
-    for _ in range(4):
-        upstream.reply(release, *answer_events("并发"))
-    results = all_at_once([lambda: ask(proxy)] * 4, release, upstream, 4)
-    assert results == ["并发"] * 4 and len(upstream.connections) == 4
-    assert metric(proxy, IDLE) == 2
-    wait_until(lambda: len(upstream.closed_connections) == 2, what="the two beyond the bound to close")
-
-
-def test_shutdown_closes_every_upstream_connection(upstream):
-    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="127.0.0.1", port=0))
-    assert ask(proxy) == "默认回答"
-    proxy.close()
-    wait_until(lambda: upstream.closed_connections == upstream.connections, what="the pool to close")
-
-
-def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeypatch):
-    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    proxy = make_proxy(prewarm=True)
-    wait_until(lambda: len(proxy.server.upstream_pool), what="a connection in the pool before any request")
-    assert ask(proxy) == "默认回答"
-    assert wait_until(lambda: conn_notes(caplog)) == ["reused"]
-    assert upstream.received[0]["connection"] == 1
-    # Taken by a request, the warm connection has a successor: the next request finds one too.
-    wait_until(lambda: len(upstream.connections) == 2, 5, what="a new warm connection")
-    wait_until(lambda: len(proxy.server.upstream_pool) == 2, 5, what="both connections idle in the pool")
-    for sock in upstream.connections:
-        sock.shutdown(socket.SHUT_RDWR)  # the server closes both while idle
-    wait_until(lambda: len(upstream.connections) == 3, 5, what="the warm connection to be opened again")
-    wait_until(lambda: len(proxy.server.upstream_pool) == 1, 5, what="only the new one in the pool")
-    assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
-
-
-def test_the_warm_connection_has_a_successor_before_it_expires(make_proxy, upstream, monkeypatch):
-    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
-    # A successor is opened a quarter of the idle time (0.25 s) before expiry; its handshakes
-    # take 0.08 s: room for a loaded machine's scheduling, never a race the test can lose.
-    proxy = make_proxy(prewarm=True, upstream_idle=1.0)
-    pool = proxy.server.upstream_pool
-    route, connect = pool.warm
-
-    def connect_over_a_long_link():
-        time.sleep(0.08)  # the handshakes' round trips
-        return connect()
-    pool.keep_warm(route, connect_over_a_long_link)
-    wait_until(lambda: len(pool), what="a warm connection in the pool")  # held, not only accepted
-    idle = []
-    deadline = time.monotonic() + 2.6
-    while time.monotonic() < deadline:
-        idle.append(len(pool))
-        time.sleep(0.005)
-    assert min(idle) >= 1  # never a moment without a warm connection
-    assert len(upstream.connections) >= 3 and upstream.closed_connections  # while they expire in turn
-
-
-class TunnelProxy:
-    """A small HTTP CONNECT proxy, as an HTTPS_PROXY is: it records each tunnel's
-    Proxy-Authorization and relays bytes both ways."""
-
-    def __init__(self):
-        self.tunnels = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_CONNECT(self):
-                outer.tunnels.append(self.headers.get("Proxy-Authorization"))
-                host, port = self.path.rsplit(":", 1)
-                with socket.create_connection((host, int(port))) as far:
-                    self.send_response(200, "Connection established")
-                    self.end_headers()
-                    relay_both_ways(self.connection, far)
-                self.close_connection = True
-
-            def log_message(self, format, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = "http://user:pass@127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def relay_both_ways(one, other):
-    while True:
-        readable, _, _ = select.select([one, other], [], [], 10)
-        if not readable:
-            return
-        for sock in readable:
-            data = sock.recv(65536)
-            if not data:
-                return
-            (other if sock is one else one).sendall(data)
-
-
-def test_https_through_a_connect_proxy_keeps_its_tunnel(tls_upstream, monkeypatch):
-    tunnel = TunnelProxy()
-    for name in ("no_proxy", "NO_PROXY", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("https_proxy", tunnel.url)
-    proxy = tls_proxy(tls_upstream)
+def test_ipv6_listen_address(upstream):
+    server = cf.ProxyServer(cf.Config(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="::1", port=0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     try:
-        assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
-        assert tunnel.tunnels == ["Basic dXNlcjpwYXNz"]  # one tunnel, with the proxy's credentials
-        assert len(tls_upstream.connections) == 1 and metric(proxy, REUSED) == 2
-        assert "Proxy-Authorization" not in tls_upstream.received[0]["headers"]  # never to the origin
+        conn = http.client.HTTPConnection("::1", server.server_address[1], timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
     finally:
-        proxy.close()
-        tunnel.close()
+        server.shutdown()
+        server.server_close()
 
 
-# --- AG-UI end to end -------------------------------------------------------------------------
+# --- End to end: AG-UI --------------------------------------------------------------------
 
 AGUI_CLOSE = {"STEP_FINISHED": "step", "REASONING_END": "reasoning", "TEXT_MESSAGE_END": "text"}
 
@@ -2920,7 +3558,7 @@ def test_agui_preflight_and_metrics(proxy, upstream):
     wait_until(lambda: line in proxy.request("GET", "/metrics")[2].decode().splitlines(), what=line)
 
 
-# --- The Responses API end to end ------------------------------------------------------------
+# --- End to end: the Responses API --------------------------------------------------------
 
 def responses_events(body):
     """The events of a Responses stream, checked against the protocol as the openai SDK's
@@ -3103,7 +3741,7 @@ def test_responses_failure_after_the_head_is_response_failed_and_a_clean_end(pro
     assert len(upstream.received) == 1
 
 
-# --- Anthropic's Messages API end to end -------------------------------------------------------
+# --- End to end: Anthropic's Messages API -------------------------------------------------
 
 def anthropic_frames(body, clean=True):
     """(event, data) of each frame of a Messages stream: every frame has its `event:` line,
@@ -3258,1070 +3896,271 @@ class _AnyText:
 ANY_TEXT = _AnyText()
 
 
-# --- Failures that no client can mistake for success ----------------------------------------
-
-def read_until_last_chunk(sock):
-    """A chunked response, read until its terminating chunk; fails if the connection closes first."""
-    sock.settimeout(5)
-    data = b""
-    while not data.partition(b"\r\n\r\n")[2].endswith(b"\r\n0\r\n\r\n"):
-        piece = sock.recv(65536)
-        assert piece, "closed before the last chunk: %r" % data[-100:]
-        data += piece
-    return data
-
-
-def test_chat_stream_failure_ends_the_transfer_without_its_last_chunk(proxy, upstream):
-    upstream.reply(ev("RESPONSING", "text", "半"), CUT)
-    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
-    raw = recv_all(sock)  # the proxy closes the connection
-    sock.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert b"Transfer-Encoding: chunked" in head
-    assert b'"code":"upstream_disconnected"' in body and b"data: [DONE]\n\n\r\n" in body
-    assert not body.endswith(b"0\r\n\r\n")  # no terminating chunk: an incomplete HTTP message
-
-
-def test_chat_stream_success_ends_with_the_last_chunk_and_keeps_the_connection(proxy, upstream):
-    upstream.reply(*answer_events("好"))
-    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
-    data = read_until_last_chunk(sock)
-    assert b"data: [DONE]" in data
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-    sock.close()
-
-
-def test_agui_failure_ends_the_transfer_cleanly_after_run_error(proxy, upstream):
-    upstream.reply(ev("RESPONSING", "text", "半"), CUT)
-    sock = post_raw(proxy.port, agui_input(), path="/agui")
-    data = read_until_last_chunk(sock)
-    assert data.index(b'"RUN_ERROR"') > data.index(b'"TEXT_MESSAGE_END"')
-    sock.close()
-
-
-# --- Errors, each with its status --------------------------------------------------------
-
-def assert_error(status, body, expected_status, code=None, type_=None):
-    assert status == expected_status, body
-    error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if code:
-        assert error["code"] == code
-    if type_:
-        assert error["type"] == type_
-    return error
-
+# --- End to end: conversations ------------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("upstream_status, status, code, type_", [
-    (401, 401, "invalid_api_key", "authentication_error"),
-    (403, 401, "invalid_api_key", "authentication_error"),
-    (429, 429, "rate_limit_exceeded", "rate_limit_error"),
-    (500, 502, "upstream_http_500", "upstream_error"),
-    (503, 502, "upstream_http_503", "upstream_error"),
-    (404, 502, "upstream_http_404", "upstream_error"),
+@pytest.mark.parametrize("mode", ["reasoning", "think"])
+def test_second_turn_continues_the_session_with_only_the_new_question(make_proxy, upstream, stream, mode):
+    proxy = make_proxy(reasoning=mode)
+    first, a1 = turn(proxy, upstream, msgs("恒瑞医药怎么样"), "恒瑞医药不错", stream)
+    if mode == "think":
+        assert a1.startswith("<think>")  # sent back as the client received it, block included
+    second, a2 = turn(proxy, upstream, msgs("恒瑞医药怎么样", a1, "那药明康德呢？"), "药明康德也不错", stream)
+    assert second["sessionId"] == first["sessionId"] and second["query"] == "那药明康德呢？"
+    third, _ = turn(proxy, upstream, msgs("恒瑞医药怎么样", a1, "那药明康德呢？", a2, "哪个更好？"), "x", stream)
+    assert third["sessionId"] == first["sessionId"] and third["query"] == "哪个更好？"
+    assert third["sessionTitle"] == "恒瑞医药怎么样"
+
+
+def test_client_that_strips_think_blocks_still_continues(make_proxy, upstream):
+    proxy = make_proxy(reasoning="think")
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    stripped = a1.split("</think>")[1].strip()
+    assert stripped == "a1"
+    second, _ = turn(proxy, upstream, msgs("q1", stripped, "q2"))
+    assert second["sessionId"] == first["sessionId"] and second["query"] == "q2"
+
+
+def test_regenerated_turn_forks_a_new_session_with_the_history_folded(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    regenerated, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert second["sessionId"] == first["sessionId"]
+    assert regenerated["sessionId"] not in (first["sessionId"], second["sessionId"])
+    assert regenerated["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+    assert regenerated["sessionTitle"] == "q1"
+
+
+def test_edited_history_folds(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    edited, _ = turn(proxy, upstream, msgs("q1", a1 + " (edited)", "q2"))
+    assert edited["sessionId"] != first["sessionId"] and edited["query"].startswith("User: q1")
+
+
+def test_new_conversation_with_a_system_prompt_is_folded(proxy, upstream):
+    sent, _ = turn(proxy, upstream, [{"role": "system", "content": "你是分析师"}] + msgs("q1"))
+    assert sent["query"] == "System: 你是分析师\n\nUser: q1"
+    follow, _ = turn(proxy, upstream, [{"role": "system", "content": "你是分析师"}] + msgs("q1", "回答", "q2"))
+    assert follow["sessionId"] == sent["sessionId"] and follow["query"] == "q2"
+
+
+@pytest.mark.parametrize("second_caller", [
+    {"user": "bob"},  # a different `user` field
+    {"headers": {"Authorization": "Bearer other-key-123456"}},  # a different upstream key
 ])
-def test_upstream_error_statuses(proxy, upstream, stream, upstream_status, status, code, type_):
-    upstream.reply(b'{"code": 1, "msg": "upstream says no"}', status=upstream_status,
-                   content_type="application/json", framing="length")
-    got, _, body = proxy.chat(stream=stream)
-    error = assert_error(got, body, status, code, type_)
-    assert "upstream says no" in error["message"]
+def test_two_callers_with_identical_openings_never_share_a_session(make_proxy, upstream, second_caller):
+    proxy = make_proxy(api_keys=())
+    alice = {"headers": {"Authorization": "Bearer alice-key-123456"}, "user": "alice"}
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1", **alice)
+    caller = dict(alice, **second_caller)
+    other, _ = turn(proxy, upstream, msgs("q1", a1, "q2"), **caller)
+    assert other["sessionId"] != first["sessionId"] and other["query"].startswith("User: q1")
+    own, _ = turn(proxy, upstream, msgs("q1", a1, "q2"), **alice)
+    assert own["sessionId"] == first["sessionId"] and own["query"] == "q2"
 
 
-def assert_no_run_of(key, text):
-    """No KEY_RUN characters of `key` in a row, in any letter case, anywhere in `text`."""
-    runs = [key[i:i + 8].lower() for i in range(len(key) - 7)]
-    assert not [run for run in runs if run in text.lower()], text
+def test_same_caller_twice_only_one_continues(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    one, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    two, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert [one["sessionId"] == first["sessionId"], two["sessionId"] == first["sessionId"]] == [True, False]
 
 
-def logged_text(caplog):
-    return "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {}), ensure_ascii=False)
-                     for r in caplog.records)
+def test_proxy_restart_folds(make_proxy, upstream):
+    first, a1 = turn(make_proxy(), upstream, msgs("q1"), "a1")
+    after, _ = turn(make_proxy(), upstream, msgs("q1", a1, "q2"))  # a fresh process memory
+    assert after["sessionId"] != first["sessionId"] and after["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+
+
+@pytest.mark.parametrize("where", ["header", "body"])
+def test_explicit_session_maps_stably(make_proxy, upstream, where):
+    def ask(proxy, messages):
+        extra = ({"headers": {"X-Session-Id": "conv-42"}} if where == "header" else {"session_id": "conv-42"})
+        return turn(proxy, upstream, messages, **extra)[0]
+    history = [{"role": "system", "content": "简短"}] + msgs("q1")
+    proxy = make_proxy()
+    first = ask(proxy, history)
+    assert first["sessionId"] == cf.explicit_session_id(ENV_KEY, held_caller(), "conv-42")
+    assert first["query"] == "System: 简短\n\nUser: q1"  # first sight: the system prompt is not lost
+    second = ask(proxy, history + msgs("x", "a", "q2")[1:])
+    assert second["sessionId"] == first["sessionId"] and second["query"] == "q2"
+    regenerated = ask(proxy, history + msgs("x", "a", "q2")[1:])
+    assert regenerated["sessionId"] == first["sessionId"] and regenerated["query"] == "q2"
+    restarted = ask(make_proxy(), history + msgs("x", "a", "q2")[1:])
+    assert restarted["sessionId"] == first["sessionId"]  # same id, same key: same session after a restart
+    other_key = ask(make_proxy(api_keys=("another-key-123456",)), history)
+    assert other_key["sessionId"] != first["sessionId"]
+
+
+def test_fold_mode_never_continues(make_proxy, upstream):
+    proxy = make_proxy(sessions="fold")
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    assert first["query"] == "q1"
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert second["sessionId"] != first["sessionId"] and second["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("echo", [ENV_KEY, ENV_KEY.upper(), ENV_KEY[:9], "x" + ENV_KEY[5:15].lower() + "x"])
-def test_an_upstream_echoing_the_key_never_shows_it(proxy, upstream, caplog, stream, echo):
-    caplog.set_level(logging.DEBUG, logger="custom_finstep")
-    upstream.reply(('{"msg": "invalid key %s"}' % echo).encode(), status=401, framing="length",
-                   content_type="application/json")
-    upstream.reply(ev("RESPONSING", "text", "a"), ev("ERROR", message="bad key " + echo))
-    upstream.reply(("data:{\"code\":401,\"msg\":\"key %s\"}\n" % echo).encode())  # a skipped line, logged at DEBUG
+def test_cut_answer_leaves_nothing_to_continue(proxy, upstream, stream):
+    upstream.reply(ev("RESPONSING", "text", "a1"), CUT)
+    proxy.chat(stream=stream, messages=msgs("q1"))
+    first = upstream.received[-1]["body"]
+    after, _ = turn(proxy, upstream, msgs("q1", "a1", "q2"))
+    assert after["sessionId"] != first["sessionId"] and after["query"].startswith("User: q1")
+
+
+def test_failed_continuation_is_not_continued_again(proxy, upstream):
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    upstream.reply(ev("RESPONSING", "text", "half"), CUT)
+    proxy.chat(messages=msgs("q1", a1, "q2"))
+    assert upstream.received[-1]["body"]["sessionId"] == first["sessionId"]
+    retry, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert retry["sessionId"] != first["sessionId"]  # the upstream session may hold the cut turn
+
+
+def test_session_cache_bound_holds(make_proxy, upstream):
+    proxy = make_proxy(session_cache=2)
+    openings = [turn(proxy, upstream, msgs("q%d" % i), "a%d" % i) for i in range(3)]
+    assert len(proxy.server.sessions) == 2
+    oldest, _ = turn(proxy, upstream, msgs("q0", openings[0][1], "next"))
+    newest, _ = turn(proxy, upstream, msgs("q2", openings[2][1], "next"))
+    assert oldest["sessionId"] != openings[0][0]["sessionId"]  # evicted: folded
+    assert newest["sessionId"] == openings[2][0]["sessionId"]
+
+
+def test_remembered_conversations_expire(make_proxy, upstream):
+    proxy = make_proxy(session_ttl=0.05)
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    time.sleep(0.1)
+    after, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert after["sessionId"] != first["sessionId"]
+
+
+def test_long_history_folds_within_max_query(make_proxy, upstream):
+    proxy = make_proxy(max_query=300, sessions="fold")
+    history = [{"role": "system", "content": "SYS"}] + msgs(*["turn %d %s" % (i, "x" * 40) for i in range(20)])
+    history.append({"role": "user", "content": "LAST"})
+    sent, _ = turn(proxy, upstream, history)
+    assert len(sent["query"]) <= 300
+    assert sent["query"].startswith("System: SYS\n\nUser: turn") and sent["query"].endswith("User: LAST")
+    assert "turn 19" in sent["query"] and "turn 0 " not in sent["query"]
+
+
+@pytest.mark.parametrize("system, query", [("fold", "System: You are a helpful assistant.\n\nUser: 你好"),
+                                           ("drop", "你好")])
+def test_system_prompt_folded_or_dropped_end_to_end(make_proxy, upstream, system, query):
+    proxy = make_proxy(system=system)
+    status, _, _ = proxy.chat(messages=[{"role": "system", "content": "You are a helpful assistant."},
+                                        {"role": "user", "content": "你好"}])
+    assert status == 200 and upstream.received[-1]["body"]["query"] == query
+
+
+def test_log_line_names_the_session_path(proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    _, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    wait_for_log(caplog, "session=new")
+    turn(proxy, upstream, msgs("q1", a1, "q2"))
+    wait_for_log(caplog, "session=continued")
+    turn(proxy, upstream, msgs("q1", a1, "q2"))
+    wait_for_log(caplog, "session=folded")
+    turn(proxy, upstream, msgs("q1"), headers={"X-Session-Id": "c"})
+    wait_for_log(caplog, "session=explicit")
+
+
+# --- End to end: keys ---------------------------------------------------------------------
+
+def test_new_conversations_rotate_over_the_keys(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for i in range(6):
+        proxy.chat(messages=msgs("question %d" % i))
+    assert sent_keys(upstream) == list(KEYS) * 2
+
+
+def test_continued_session_keeps_its_key(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    proxy.chat(messages=msgs("other"))  # moves the rotation on
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert second["sessionId"] == first["sessionId"]
+    assert sent_keys(upstream)[2] == sent_keys(upstream)[0]
+
+
+def test_explicit_session_always_uses_the_same_key(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
     for _ in range(3):
-        status, _, body = proxy.chat(stream=stream)
-        assert status != 200 or stream
-        assert_no_run_of(ENV_KEY, body.decode())
-        assert "****" in body.decode()
-    assert "skipped upstream line" in logged_text(caplog)
-    assert_no_run_of(ENV_KEY, logged_text(caplog))
+        proxy.chat(headers={"X-Session-Id": "conv-7"})
+    assert len(set(sent_keys(upstream))) == 1
+    assert len({r["body"]["sessionId"] for r in upstream.received}) == 1
 
 
-def test_upstream_429_passes_retry_after(proxy, upstream):
-    upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "17"})
-    status, headers, _ = proxy.chat(stream=True)
-    assert status == 429 and headers["Retry-After"] == "17"
+@pytest.mark.parametrize("status, headers", [(401, {}), (403, {}), (429, {"Retry-After": "30"})])
+def test_refused_key_fails_over_and_cools_down(make_proxy, upstream, status, headers):
+    proxy = make_proxy(api_keys=KEYS)
+    upstream.reply(b"no", status=status, framing="length", headers=headers)
+    status_seen, _, body = proxy.chat(stream=True)
+    assert status_seen == 200 and joined(sse_payloads(body)) == "默认回答"
+    assert sent_keys(upstream) == [KEYS[0], KEYS[1]]
+    for i in range(4):
+        proxy.chat(messages=msgs("again %d" % i))
+    assert KEYS[0] not in sent_keys(upstream)[2:]  # cooling down
 
 
-def test_upstream_200_with_a_json_body_is_502(proxy, upstream):
-    upstream.reply(b'{"code": 401, "msg": "token invalid"}', content_type="application/json;charset=UTF-8",
-                   framing="length")
-    status, _, body = proxy.chat(stream=True)
-    error = assert_error(status, body, 502, "upstream_not_streaming")
-    assert "token invalid" in error["message"]
+@pytest.mark.parametrize("via", ["X-Session-Id", "threadId"])
+def test_named_conversation_on_a_revoked_key_fails_over_and_folds(make_proxy, upstream, via):
+    proxy = make_proxy(api_keys=KEYS)
+    hashed = cf.stable_index("conv-r", len(KEYS))
+    revoked, next_key = KEYS[hashed], KEYS[(hashed + 1) % len(KEYS)]
+
+    def ask(*texts):
+        if via == "threadId":
+            agui_run(proxy.agui([dict(m, id=str(i)) for i, m in enumerate(msgs(*texts))], threadId="conv-r")[2])
+        else:
+            status, _, body = proxy.chat(messages=msgs(*texts), headers={"X-Session-Id": "conv-r"})
+            assert status == 200, body
+        return upstream.received[-1]
+
+    first = ask("q1")
+    assert first["headers"]["Authorization"] == revoked
+    assert first["body"]["sessionId"] == cf.explicit_session_id(revoked, held_caller(*KEYS), "conv-r")
+    upstream.reply(b"revoked", status=401, framing="length")
+    second = ask("q1", "默认回答", "q2")
+    assert sent_keys(upstream)[1:] == [revoked, next_key]
+    assert second["body"]["sessionId"] == cf.explicit_session_id(next_key, held_caller(*KEYS), "conv-r")
+    assert second["body"]["query"] == "User: q1\n\nAssistant: 默认回答\n\nUser: q2"  # new there: folded
+    third = ask("q1", "默认回答", "q2", "默认回答", "q3")
+    assert third["headers"]["Authorization"] == next_key  # the revoked key cools down
+    assert (third["body"]["sessionId"], third["body"]["query"]) == (second["body"]["sessionId"], "q3")
 
 
-def test_refused_connection_is_502(make_proxy):
-    port = free_port()  # nothing listens there once the socket closes
-    status, _, body = make_proxy(upstream_url="http://127.0.0.1:%d/x" % port).chat()
-    assert_error(status, body, 502, "upstream_unreachable")
+def test_continued_conversation_on_a_revoked_key_folds_on_the_next(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
+    upstream.reply(b"revoked", status=401, framing="length")
+    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
+    assert sent_keys(upstream) == [KEYS[0], KEYS[0], KEYS[1]]
+    assert second["sessionId"] != first["sessionId"] and second["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
 
 
-def test_unresolvable_host_is_502(make_proxy):
-    status, _, body = make_proxy(upstream_url="http://finstep.invalid/x").chat()
-    assert_error(status, body, 502, "upstream_unreachable")
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_silent_upstream_before_headers_is_504(make_proxy, upstream, stream):
-    upstream.reply(*answer_events("late"), before_head=1.0)
-    status, _, body = make_proxy(timeout=0.2).chat(stream=stream)
-    assert_error(status, body, 504, "upstream_timeout", "timeout_error")
-
-
-def test_connect_timeout_is_504(make_proxy):
-    # A listening socket whose backlog is full never completes the handshake.
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        fillers = [socket.socket() for _ in range(4)]
-        for filler in fillers:
-            filler.setblocking(False)
-            filler.connect_ex(full.getsockname())
-        try:
-            proxy = make_proxy(upstream_url="http://127.0.0.1:%d/x" % full.getsockname()[1], connect_timeout=0.3)
-            status, _, body = proxy.chat()
-        finally:
-            for filler in fillers:
-                filler.close()
-    assert_error(status, body, 504, "upstream_connect_timeout")
-
-
-def test_log_line_escapes_control_characters(proxy, caplog):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /x\x1b[31mred HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        assert recv_all(sock).startswith(b"HTTP/1.1 404 ")
-    wait_for_log(caplog, "GET /x")
-    assert all("\x1b" not in r.getMessage() for r in caplog.records)
-
-
-def test_upstream_closing_before_answering_is_502(proxy, upstream):
-    class Closer(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.connection.shutdown(socket.SHUT_RDWR)
-    upstream.server.RequestHandlerClass = Closer
-    status, _, body = proxy.chat()
-    assert_error(status, body, 502, "upstream_unreachable")
-
-
-@pytest.mark.parametrize("body, code", [
-    (b"{not json", None), (b'"a string"', None), (b'{"messages": []}', None),
-    (b'{"messages": [{"role": "assistant", "content": "x"}]}', None),
-])
-def test_bad_bodies_are_400_over_http(proxy, upstream, body, code):
-    status, _, answer = proxy.request("POST", "/v1/chat/completions", body,
-                                      {"Content-Type": "application/json"})
-    assert_error(status, answer, 400, type_="invalid_request_error")
-    assert upstream.received == []
-
-
-def test_body_over_the_limit_is_413_judged_from_content_length(make_proxy, upstream):
-    proxy = make_proxy(max_body=100)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        # Only the head is sent: the answer must not wait for the announced megabyte.
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 413 ")
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
-
-
-def test_body_over_the_limit_with_expect_continue_is_413_at_once(make_proxy):
-    proxy = make_proxy(max_body=100)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
-                     b"Expect: 100-continue\r\n\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
-
-
-def test_expect_continue_within_the_limit_is_served(proxy, upstream):
-    body = json.dumps({"messages": [{"role": "user", "content": "x" * 2000}]}).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
-                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n" % len(body))
-        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")  # as curl waits for before its body
-        sock.sendall(body)
-        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
-    assert upstream.received[-1]["body"]["query"] == "x" * 2000
-
-
-def test_malformed_chunked_request_body_is_400(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"zz\r\n{}\r\n0\r\n\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 400 ") and b"Malformed chunked" in answer
-
-
-def test_requests_while_draining_get_503(proxy, upstream):
-    proxy.server.draining = True
+def test_every_key_refused_gives_the_error_after_one_try_each(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for _ in KEYS:
+        upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "5"})
     status, headers, body = proxy.chat()
-    assert_error(status, body, 503, "server_shutting_down")
-    assert headers["Retry-After"] == "1" and upstream.received == []
+    assert_error(status, body, 429, "rate_limit_exceeded")
+    assert sorted(sent_keys(upstream)) == sorted(KEYS) and headers["Retry-After"] == "5"
 
 
-def test_ipv6_listen_address(upstream):
-    server = cf.ProxyServer(cf.Config(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="::1", port=0))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-    try:
-        conn = http.client.HTTPConnection("::1", server.server_address[1], timeout=5)
-        conn.request("GET", "/health")
-        assert conn.getresponse().status == 200
-        conn.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_chunked_request_body_is_accepted(proxy, upstream):
-    body = json.dumps({"messages": [{"role": "user", "content": "分块"}]}).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
-                     b"Connection: close\r\n\r\n" + b"%x\r\n%s\r\n" % (10, body[:10])
-                     + b"%x\r\n%s\r\n" % (len(body) - 10, body[10:]) + b"0\r\n\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 200 ")
-    assert upstream.received[-1]["body"]["query"] == "分块"
-
-
-def test_chunked_request_body_over_the_limit_is_413(make_proxy):
-    proxy = make_proxy(max_body=100)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"1000\r\n" + b"x" * 200)
-        assert recv_all(sock).startswith(b"HTTP/1.1 413 ")
-
-
-def test_missing_content_length_is_411(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert recv_all(sock).startswith(b"HTTP/1.1 411 ")
-
-
-def recv_all(sock):
-    data = b""
-    while True:
-        piece = sock.recv(65536)
-        if not piece:
-            return data
-        data += piece
-
-
-def test_not_found_and_method_not_allowed(proxy):
-    status, _, body = proxy.request("GET", "/v1/nothing")
-    assert_error(status, body, 404, "unknown_url")
-    status, headers, body = proxy.request("GET", "/v1/chat/completions")
-    assert_error(status, body, 405, "method_not_allowed")
-    assert headers["Allow"] == "POST, OPTIONS"
-    for method in ("PUT", "DELETE", "PATCH"):
-        status, _, body = proxy.request(method, "/v1/models")
-        assert_error(status, body, 405)
-    status, headers, body = proxy.request("POST", "/health", b"{}")
-    assert_error(status, body, 405)
-    assert headers["Allow"] == "GET, HEAD, OPTIONS"
-
-
-@pytest.mark.parametrize("path", ["/health", "/v1/models", "/", "/status", "/metrics"])
-def test_head_is_get_without_its_body(proxy, path):
-    status, headers, body = proxy.request("HEAD", path)
-    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
-    assert proxy.request("GET", path)[1]["Content-Type"] == headers["Content-Type"]
-
-
-# --- Hostile connections cost only themselves -------------------------------------------
-
-def test_garbage_bytes_get_400_and_others_are_served(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"\x00\xff\x16\x03 garbage\r\n\r\n")
-        answer = recv_all(sock)
-    assert b"400" in answer.split(b"\r\n", 1)[0] or json.loads(answer)["error"]
-    assert proxy.request("GET", "/health")[0] == 200
-
-
-def test_huge_request_line_is_414(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 414 ")
-    assert proxy.request("GET", "/health")[0] == 200
-
-
-def test_too_many_headers_is_431(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 431 ")
-
-
-def test_lying_content_length_costs_only_its_own_connection(make_proxy, upstream):
-    proxy = make_proxy(client_timeout=0.3)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as liar:
-        liar.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{\"me")
-        upstream.reply(*answer_events("served"))
-        status, _, body = proxy.chat()  # served while the liar hangs
-        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "served"
-        answer = recv_all(liar)  # the liar is answered once client_timeout passes
-    assert answer.startswith(b"HTTP/1.1 408 ")
-
-
-def test_request_head_is_bounded_at_64_kb_in_all(proxy):
-    big = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 40000) for i in range(2)) + b"\r\n"
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(big)
-        assert recv_all(sock).startswith(b"HTTP/1.1 431 ")  # and the connection is closed
-    fits = b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1900) for i in range(30))
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(fits + b"Connection: close\r\n\r\n")
-        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
-
-
-def chat_head(length, headers=b""):
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%s\r\n" % (length, headers))
-
-
-def test_body_budget_is_taken_before_a_body_is_read_and_given_back(make_proxy, upstream):
-    proxy = make_proxy(body_budget=1000000, max_body=400000, client_timeout=5)
-    budget = proxy.server.body_budget
-    holders = []
-    for _ in range(2):
-        holders.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
-        holders[-1].sendall(chat_head(400000) + b'{"messages"')  # and never the rest
-    wait_until(lambda: budget.used == 800000, what="two bodies held")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as refused:
-        refused.sendall(chat_head(300000))  # no body sent: the answer comes first
-        answer = recv_all(refused)
-    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in answer and b"Connection: close" in answer
-    upstream.reply(*answer_events("small fits"))
+def test_when_all_keys_cool_down_the_soonest_is_tried(make_proxy, upstream):
+    proxy = make_proxy(api_keys=KEYS)
+    for seconds in ("300", "100", "200"):
+        upstream.reply(b"x", status=429, framing="length", headers={"Retry-After": seconds})
+    proxy.chat()
+    del upstream.received[:]
     assert proxy.chat()[0] == 200
-    for sock in holders:
-        sock.close()
-    wait_until(lambda: budget.used == 0, what="the budget given back")
-    body = json.dumps({"messages": [{"role": "user", "content": "x" * 90000}]}).encode()
-    upstream.reply(*answer_events("now it fits"))
-    status, _, data = proxy.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    assert status == 200
-    wait_until(lambda: budget.used == 0, what="the budget given back again")
+    assert sent_keys(upstream) == [KEYS[1]]
 
 
-def test_chunked_body_counts_against_the_budget_as_it_arrives(make_proxy):
-    proxy = make_proxy(body_budget=300000, max_body=300000, client_timeout=5)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as holder:
-        holder.sendall(chat_head(250000) + b"{")
-        wait_until(lambda: proxy.server.body_budget.used == 250000, what="a body held")
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-            try:
-                for _ in range(100):
-                    sock.sendall(b"1000\r\n" + b"a" * 4096 + b"\r\n")
-            except OSError:
-                pass  # refused mid-body: the connection closes
-            answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 503 ") and b"server_busy" in answer
-
-
-def test_a_body_whose_parsing_would_not_fit_is_413(make_proxy, upstream):
-    proxy = make_proxy(body_budget=500000, max_body=200000)
-    body = b'{"messages": [{"role": "user", "content": "x"}], "junk": [' + b"{}," * 50000 + b"{}]}"
-    status, _, data = proxy.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    assert_error(status, data, 413, "request_too_large")
-    assert "FINSTEP_BODY_BUDGET" in json.loads(data)["error"]["message"] and upstream.received == []
-    wait_until(lambda: proxy.server.body_budget.used == 0, what="the budget given back")
-
-
-def test_many_tiny_chunks_decode_into_the_body(proxy, upstream):
-    body = json.dumps({"messages": [{"role": "user", "content": "细" * 3000}]}).encode()
-    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 2]), body[i:i + 2]) for i in range(0, len(body), 2))
-    upstream.reply(*answer_events("ok"))
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
-                     b"Connection: close\r\n\r\n" + chunked + b"0\r\nX-Trailer: t\r\n\r\n")
-        assert recv_all(sock).startswith(b"HTTP/1.1 200 ")
-    assert upstream.received[-1]["body"]["query"] == "细" * 3000
-
-
-def log_lines(caplog, level=logging.INFO):
-    return [r for r in caplog.records if r.levelno >= level]
-
-
-@pytest.mark.parametrize("raw, status", [
-    (b"GET\r\n\r\n", 400),
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 \r\n\r\n", 400),
-    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
-    (b"GET / HTTP/9.9\r\n\r\n", 505),
-    (b"BREW /pot HTTP/1.1\r\n\r\n", 501),
-    (b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n", 400),
-    (b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n", 400),
-    (b"GET /health HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", 400),
-    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),
-    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
-    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
-    (b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
-    (b"POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-])
-def test_malformed_requests_get_their_status_and_one_log_line(proxy, caplog, raw, status):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(raw)
-        answer = recv_all(sock)  # answered, then closed
-    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
-    lines = wait_until(lambda: log_lines(caplog), what="the log line")
-    time.sleep(0.05)
-    assert len(log_lines(caplog)) == 1 and " %d " % status in lines[0].getMessage()
-    assert not [r for r in caplog.records if r.exc_info]
-    assert proxy.request("GET", "/health")[0] == 200
-
-
-def test_a_malformed_request_is_not_logged_with_the_previous_path(proxy, caplog):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGARBAGE\r\n\r\n")
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 400 " in answer
-    lines = wait_until(lambda: len(log_lines(caplog)) == 2 and log_lines(caplog), what="two log lines")
-    assert "/v1/models" in lines[0].getMessage() and "/v1/models" not in lines[1].getMessage()
-    assert " - - 400 " in lines[1].getMessage()
-
-
-def test_a_partial_request_line_then_nothing_is_answered_408_by_the_deadline(make_proxy, caplog):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    proxy = make_proxy(client_timeout=0.3)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"GET /hea")
-        assert recv_all(sock).startswith(b"HTTP/1.1 408 ")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as idle:
-        assert recv_all(idle) == b""  # nothing sent, nothing said
-    time.sleep(0.1)
-    assert len(log_lines(caplog)) == 1 and not [r for r in caplog.records if r.exc_info]
-
-
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}]}', "messages[0].content"),
-    ("/v1/chat/completions", '{"model": "\\udfff", "messages": [{"role": "user", "content": "q"}]}', "model"),
-    ("/v1/chat/completions", '{"session_id": "s\\ud800", "messages": [{"role": "user", "content": "q"}]}',
-     "session_id"),
-    ("/v1/chat/completions", '{"messages": [{"role": "assistant", "content": [{"type": "text", "text": "\\udc00"}]},'
-     ' {"role": "user", "content": "q"}]}', "messages[0].content[0].text"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "metadata": {"x\\ud800": 1}}',
-     "metadata"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "\\ud800": 1}', None),
-    ("/agui", '{"threadId": "t\\ud800", "runId": "r", "messages": [{"id": "1", "role": "user", "content": "q"}]}',
-     "threadId"),
-])
-def test_text_that_cannot_be_encoded_is_refused_naming_the_field(proxy, upstream, path, body, param):
-    status, _, data = proxy.request("POST", path, body.encode(), {"Content-Type": "application/json"})
-    assert_error(status, data, 400)
-    assert json.loads(data)["error"]["param"] == param and upstream.received == []
-
-
-def test_a_surrogate_pair_is_ordinary_text(proxy, upstream):
-    status, _, data = proxy.request("POST", "/v1/chat/completions",
-                                    b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
-    assert status == 200 and upstream.received[-1]["body"]["query"] == "😀"
-
-
-def raw_responses(data):
-    """The status lines of the HTTP responses in some bytes read from a connection."""
-    return re.findall(rb"HTTP/1\.1 \d{3} ", data)
-
-
-@pytest.mark.parametrize("request_bytes", [
-    b"GET /health HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    b"POST /v2/unknown HTTP/1.1\r\nContent-Length: 41\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-    b"GET /health HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n29\r\nGET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    b"\r\n0\r\n\r\n",
-])
-def test_a_body_is_never_read_as_the_next_request(proxy, request_bytes):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(request_bytes)
-        answer = recv_all(sock)
-    assert len(raw_responses(answer)) == 1 and b"Connection: close" in answer
-
-
-def test_content_length_with_chunked_reads_the_chunks_and_closes(proxy, upstream):
-    body = json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode()
-    upstream.reply(*answer_events("ok"))
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"%x\r\n%s\r\n0\r\n\r\nGET /health HTTP/1.1\r\n\r\n" % (len(body), body))
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer and len(raw_responses(answer)) == 1
-
-
-@pytest.mark.parametrize("chunks", [b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n",
-                                    b"5_0\r\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n",
-                                    b"5\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\nbad trailer\r\n\r\n"])
-def test_malformed_chunks_are_400(proxy, chunks):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
-        answer = recv_all(sock)
-    assert answer.startswith(b"HTTP/1.1 400 ") and b"Malformed chunked" in answer
-
-
-def test_continue_only_after_the_checks(make_proxy):
-    proxy = make_proxy(proxy_keys=("proxy-key-1234567890",), body_budget=100000, max_body=100000)
-    for headers, status in [(b"Authorization: Bearer wrong\r\n", b"401"),
-                            (b"Authorization: Bearer proxy-key-1234567890\r\n", b"100")]:
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-            sock.sendall(chat_head(10, headers + b"Expect: 100-continue\r\n"))
-            assert sock.recv(65536).startswith(b"HTTP/1.1 " + status + b" ")
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v2/nothing HTTP/1.1\r\nAuthorization: Bearer proxy-key-1234567890\r\n"
-                     b"Content-Length: 10\r\nExpect: 100-continue\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 404 ")
-
-
-def test_preflight_echoes_only_header_names_that_are_tokens(proxy):
-    status, headers, _ = proxy.request("OPTIONS", "/v1/chat/completions", headers={
-        "Access-Control-Request-Headers": "x-good, bad header, x-also_good, x(bad), x/bad, x\"bad"})
-    allowed = [name.strip() for name in headers["Access-Control-Allow-Headers"].split(",")]
-    assert "x-good" in allowed and "x-also_good" in allowed
-    assert not [name for name in allowed if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name)]
-
-
-@pytest.mark.parametrize("extra", [b"\r\n", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"])
-def test_a_client_leaving_after_sending_more_bytes_is_seen(make_proxy, upstream, extra):
-    proxy = make_proxy(heartbeat=30)
-    upstream.reply(ev("THINKING"), HOLD)
-    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
-    sock.sendall(extra)
-    wait_until(lambda: upstream.received, what="the upstream request")
-    time.sleep(0.1)
-    left = time.monotonic()
-    sock.shutdown(socket.SHUT_WR)  # a FIN, with the extra bytes still unread by the proxy
-    assert_upstream_closed_within_a_second(upstream, left)
-    sock.close()
-
-
-def test_pipelined_requests_are_all_answered(proxy, upstream):
-    upstream.reply(*answer_events("one"))
-    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
-                     b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n" % (len(body), body))
-        answer = recv_all(sock)
-    assert len(raw_responses(answer)) == 2 and b'"content":"one"' in answer and b'{"status": "ok"}' in answer
-
-
-@pytest.mark.parametrize("epoll", [True, False])
-def test_hangup_watcher_reports_a_departure_once_and_never_for_a_newer_socket(monkeypatch, epoll):
-    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", epoll)
-    watcher = cf.HangupWatcher()
-    try:
-        ours, theirs = socket.socketpair()
-        watcher.watch(ours, "first")
-        theirs.close()  # the peer leaves
-        ready = watcher.ready(1.0)
-        fd = ours.fileno()
-        assert fd in ready
-        watcher.unwatch(ours)  # meanwhile its request ended and the socket closed...
-        ours.close()
-        newer, peer = socket.socketpair()  # ...and a new connection took its number
-        assert newer.fileno() == fd or peer.fileno() == fd
-        if peer.fileno() == fd:
-            newer, peer = peer, newer
-        watcher.watch(newer, "second")
-        assert watcher.departed(fd) is None  # the old news is not the new socket's
-        peer.close()
-        assert fd in watcher.ready(1.0) and watcher.departed(fd) == "second"
-        assert watcher.departed(fd) is None  # reported once
-        newer.close()
-    finally:
-        watcher.close()
-
-
-def test_departures_are_seen_without_epoll_too(make_proxy, upstream, monkeypatch):
-    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", False)
-    proxy = make_proxy(heartbeat=30)
-    upstream.reply(ev("THINKING"), HOLD)
-    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
-    wait_until(lambda: upstream.received, what="the upstream request")
-    time.sleep(0.1)
-    left = time.monotonic()
-    sock.close()
-    assert_upstream_closed_within_a_second(upstream, left)
-
-
-def test_a_pass_through_key_echoed_back_never_shows(make_proxy, upstream, caplog):
-    caplog.set_level(logging.DEBUG, logger="custom_finstep")
-    client = "client-key-0123456789abcdef"
-    upstream.reply(("client key %s is wrong" % client.upper()).encode(), status=401, framing="length")
-    status, _, body = make_proxy(api_keys=()).chat(headers={"Authorization": "Bearer " + client})
-    assert status == 401
-    assert_no_run_of(client, body.decode())
-    assert_no_run_of(client, logged_text(caplog))
-
-
-def test_keep_alive_serves_several_requests_on_one_connection(proxy, upstream):
-    conn = proxy.connect()
-    for text in ("one", "two"):
-        upstream.reply(*answer_events(text))
-        conn.request("POST", "/v1/chat/completions", json.dumps(
-            {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert joined(sse_payloads(response.read())) == text
-    conn.close()
-
-
-def test_http_10_client_gets_an_unchunked_stream(proxy, upstream):
-    upstream.reply(*answer_events("旧"))
-    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        answer = recv_all(sock)
-    head, stream = answer.split(b"\r\n\r\n", 1)
-    assert b"Transfer-Encoding" not in head
-    assert joined(sse_payloads(stream)) == "旧"
-
-
-# --- Trust boundaries: browsers, callers, memory --------------------------------------------
-
-def exchange(port, method, path, headers=(), body=b""):
-    """One request sent header for header as a browser (or an attacker) would:
-    (status, headers with lower-case names, body)."""
-    head = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")) for name, value in headers)
-    if not any(name.lower() == "host" for name, _ in headers):
-        head = b"Host: 127.0.0.1:%d\r\n" % port + head
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"%s %s HTTP/1.1\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                     % (method.encode(), path.encode(), head, len(body), body))
-        data = recv_all(sock)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    fields = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        fields[name.strip().lower()] = value.strip()
-    if fields.get("transfer-encoding") == "chunked":
-        rest = b"".join(re.findall(rb"[0-9a-f]+\r\n(.*?)\r\n", rest, re.S))
-    return int(lines[0].split()[1]), fields, rest
-
-
-CHAT_BODY = json.dumps({"model": "finstep-proxy", "stream": True,
-                        "messages": [{"role": "user", "content": "你好"}]}).encode()
-EVIL = ("Origin", "http://evil.example")
-
-
-def test_a_page_on_a_foreign_origin_cannot_spend_the_held_key(proxy, upstream):
-    # A "simple" request: text/plain, no preflight; the browser would show the answer to the
-    # page if the proxy allowed its origin.
-    status, headers, body = exchange(proxy.port, "POST", "/v1/chat/completions",
-                                     [EVIL, ("Content-Type", "text/plain")], CHAT_BODY)
-    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
-    assert "access-control-allow-origin" not in headers
-    for path in ("/status", "/v1/models", "/metrics"):
-        assert exchange(proxy.port, "GET", path, [EVIL])[0] == 403, path
-    assert upstream.received == []
-
-
-def test_a_preflight_from_a_foreign_origin_is_not_granted(proxy):
-    status, headers, _ = exchange(proxy.port, "OPTIONS", "/v1/chat/completions", [
-        EVIL, ("Access-Control-Request-Method", "POST"), ("Access-Control-Request-Headers", "content-type")])
-    assert status == 403 and not any(name.startswith("access-control-allow") for name in headers)
-
-
-@pytest.mark.parametrize("method, path, body", [("GET", "/status", b""), ("GET", "/", b""),
-                                                ("POST", "/v1/chat/completions", CHAT_BODY)])
-def test_a_rebound_dns_name_is_refused_on_a_loopback_proxy(proxy, upstream, method, path, body):
-    # A page on rebind.evil.example, its name now pointing at 127.0.0.1: same origin to the browser.
-    host = "rebind.evil.example:%d" % proxy.port
-    status, headers, answer = exchange(proxy.port, method, path, [("Host", host)], body)
-    assert status == 403 and json.loads(answer)["error"]["code"] == "host_not_allowed"
-    status, _, _ = exchange(proxy.port, method, path, [("Host", host), ("Origin", "http://" + host)], body)
-    assert status == 403 and upstream.received == []
-
-
-@pytest.mark.parametrize("origin", ["http://localhost:3000", "http://127.0.0.1:5173", "https://[::1]:8443",
-                                    "self"])
-def test_pages_on_localhost_and_the_proxy_s_own_page_still_work(proxy, upstream, origin):
-    origin = "http://127.0.0.1:%d" % proxy.port if origin == "self" else origin
-    status, headers, _ = exchange(proxy.port, "OPTIONS", "/v1/chat/completions", [
-        ("Origin", origin), ("Access-Control-Request-Method", "POST"),
-        ("Access-Control-Request-Headers", "authorization, content-type"),
-        ("Access-Control-Request-Private-Network", "true")])
-    assert status == 204 and headers["access-control-allow-origin"] == origin
-    assert headers["access-control-allow-private-network"] == "true" and "Origin" in headers["vary"]
-    upstream.reply(*answer_events("本地页面"))
-    status, headers, body = exchange(proxy.port, "POST", "/v1/chat/completions",
-                                     [("Origin", origin), ("Content-Type", "application/json")], CHAT_BODY)
-    assert status == 200 and headers["access-control-allow-origin"] == origin and b"\\u672c" not in body
-    assert joined(sse_payloads(body)) == "本地页面"
-
-
-def test_finstep_origins_names_the_pages_and_hosts_allowed(make_proxy, upstream):
-    proxy = make_proxy(origins=("https://chat.example.com",))
-    allowed = [("Origin", "https://chat.example.com"), ("Host", "chat.example.com")]  # behind a reverse proxy
-    assert exchange(proxy.port, "POST", "/v1/chat/completions", allowed, CHAT_BODY)[0] == 200
-    assert exchange(proxy.port, "GET", "/status", [("Origin", "http://localhost:3000")])[0] == 403
-    assert exchange(proxy.port, "GET", "/status", [("Host", "other.example.com")])[0] == 403
-    anyone = make_proxy(origins=("*",))
-    assert exchange(anyone.port, "GET", "/status", [EVIL, ("Host", "rebind.evil.example")])[0] == 200
-
-
-def test_callers_with_a_key_may_call_from_any_origin(make_proxy, upstream):
-    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))
-    foreign = [EVIL, ("Host", "rebind.evil.example")]
-    assert exchange(proxy.port, "POST", "/v1/chat/completions", foreign, CHAT_BODY)[0] == 401  # the key protects
-    status, headers, _ = exchange(proxy.port, "POST", "/v1/chat/completions",
-                                  foreign + [("Authorization", "Bearer proxy-key-0123456789")], CHAT_BODY)
-    assert status == 200 and headers["access-control-allow-origin"] == "*"
-    passing = make_proxy(api_keys=())
-    status, headers, _ = exchange(passing.port, "POST", "/v1/chat/completions",
-                                  foreign + [("Authorization", "Bearer client-key-0123456789")], CHAT_BODY)
-    assert status == 200 and headers["access-control-allow-origin"] == "*"
-
-
-def test_the_browser_refusal_comes_in_each_format_s_error_shape(proxy):
-    _, _, body = exchange(proxy.port, "POST", "/v1/messages", [EVIL], b"{}")
-    assert json.loads(body) == {"type": "error", "error": {"type": "permission_error", "message": _AnyText()}}
-    _, _, body = exchange(proxy.port, "POST", "/v1/responses", [EVIL], b"{}")
-    assert json.loads(body)["error"]["type"] == "permission_error"
-
-
-def test_expect_continue_from_a_foreign_origin_gets_403_instead_of_100(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n"
-                     b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
-        assert recv_all(sock).startswith(b"HTTP/1.1 403 ")
-
-
-NAMED = {  # how each wire format names a conversation: (path, body, headers) for the turn's text
-    "X-Session-Id": lambda text: ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]},
-                                  {"X-Session-Id": "chat-1"}),
-    "session_id": lambda text: ("/v1/chat/completions", {"session_id": "chat-1",
-                                                         "messages": [{"role": "user", "content": text}]}, {}),
-    "threadId": lambda text: ("/agui", agui_input([{"id": "m", "role": "user", "content": text}],
-                                                 threadId="chat-1"), {}),
-    "conversation": lambda text: ("/v1/responses", {"input": text, "conversation": "chat-1"}, {}),
-}
-
-
-def tenant(proxy, key, how, text):
-    path, body, headers = NAMED[how](text)
-    status, _, answer = proxy.request("POST", path, body, dict(headers, Authorization="Bearer " + key))
-    assert status == 200, answer
-
-
-@pytest.mark.parametrize("shared", ["memory", "redis"])
-@pytest.mark.parametrize("how", sorted(NAMED))
-def test_tenants_naming_conversations_alike_never_share_a_session(make_proxy, upstream, request, how, shared):
-    settings = {"proxy_keys": PROXY_KEYS}
-    if shared == "redis":
-        settings["redis_url"] = request.getfixturevalue("redis_server").url
-    proxy = make_proxy(**settings)
-    tenant(proxy, PROXY_KEYS[0], how, "A 的问题")
-    tenant(proxy, PROXY_KEYS[1], how, "B 的问题")
-    a, b = (r["body"] for r in upstream.received)
-    assert a["sessionId"] != b["sessionId"] and b["query"] == "B 的问题"
-    other = make_proxy(**settings)  # another replica (sharing Redis, or not: the id is derived alike)
-    tenant(other, PROXY_KEYS[0], how, "A 的追问")
-    assert upstream.received[-1]["body"]["sessionId"] == a["sessionId"]
-
-
-@pytest.mark.parametrize("shared", ["memory", "redis"])
-@pytest.mark.parametrize("mode", ["proxy keys", "pass-through"])
-def test_a_response_id_is_found_only_by_its_caller(make_proxy, upstream, request, mode, shared):
-    settings = {"proxy_keys": PROXY_KEYS} if mode == "proxy keys" else {"api_keys": ()}
-    keys = PROXY_KEYS if mode == "proxy keys" else ("client-key-a-0123456789", "client-key-b-0123456789")
-    if shared == "redis":
-        settings["redis_url"] = request.getfixturevalue("redis_server").url
-    proxy = make_proxy(**settings)
-    a, b = ({"Authorization": "Bearer " + key} for key in keys)
-    upstream.reply(*answer_events("给 A 的回答"))
-    first = json.loads(proxy.responses(input="A 的秘密问题", headers=a)[2])
-    stolen = proxy.responses(input="B 想看", previous_response_id=first["id"], headers=b)
-    made_up = proxy.responses(input="B 想看", previous_response_id="resp_" + "0" * 32, headers=b)
-    assert stolen[0] == made_up[0] == 400
-    assert json.loads(stolen[2])["error"]["code"] == json.loads(made_up[2])["error"]["code"] == \
-        "previous_response_not_found"
-    assert all("秘密" not in r["body"]["query"] for r in upstream.received[1:])
-    _, headers, _ = proxy.responses(input="A 的追问", previous_response_id=first["id"], headers=a)
-    assert headers["X-Finstep-Session"] == "continued"  # B used up nothing of A's
-    assert upstream.received[-1]["body"]["sessionId"] == upstream.received[0]["body"]["sessionId"]
-
-
-def test_a_request_without_a_key_uses_up_nothing(make_proxy, upstream):
-    proxy = make_proxy(api_keys=())
-    a = {"Authorization": "Bearer client-key-a-0123456789"}
-    first = json.loads(proxy.responses(input="问题", headers=a)[2])
-    status, _, body = proxy.responses(input="偷", previous_response_id=first["id"])
-    assert status == 401 and json.loads(body)["error"]["code"] == "missing_api_key"
-    assert proxy.responses(input="追问", previous_response_id=first["id"], headers=a)[1]["X-Finstep-Session"] == \
-        "continued"
-
-
-def test_two_deployments_sharing_redis_keep_their_memories_apart(make_proxy, upstream, redis_server):
-    ours = make_proxy(redis_url=redis_server.url)
-    theirs = make_proxy(redis_url=redis_server.url, api_keys=("their-key-0123456789",))
-    upstream.reply(*answer_events("我们的回答"))
-    first = json.loads(ours.responses(input="我们的问题")[2])
-    assert theirs.responses(input="他们", previous_response_id=first["id"])[0] == 400
-    assert ours.responses(input="追问", previous_response_id=first["id"])[1]["X-Finstep-Session"] == "continued"
-
-
-def test_an_overlong_pass_through_key_is_refused_before_it_is_remembered(make_proxy, upstream):
-    proxy = make_proxy(api_keys=())
-    digests, runs = cf.key_digest.cache_info().currsize, cf.key_runs.cache_info().currsize
-    for index in range(20):
-        bogus = "%02d" % index + "k" * 60000
-        status, _, body = proxy.chat(headers={"Authorization": "Bearer " + bogus})
-        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
-    assert cf.key_digest.cache_info().currsize == digests and cf.key_runs.cache_info().currsize == runs
-    assert upstream.received == [] and len(proxy.server.sessions) == 0
-    longest = "k" * cf.MAX_KEY_LENGTH
-    assert proxy.chat(headers={"Authorization": "Bearer " + longest})[0] == 200
-    assert upstream.received[0]["headers"]["Authorization"] == longest
-
-
-def test_remembered_responses_are_bounded_in_bytes(make_proxy, upstream):
-    one = cf.entry_size(cf.memory_name("resp", held_caller(), "resp_" + "0" * 32),
-                        cf.ResponseRecord("0" * 32, "0" * 32, "", "问" * 9000, "默认回答"))
-    proxy = make_proxy(session_memory=5 * one)
-    store = proxy.server.sessions
-    ids = []
-    for index in range(12):
-        ids.append(json.loads(proxy.responses(input="%02d" % index + "问" * 8998)[2])["id"])
-        assert store.bytes <= 5 * one
-    known = [store.get(cf.memory_name("resp", held_caller(), rid)) is not None for rid in ids]
-    assert 1 <= sum(known) <= 5 and known == sorted(known)  # the oldest made room for the newest
-    assert proxy.responses(input="q", previous_response_id=ids[0])[0] == 400
-    assert proxy.responses(input="q", previous_response_id=ids[-1])[0] == 200
-
-
-def test_a_turn_longer_than_a_fold_keeps_is_not_remembered_for_forks(make_proxy, upstream):
-    proxy = make_proxy(max_query=100)
-    first = json.loads(proxy.responses(input="长" * 200)[2])
-    assert proxy.server.sessions.get(cf.memory_name("resp", held_caller(), first["id"])).question is None
-    second = json.loads(proxy.responses(input="短问题", previous_response_id=first["id"])[2])
-    proxy.responses(input="分叉一", previous_response_id=second["id"])
-    proxy.responses(input="分叉二", previous_response_id=second["id"])  # a fork: folded
-    assert upstream.received[-1]["body"]["query"] == "User: 短问题\n\nAssistant: 默认回答\n\nUser: 分叉二"
-
-
-def test_control_characters_from_clients_never_reach_the_log(make_proxy, upstream, caplog):
-    caplog.set_level(logging.DEBUG, logger="custom_finstep")
-    proxy = make_proxy(api_keys=())
-    exchange(proxy.port, "G\x1b[2J\x08ET", "/health")
-    exchange(proxy.port, "POST", "/v1/chat/completions", [("Authorization", "Bearer client-key-01\x9b31m")],
-             CHAT_BODY)
-    wait_for_log(caplog, "/v1/chat/completions")
-    wait_for_log(caplog, "/health")
-    text = "".join(r.getMessage() + str(getattr(r, "fields", "")) for r in caplog.records)
-    assert not re.search("[\x00-\x1f\x7f-\x9f]", text.replace("\n", "")), repr(text)
-    assert "\\x1b[2J\\x08ET" in text
-
-
-# --- Other endpoints ---------------------------------------------------------------------
-
-def test_models_list_and_retrieve(make_proxy):
-    proxy = make_proxy(models=("finstep-proxy", "finstep-deep"))
-    status, _, body = proxy.request("GET", "/v1/models")
-    listing = json.loads(body)
-    assert status == 200 and listing["object"] == "list"
-    assert [m["id"] for m in listing["data"]] == ["finstep-proxy", "finstep-deep"]
-    assert all(m["object"] == "model" and isinstance(m["created"], int) and m["owned_by"]
-               for m in listing["data"])
-    assert json.loads(proxy.request("GET", "/models")[2]) == listing
-    # What Anthropic's clients read from the same list:
-    assert (listing["has_more"], listing["first_id"], listing["last_id"]) == (False, "finstep-proxy", "finstep-deep")
-    assert all(m["type"] == "model" and m["display_name"] == m["id"] and
-               re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["created_at"]) for m in listing["data"])
-    status, _, body = proxy.request("GET", "/v1/models/finstep-deep")
-    assert status == 200 and json.loads(body)["id"] == "finstep-deep"
-    status, _, body = proxy.request("GET", "/v1/models/unknown")
-    assert_error(status, body, 404, "model_not_found")
-
-
-def test_health_does_not_call_the_upstream(proxy, upstream):
-    status, _, body = proxy.request("GET", "/health")
-    assert status == 200 and json.loads(body) == {"status": "ok"} and upstream.received == []
-
-
-def test_chat_completions_without_v1(proxy, upstream):
-    upstream.reply(*answer_events("x"))
-    status, _, _ = proxy.request("POST", "/chat/completions", {"messages": [{"role": "user", "content": "q"}]})
-    assert status == 200 and len(upstream.received) == 1
-
-
-def test_cors_preflight_on_any_path(make_proxy):
-    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))  # callers present a key: any origin may call
-    status, headers, _ = proxy.request("OPTIONS", "/v1/chat/completions", headers={
-        "Origin": "http://app", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
-    assert status == 204
-    assert headers["Access-Control-Allow-Origin"] == "*"
-    assert "POST" in headers["Access-Control-Allow-Methods"]
-    allowed = [name.strip().lower() for name in headers["Access-Control-Allow-Headers"].split(",")]
-    assert {"authorization", "content-type", "accept", "x-stainless-os"} <= set(allowed)
-    assert proxy.request("OPTIONS", "/anything")[0] == 204
-
-
-def test_cors_header_on_every_response(make_proxy, upstream):
-    proxy = make_proxy(api_keys=())  # pass-through: every caller brings a key, any origin may call
-    upstream.reply(*answer_events("x"))
-    key = {"Authorization": "Bearer client-key-0123456789"}
-    for response in (proxy.request("GET", "/health"), proxy.request("GET", "/nope"),
-                     proxy.chat(stream=True, headers=key)):
-        assert response[1]["Access-Control-Allow-Origin"] == "*"
-
-
-# --- The page at / and GET /status -------------------------------------------------------------
-
-def test_the_page_is_one_document_with_strict_headers(proxy, upstream):
-    status, headers, body = proxy.request("GET", "/")
-    page = body.decode()
-    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
-    assert headers["Cache-Control"] == "no-cache" and len(body) < 30 * 1024
-    policy = dict(part.strip().split(" ", 1) for part in headers["Content-Security-Policy"].split(";"))
-    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
-    script = re.search(r"<script>(.*)</script>", page, re.S).group(1)
-    style = re.search(r"<style>(.*)</style>", page, re.S).group(1)
-    assert policy["script-src"] == cf.csp_hash(script) and policy["style-src"] == cf.csp_hash(style)
-    assert not re.search(r"(?i)(https?:|//[a-z0-9])", page.replace("</", ""))  # nothing from elsewhere
-    assert not re.search(r"(?i)\son[a-z]+=", page)  # no inline handlers: the policy would block them
-    assert "/v1/chat/completions" in script and "/status" in script and not upstream.received
-
-
-def test_the_page_needs_no_key_but_status_does(make_proxy):
-    proxy = make_proxy(proxy_keys=("proxy-key-0123456789",))
-    assert proxy.request("GET", "/")[0] == 200
-    assert_error(*proxy.request("GET", "/status")[::2], 401)
-    status, _, body = proxy.request("GET", "/status", headers={"Authorization": "Bearer proxy-key-0123456789"})
-    assert status == 200 and json.loads(body)["version"] == cf.__version__
-
-
-def test_page_off_keeps_the_root_a_404(make_proxy):
-    proxy = make_proxy(page=False)
-    assert_error(*proxy.request("GET", "/")[::2], 404)
-    assert proxy.request("GET", "/status")[0] == 200
-
-
-def test_status_shows_the_proxy_without_a_key_in_clear(make_proxy, upstream):
-    keys = ("first-key-0123456789abcd", "second-key-0123456789ab")
-    proxy = make_proxy(api_keys=keys)
-    upstream.reply(b'{"msg": "slow down"}', status=429, framing="length", content_type="application/json",
-                   headers={"Retry-After": "90"})
-    assert proxy.chat()[0] == 200  # the first key is refused, the second answers
-    wait_until(lambda: json.loads(proxy.request("GET", "/status")[2])["requests"].get("2xx", 0) >= 1)
-    status, headers, body = proxy.request("GET", "/status")
-    data = json.loads(body)
-    assert status == 200 and headers["Cache-Control"] == "no-store"
-    assert not any(key in body.decode() for key in keys)
-    assert data["upstream"] == "127.0.0.1" and data["max_streams"] == 256 and data["streams_in_flight"] == 0
-    assert (data["reasoning"], data["sessions"], data["system"]) == ("reasoning", "auto", "fold")
-    assert data["upstream_results"]["ok"] == 1 and data["upstream_connections"]["new"] >= 1
-    cooling = {k["key"]: k["cooling_down_seconds"] for k in data["keys"]}
-    assert cooling == {cf.mask_key(keys[0]): pytest.approx(90, abs=5), cf.mask_key(keys[1]): 0}
-
-
-@pytest.mark.parametrize("call, path", [
-    (lambda p: p.chat(), "new"), (lambda p: p.chat(stream=True), "new"),
-    (lambda p: p.chat(headers={"X-Session-Id": "s1"}), "explicit"),
-    (lambda p: p.responses(), "new"), (lambda p: p.messages(stream=True), "new"),
-    (lambda p: p.agui(), "explicit"),
-])
-def test_every_answer_says_how_it_reached_its_session(proxy, upstream, call, path):
-    status, headers, _ = call(proxy)
-    assert status == 200 and headers["X-Finstep-Session"] == path
-
-
-def test_a_continued_conversation_says_so(proxy, upstream):
-    upstream.reply(*answer_events("答"))
-    proxy.chat(stream=True)
-    _, headers, _ = proxy.chat(stream=True, messages=[{"role": "user", "content": "你好"},
-                                                      {"role": "assistant", "content": "答"},
-                                                      {"role": "user", "content": "再问"}])
-    assert headers["X-Finstep-Session"] == "continued"
-    assert "X-Finstep-Session" in headers["Access-Control-Expose-Headers"]
-
-
-# --- Redis: memory shared by replicas -------------------------------------------------------
-
-@pytest.mark.parametrize("data, value", [
-    (b"+OK\r\n", "OK"),
-    (b":42\r\n", 42),
-    (b"$5\r\nhello\r\n", b"hello"),
-    (b"$0\r\n\r\n", b""),
-    (b"$-1\r\n", None),
-    (b"*-1\r\n", None),
-    (b"*3\r\n$1\r\na\r\n:7\r\n$-1\r\n", [b"a", 7, None]),
-    (b"*2\r\n*1\r\n+x\r\n$2\r\n\r\n\r\n", [["x"], b"\r\n"]),
-])
-def test_parse_reply(data, value):
-    assert cf.parse_reply(data + b"+next\r\n") == (value, len(data))
-    for cut in range(len(data)):  # a reply split anywhere is incomplete, never wrong
-        assert cf.parse_reply(data[:cut]) is None
-
-
-def test_parse_reply_error_and_garbage():
-    error, end = cf.parse_reply(b"-ERR unknown command 'GETDEL'\r\n")
-    assert isinstance(error, cf.RedisError) and "unknown command" in str(error) and end == 31
-    with pytest.raises(ValueError):
-        cf.parse_reply(b"HTTP/1.1 200 OK\r\n")
-
-
-@pytest.mark.parametrize("data", [
-    b"*1\r\n" * 200000 + b":1\r\n",  # nested beyond any reply the proxy asks for
-    b"$" + b"9" * 5000 + b"\r\n",  # a number no reply has (and a quadratic conversion on Python 3.8)
-    b":12x\r\n", b"$-\r\n", b"*\r\n",
-    b"$" + b"1" * 5000,  # a type line that never ends
-    b"!3\r\nabc\r\n",  # RESP3, never asked for
-])
-def test_parse_reply_refuses_what_is_no_reply_to_the_proxy(data):
-    with pytest.raises(cf.RedisProtocolError):
-        cf.parse_reply(bytearray(data))
-
-
-def test_parse_reply_takes_a_growing_buffer():
-    buffer = bytearray(b"*2\r\n$3\r\nab")
-    assert cf.parse_reply(buffer) is None
-    buffer += b"c\r\n:5\r\n"
-    assert cf.parse_reply(buffer) == ([b"abc", 5], len(buffer))
-
-
-def test_resp_command():
-    assert cf.resp_command("SET", "k", "值", "EX", 5) == b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\xe5\x80\xbc\r\n$2\r\nEX\r\n$1\r\n5\r\n"
-
-
-@pytest.mark.parametrize("url, target", [
-    ("redis://localhost", cf.RedisTarget(False, "localhost", 6379, None, None, 0)),
-    ("redis://10.0.0.2:6380/3", cf.RedisTarget(False, "10.0.0.2", 6380, None, None, 3)),
-    ("rediss://:p%40ss@cache:6390", cf.RedisTarget(True, "cache", 6390, None, "p@ss", 0)),
-    ("redis://user:pw@cache/0", cf.RedisTarget(False, "cache", 6379, "user", "pw", 0)),
-    ("http://cache:6379", None), ("redis://", None), ("redis://cache:port", None), ("redis://cache/db", None),
-])
-def test_parse_redis_url(url, target):
-    assert cf.parse_redis_url(url) == target
-
-
-def test_bad_redis_url_names_the_variable():
-    with pytest.raises(cf.ConfigError) as caught:
-        cf.load_config({"FINSTEP_REDIS_URL": "cache:6379"}, [])
-    assert str(caught.value).startswith("FINSTEP_REDIS_URL (--redis-url) must be redis://")
-
+# --- End to end: shared memory with a real Redis ------------------------------------------
 
 class RedisServer:
     """A real redis-server on a free port, without persistence, for one test."""
@@ -4343,20 +4182,6 @@ class RedisServer:
     def stop(self):
         self.process.terminate()
         self.process.wait(5)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -4575,261 +4400,396 @@ def test_a_redis_call_has_one_deadline_and_a_size_bound(make_proxy, upstream, an
         redis.close()
 
 
-# --- Logs -----------------------------------------------------------------------------------
+# --- End to end: the upstream, over HTTP and TLS, kept alive ------------------------------
 
-def wait_for_log(caplog, text):
-    """The first log message containing text; the summary line is written just after the response."""
-    return wait_until(lambda: next((r.getMessage() for r in caplog.records if text in r.getMessage()), None),
-                      what="a log line with " + text)
+# A self-signed certificate for 127.0.0.1 (valid until 2126), only for the TLS upstream test.
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIDHDCCAgSgAwIBAgIUaYtQKNca3fZOsvfysVSFcGYyyawwDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyNDE4NDg1NVoYDzIxMjYx
+MDMxMTg0ODU1WjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQCzdBgWqiKHFoNSi/dwtXs5FS9mU5em+q1pSefHYXA6
+0JWtJoZ4JCQo5OdA/Gn/6CXf4xawlBa+uVZRaRqESSthAdIVdA28XpOfaTQH/6pJ
+YBr7b572DOzqr4ah5Xikk9JM6OMMHophaAtV0KG9tWas7d+/9kXoLrI2Kfaa7XGU
+xd8Zj7szaIiDFib2HBNVIRG7iw7/aoP99F0TEOUgbJU5BbIK7MikIWo2Fng4N1SQ
+SYav0YF49lQP3agQm4FenTSubr/vNL8acN4l4SZjRzudFC5LA0OHIHGDI9Gui7F3
+tbBU0nVJkvZE7ZwcmA/c8k8pcZb/ullmCWb/hI+gcXj9AgMBAAGjZDBiMB0GA1Ud
+DgQWBBTS4SN98+f7ihCpeiON5UfHIAZ14TAfBgNVHSMEGDAWgBTS4SN98+f7ihCp
+eiON5UfHIAZ14TAPBgNVHRMBAf8EBTADAQH/MA8GA1UdEQQIMAaHBH8AAAEwDQYJ
+KoZIhvcNAQELBQADggEBAFnp7BfqpPwHpXZTkEUs0iHXdUUhMfOnC8z4yETFE8ZU
+DevkJFYas37WCy7OKb2jwEEvAvLkiZLhA7E8RYj0a2lGoNtwBZa8/K+K2+wRjVJG
+JITvZ6xeBIk9l3oTswH5pRFEctqzO4+AxhEPRy5cS84ZBZ8I71mrQuyj3m/HVGvf
+0kcW6fQPEeT7QVCLPC/Kcwkp/s11J2UbgaejBgGz1exIcDrA4vJyudYlbSAdFnA9
+lS/c97VSy4ydZog5PCLhbsd6a9uaSiw5WDUaTwdMCfDazYGPmaAhkmDxKxFOTRop
+6juUyaOU5hpW4A65aS6gs9gOM8i0CNliUYBsslVTSSA=
+-----END CERTIFICATE-----"""
 
 
-def test_a_request_on_a_kept_alive_connection_is_timed_from_its_request_line(proxy, caplog):
-    caplog.set_level(logging.INFO, logger="custom_finstep")
-    conn = proxy.connect()
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQCzdBgWqiKHFoNS
+i/dwtXs5FS9mU5em+q1pSefHYXA60JWtJoZ4JCQo5OdA/Gn/6CXf4xawlBa+uVZR
+aRqESSthAdIVdA28XpOfaTQH/6pJYBr7b572DOzqr4ah5Xikk9JM6OMMHophaAtV
+0KG9tWas7d+/9kXoLrI2Kfaa7XGUxd8Zj7szaIiDFib2HBNVIRG7iw7/aoP99F0T
+EOUgbJU5BbIK7MikIWo2Fng4N1SQSYav0YF49lQP3agQm4FenTSubr/vNL8acN4l
+4SZjRzudFC5LA0OHIHGDI9Gui7F3tbBU0nVJkvZE7ZwcmA/c8k8pcZb/ullmCWb/
+hI+gcXj9AgMBAAECggEADoX+zRbH5Jb12eBqDj0h0+TbCTUKuQDgt/y7PW+tXZU0
+B+duSpriMk0USjYjfgqTxiLi2zeg/56QVdZjxwEE+bzj+8iAtBYTbHtfMqaGaZnV
+lTPbcZ5qLjQ2eTPRJ8Cu7HqMpZZzLJ73C+LutCPSQ3yc9zQ/RCNDWQ7cXn2JC7k0
+5dY/s6bqiilSj+nXNCcZxrHCciNHtabLyz1V0vqSf31EGQvMwvss0lYrRS0ZG4hX
+PgRkDJjYgW4MevEVdDHxfUgw5Zyo4orCGzDznWTau8YyShDsFbY3RlClKNCuA4RZ
+kUGYhwnYk2JBPopcErzbWVMywrvvGTpqiF2iZooPAQKBgQD2QoyOV+sRiPiYUd5A
+oAevLp/Yj7SXUKUQx4kp+JN8p9qM9N3zBie9SmWA3pQmQni/oLDNtou9bl/gg6aK
+uoeJkz54hriPkTDsgiHW16AvCTs9/gFiolktC1S5PtGSYwYKePpvNkVmp4ymSpit
+DFetk1bxrHsl40KUEC6aNi5l6QKBgQC6jRxkXhENIIqaKmZonskr08t+1upZIf3B
+lBEjx68hWTEmU3TgfMWO7FG1jDOsiTVsA15h2oGCcUuvLVDXfwu9rXLHtQ42hl7+
+3eeGdHZkMn/WavhQjKGSoeZ7Nq9d0QAaMpGpwt/rpVnJYLB9mPUTlKE0rUbV0dvh
+FlOCJhbJ9QKBgQDfYkTQBo6UrHQc7/61DrWJwrh7IPiHXj8ttmMFMJjRNg45WRJQ
+ll/MBMWInd8zyY5w/doD8ThXkNzl82ZKZ6P1Nx0vBb47dVA06mK52YVTxYL43AXz
+rCNKigHDvGks6iibrVw3L7rKwOgEHJzcNNr/+CyhM33OQ5Wsa/VqLAXwqQKBgQCe
+HhS+jWxub/KKkP2UF2Hzn+SPcaHYQpNOjC2q4glyfqLGFV6vF5JrfaoT8u2pg/Kf
+xoss7YNwCI9Zv1MSFEDjWCw9URzm4iWKaJNgxz3B13u7RZeKzmf0XP152fPx1L/9
+dHc6KE6a8N+VbDqregXfvs6UU3oCqYlw0vedDKOsMQKBgHa2HxrWCF49pZcjE0h/
+iLF4zWDTJx0KcMsD9VsAi++ojYB392yNnLqGTgqaJ0sUutbFE6wT6yQ3uzNqUs9g
+tzJexe+CvAjiJDynBGL7USmAvk8UQwsV8yuwDEmkUQAJMlctLYmOozUnZy5G92G0
+is9ECfaRpV92wMlfiU7ON00n
+-----END PRIVATE KEY-----"""
+
+
+@pytest.fixture
+def tls_upstream():
+    """The fake upstream behind TLS, as the real Finstep is."""
+    fake = FakeUpstream()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as folder:
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        with open(cert, "w") as out:
+            out.write(TEST_CERT)
+        with open(key, "w") as out:
+            out.write(TEST_KEY)
+        context.load_cert_chain(cert, key)
+    fake.server.socket = context.wrap_socket(fake.server.socket, server_side=True)
+    fake.url = fake.url.replace("http://", "https://")
+    yield fake
+    fake.close()
+
+
+def tls_proxy(tls_upstream, **overrides):
+    proxy = Proxy(cf.Config(**dict(dict(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1",
+                                        port=0, timeout=2.0, client_timeout=1.0), **overrides)))
+    assert proxy.server.ssl_context is not None  # an https upstream gets a TLS context
+    proxy.server.upstream_connector.context = ssl.create_default_context(cadata=TEST_CERT)  # trust it
+    return proxy
+
+
+def test_https_upstream_streams(tls_upstream):
+    proxy = tls_proxy(tls_upstream)
     try:
-        for _ in range(2):
-            conn.request("GET", "/v1/models")
-            assert conn.getresponse().read()
-            time.sleep(0.6)  # the connection waits, idle, for its next request
+        tls_upstream.reply(*answer_events("加密", "通道", thinking=["想"]))
+        status, _, body = proxy.chat(stream=True)
+        assert status == 200 and joined(sse_payloads(body)) == "加密通道"
+        assert tls_upstream.received[-1]["headers"]["Authorization"] == ENV_KEY
     finally:
-        conn.close()
-    records = wait_until(lambda: [r for r in caplog.records if "/v1/models" in r.getMessage()][1:] and
-                         [r for r in caplog.records if "/v1/models" in r.getMessage()])
-    assert all(r.fields["duration_ms"] < 500 for r in records), [r.getMessage() for r in records]
+        proxy.close()
 
 
-def test_a_short_pass_through_key_leaves_error_messages_readable(make_proxy, upstream):
-    proxy = make_proxy(api_keys=())
-    upstream.reply(b'{"msg": "bad key"}', status=401, framing="length", content_type="application/json")
-    status, _, body = proxy.chat(headers={"Authorization": "Bearer k"})
-    error = assert_error(status, body, 401, "invalid_api_key")
-    assert error["message"] == "The upstream rejected the API key: bad key"
+def test_https_upstream_with_an_untrusted_certificate_is_502(tls_upstream):
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1", port=0))
+    try:
+        status, _, body = proxy.chat()
+        error = assert_error(status, body, 502, "upstream_unreachable")
+        assert "CERTIFICATE_VERIFY_FAILED" in error["message"]
+    finally:
+        proxy.close()
 
 
-def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
+def test_https_upstream_is_closed_when_the_client_leaves(tls_upstream):
+    proxy = tls_proxy(tls_upstream)
+    try:
+        tls_upstream.reply(ev("THINKING"), HOLD)
+        sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+        assert b"200 OK" in sock.recv(65536)
+        left = time.monotonic()
+        sock.close()
+        assert_upstream_closed_within_a_second(tls_upstream, left)
+    finally:
+        proxy.close()
+
+
+REUSED = 'finstep_proxy_upstream_connections_total{reused="true"}'
+
+
+NEW = 'finstep_proxy_upstream_connections_total{reused="false"}'
+
+
+IDLE = "finstep_proxy_upstream_idle_connections"
+
+
+def conn_notes(caplog):
+    """The conn= of each request's log line, in order."""
+    return [re.search(r"conn=(\w+)", r.getMessage()).group(1) for r in caplog.records
+            if "conn=" in r.getMessage()]
+
+
+def ask(proxy, question="问", stream=True):
+    status, _, body = proxy.chat(stream=stream, messages=[{"role": "user", "content": question}])
+    assert status == 200, body
+    return joined(sse_payloads(body)) if stream else json.loads(body)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_sequential_requests_reuse_one_upstream_connection(proxy, upstream, caplog, stream):
     caplog.set_level(logging.INFO, logger="custom_finstep")
-    proxy = make_proxy(api_keys=())
-    upstream.reply(*answer_events("a", "b"))
-    proxy.chat(stream=True, headers={"Authorization": "Bearer AI-ONE-secretsecret1234"})
-    line = wait_for_log(caplog, "POST /v1/chat/completions")
-    assert " 200 " in line and "upstream=200" in line and "chunks=2" in line and "ms" in line
-    assert "key=****1234" in line
-    assert all("secretsecret" not in r.getMessage() for r in caplog.records)
+    assert [ask(proxy, q, stream) for q in ("一", "二", "三")] == ["默认回答"] * 3
+    assert len(upstream.connections) == 1
+    assert [r["served_before"] for r in upstream.received] == [0, 1, 2]
+    assert (metric(proxy, NEW), metric(proxy, REUSED), metric(proxy, IDLE)) == (1, 2, 1)
+    assert wait_until(lambda: len(conn_notes(caplog)) == 3 and conn_notes(caplog)) == ["new", "reused", "reused"]
 
 
-def test_unfamiliar_type_is_logged_at_debug(proxy, upstream, caplog):
-    caplog.set_level(logging.DEBUG, logger="custom_finstep")
-    upstream.reply(ev("RESPONSING", "card", "x"), ev("RESPONSING", "card", "y"), ev("DONE"))
-    proxy.chat()
-    assert sum("unfamiliar type" in r.getMessage() and "card" in r.getMessage() for r in caplog.records) == 1
+def test_tls_upstream_connection_is_reused(tls_upstream):
+    proxy = tls_proxy(tls_upstream)
+    try:
+        assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
+        assert len(tls_upstream.connections) == 1 and metric(proxy, REUSED) == 2
+    finally:
+        proxy.close()
 
 
-# --- Production hardening ----------------------------------------------------------------------
-
-PROXY_KEY = "proxy-key-abcdef123456"
-
-
-def bearer(key):
-    return {"Authorization": "Bearer " + key}
-
-
-def test_proxy_key_is_required_except_for_health_and_options(make_proxy, upstream):
-    proxy = make_proxy(proxy_keys=(PROXY_KEY, "second-proxy-key-0000"))
-    for headers in ({}, bearer("wrong"), bearer(PROXY_KEY[:-1])):
-        status, _, body = proxy.chat(headers=headers)
-        assert_error(status, body, 401, "invalid_api_key")
-        assert_error(*proxy.request("GET", "/v1/models", headers=headers)[::2], 401)
-        assert_error(*proxy.request("GET", "/metrics", headers=headers)[::2], 401)
-    assert upstream.received == []
-    assert proxy.request("GET", "/health")[0] == 200
-    assert proxy.request("OPTIONS", "/v1/chat/completions")[0] == 204
-    assert proxy.chat(headers=bearer(PROXY_KEY))[0] == 200
-    assert proxy.chat(headers={"x-api-key": "second-proxy-key-0000"})[0] == 200
-    assert [r["headers"]["Authorization"] for r in upstream.received] == [ENV_KEY, ENV_KEY]
+def test_tls_prewarm_connection_survives_its_session_tickets(tls_upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    monkeypatch.setattr(cf.UpstreamPool, "warm_retry", 0.05)  # tls_proxy trusts the test certificate late
+    proxy = tls_proxy(tls_upstream, prewarm=True)
+    try:
+        wait_until(lambda: tls_upstream.connections, what="a warm TLS connection")
+        time.sleep(0.2)  # several probes: TLS 1.3 tickets arriving after the handshake must not count as a close
+        assert len(tls_upstream.connections) == 1 and ask(proxy) == "默认回答"
+        assert tls_upstream.received[0]["connection"] == 1
+    finally:
+        proxy.close()
 
 
-def test_open_relay_warning_at_start_up():
-    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY}, host="0.0.0.0")
-    err = stop_script(process)
-    assert b"no PROXY_API_KEY" in err
-    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "PROXY_API_KEY": PROXY_KEY}, host="0.0.0.0")
-    err = stop_script(process)
-    assert b"no PROXY_API_KEY" not in err
+def test_a_server_closing_idle_connections_costs_no_request(proxy, upstream):
+    upstream.keep_alive = False  # closes each connection after its response, without a word
+    assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
+    assert len(upstream.received) == 3 and len(upstream.connections) == 3 and not upstream.dropped
 
 
-def test_start_up_says_which_web_pages_may_call():
-    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "FINSTEP_ORIGINS": "*"})
-    assert b"WARNING [-] web pages: FINSTEP_ORIGINS=*: pages on any web origin may spend" in stop_script(process)
+def test_a_request_the_server_dropped_on_a_kept_alive_connection_is_sent_once_more(proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    assert ask(proxy, "一") == "默认回答"
+    upstream.drop_reused = 1  # the server closes the connection as the next request arrives
+    upstream.reply(*answer_events("第二个回答"))
+    assert ask(proxy, "二") == "第二个回答"
+    assert len(upstream.dropped) == 1 and len(upstream.received) == 2  # answered once, on a new connection
+    assert upstream.received[1]["connection"] == 2 and upstream.received[1]["served_before"] == 0
+    assert metric(proxy, "finstep_proxy_upstream_retries_total") == 1
+    assert wait_until(lambda: len(conn_notes(caplog)) == 2 and conn_notes(caplog)) == ["new", "retried"]
 
 
-KEYS = ("upstream-key-1-aaaa", "upstream-key-2-bbbb", "upstream-key-3-cccc")
+def test_no_retry_once_a_response_byte_came(proxy, upstream):
+    assert ask(proxy, "一") == "默认回答"
+    upstream.reply(status_line_only=b"HTTP/1.1 2")  # part of a status line, then the end
+    status, _, body = proxy.chat()
+    assert_error(status, body, 502, "upstream_unreachable")
+    assert len(upstream.received) == 2 and len(upstream.connections) == 1  # the request went out once
+    assert ask(proxy, "三") == "默认回答" and len(upstream.connections) == 2
 
 
-def sent_keys(upstream):
-    return [r["headers"]["Authorization"] for r in upstream.received]
+def test_a_response_saying_connection_close_is_not_reused(proxy, upstream):
+    upstream.reply(*answer_events("一"), headers={"Connection": "close"})
+    assert ask(proxy, "一") == "一" and ask(proxy, "二") == "默认回答"
+    assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
 
 
-def test_new_conversations_rotate_over_the_keys(make_proxy, upstream):
-    proxy = make_proxy(api_keys=KEYS)
-    for i in range(6):
-        proxy.chat(messages=msgs("question %d" % i))
-    assert sent_keys(upstream) == list(KEYS) * 2
+def all_at_once(calls, gate, upstream, upstream_requests):
+    """The results of `calls`, run in threads while the upstream holds its answers behind
+    `gate`, which opens once it has seen `upstream_requests` requests in all."""
+    results = [None] * len(calls)
+    threads = [threading.Thread(target=lambda index=index, call=call: results.__setitem__(index, call()))
+               for index, call in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(upstream.received) == upstream_requests, what="requests upstream at once")
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    return results
 
 
-def test_continued_session_keeps_its_key(make_proxy, upstream):
-    proxy = make_proxy(api_keys=KEYS)
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    proxy.chat(messages=msgs("other"))  # moves the rotation on
-    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert second["sessionId"] == first["sessionId"]
-    assert sent_keys(upstream)[2] == sent_keys(upstream)[0]
+def hang_up_mid_answer(proxy, upstream):
+    upstream.reply(ev("THINKING"), HOLD)
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    assert b"200 OK" in sock.recv(65536)
+    sock.close()
+    wait_until(lambda: upstream.closed_at, what="the upstream connection to close")
 
 
-def test_explicit_session_always_uses_the_same_key(make_proxy, upstream):
-    proxy = make_proxy(api_keys=KEYS)
-    for _ in range(3):
-        proxy.chat(headers={"X-Session-Id": "conv-7"})
-    assert len(set(sent_keys(upstream))) == 1
-    assert len({r["body"]["sessionId"] for r in upstream.received}) == 1
-
-
-@pytest.mark.parametrize("status, headers", [(401, {}), (403, {}), (429, {"Retry-After": "30"})])
-def test_refused_key_fails_over_and_cools_down(make_proxy, upstream, status, headers):
-    proxy = make_proxy(api_keys=KEYS)
-    upstream.reply(b"no", status=status, framing="length", headers=headers)
-    status_seen, _, body = proxy.chat(stream=True)
-    assert status_seen == 200 and joined(sse_payloads(body)) == "默认回答"
-    assert sent_keys(upstream) == [KEYS[0], KEYS[1]]
-    for i in range(4):
-        proxy.chat(messages=msgs("again %d" % i))
-    assert KEYS[0] not in sent_keys(upstream)[2:]  # cooling down
-
-
-@pytest.mark.parametrize("via", ["X-Session-Id", "threadId"])
-def test_named_conversation_on_a_revoked_key_fails_over_and_folds(make_proxy, upstream, via):
-    proxy = make_proxy(api_keys=KEYS)
-    hashed = cf.stable_index("conv-r", len(KEYS))
-    revoked, next_key = KEYS[hashed], KEYS[(hashed + 1) % len(KEYS)]
-
-    def ask(*texts):
-        if via == "threadId":
-            agui_run(proxy.agui([dict(m, id=str(i)) for i, m in enumerate(msgs(*texts))], threadId="conv-r")[2])
+@pytest.mark.parametrize("failure", ["cut", "error event", "timeout", "client left", "401"])
+def test_a_failed_call_closes_its_connection(make_proxy, upstream, failure):
+    proxy = make_proxy(timeout=0.3, api_keys=(ENV_KEY, "second-key-0123456789"))
+    if failure == "client left":
+        hang_up_mid_answer(proxy, upstream)
+    else:
+        upstream.reply(*{"cut": (ev("RESPONSING", "text", "半"), CUT),
+                         "error event": (ev("RESPONSING", "text", "半"), ev("ERROR", message="boom")),
+                         "timeout": (ev("THINKING"), HOLD),
+                         "401": (b'{"msg": "bad key"}',)}[failure],
+                       **({"status": 401, "framing": "length", "content_type": "application/json"}
+                          if failure == "401" else {}))
+        status, _, body = proxy.chat(stream=True)
+        if failure == "401":  # the next key is tried on a new connection, and answers
+            assert status == 200 and joined(sse_payloads(body)) == "默认回答"
         else:
-            status, _, body = proxy.chat(messages=msgs(*texts), headers={"X-Session-Id": "conv-r"})
-            assert status == 200, body
-        return upstream.received[-1]
-
-    first = ask("q1")
-    assert first["headers"]["Authorization"] == revoked
-    assert first["body"]["sessionId"] == cf.explicit_session_id(revoked, held_caller(*KEYS), "conv-r")
-    upstream.reply(b"revoked", status=401, framing="length")
-    second = ask("q1", "默认回答", "q2")
-    assert sent_keys(upstream)[1:] == [revoked, next_key]
-    assert second["body"]["sessionId"] == cf.explicit_session_id(next_key, held_caller(*KEYS), "conv-r")
-    assert second["body"]["query"] == "User: q1\n\nAssistant: 默认回答\n\nUser: q2"  # new there: folded
-    third = ask("q1", "默认回答", "q2", "默认回答", "q3")
-    assert third["headers"]["Authorization"] == next_key  # the revoked key cools down
-    assert (third["body"]["sessionId"], third["body"]["query"]) == (second["body"]["sessionId"], "q3")
+            assert body.cut and "error" in sse_payloads(body)[-2]
+    first = upstream.connections[0]
+    wait_until(lambda: first in upstream.closed_connections, what="the failed call's connection to close")
+    assert ask(proxy) == "默认回答"
+    assert upstream.received[-1]["connection"] != 1  # the failed call's connection is never used again
 
 
-def test_continued_conversation_on_a_revoked_key_folds_on_the_next(make_proxy, upstream):
-    proxy = make_proxy(api_keys=KEYS)
-    first, a1 = turn(proxy, upstream, msgs("q1"), "a1")
-    upstream.reply(b"revoked", status=401, framing="length")
-    second, _ = turn(proxy, upstream, msgs("q1", a1, "q2"))
-    assert sent_keys(upstream) == [KEYS[0], KEYS[0], KEYS[1]]
-    assert second["sessionId"] != first["sessionId"] and second["query"] == "User: q1\n\nAssistant: a1\n\nUser: q2"
+def test_idle_connections_close_after_upstream_idle(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    proxy = make_proxy(upstream_idle=0.2)
+    assert ask(proxy) == "默认回答" and metric(proxy, IDLE) == 1
+    wait_until(lambda: upstream.closed_connections, what="the idle connection to close")
+    assert metric(proxy, IDLE) == 0
+    assert ask(proxy) == "默认回答" and len(upstream.connections) == 2
 
 
-def test_every_key_refused_gives_the_error_after_one_try_each(make_proxy, upstream):
-    proxy = make_proxy(api_keys=KEYS)
-    for _ in KEYS:
-        upstream.reply(b"slow down", status=429, framing="length", headers={"Retry-After": "5"})
-    status, headers, body = proxy.chat()
-    assert_error(status, body, 429, "rate_limit_exceeded")
-    assert sorted(sent_keys(upstream)) == sorted(KEYS) and headers["Retry-After"] == "5"
+def test_the_idle_pool_is_bounded(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "max_idle", 2)
+    proxy = make_proxy()
+    release = threading.Event()
+    for _ in range(4):
+        upstream.reply(release, *answer_events("并发"))
+    results = all_at_once([lambda: ask(proxy)] * 4, release, upstream, 4)
+    assert results == ["并发"] * 4 and len(upstream.connections) == 4
+    assert metric(proxy, IDLE) == 2
+    wait_until(lambda: len(upstream.closed_connections) == 2, what="the two beyond the bound to close")
 
 
-def test_when_all_keys_cool_down_the_soonest_is_tried(make_proxy, upstream):
-    proxy = make_proxy(api_keys=KEYS)
-    for seconds in ("300", "100", "200"):
-        upstream.reply(b"x", status=429, framing="length", headers={"Retry-After": seconds})
-    proxy.chat()
-    del upstream.received[:]
-    assert proxy.chat()[0] == 200
-    assert sent_keys(upstream) == [KEYS[1]]
+def test_shutdown_closes_every_upstream_connection(upstream):
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=upstream.url, host="127.0.0.1", port=0))
+    assert ask(proxy) == "默认回答"
+    proxy.close()
+    wait_until(lambda: upstream.closed_connections == upstream.connections, what="the pool to close")
 
 
-def test_key_pool_order():
-    now = [0.0]
-    pool = cf.KeyPool(("a", "b", "c"), clock=lambda: now[0])
-    assert [pool.order() for _ in range(3)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
-    pool.cool_down("b", 10)
-    pool.cool_down("a", 5)
-    assert pool.order() == ["c"]
-    pool.cool_down("c", 20)
-    assert pool.order() == ["a"]
-    now[0] = 6
-    assert "a" in pool.order() and "b" not in pool.order()
+def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(prewarm=True)
+    wait_until(lambda: len(proxy.server.upstream_pool), what="a connection in the pool before any request")
+    assert ask(proxy) == "默认回答"
+    assert wait_until(lambda: conn_notes(caplog)) == ["reused"]
+    assert upstream.received[0]["connection"] == 1
+    # Taken by a request, the warm connection has a successor: the next request finds one too.
+    wait_until(lambda: len(upstream.connections) == 2, 5, what="a new warm connection")
+    wait_until(lambda: len(proxy.server.upstream_pool) == 2, 5, what="both connections idle in the pool")
+    for sock in upstream.connections:
+        sock.shutdown(socket.SHUT_RDWR)  # the server closes both while idle
+    wait_until(lambda: len(upstream.connections) == 3, 5, what="the warm connection to be opened again")
+    wait_until(lambda: len(proxy.server.upstream_pool) == 1, 5, what="only the new one in the pool")
+    assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
 
 
-def test_key_pool_order_for_a_named_conversation_is_stable_and_prefers_its_key():
-    pool = cf.KeyPool(("a", "b", "c"))
-    start = cf.stable_index("conv", 3)
-    stable = list(("a", "b", "c")[start:] + ("a", "b", "c")[:start])
-    assert [pool.order("conv") for _ in range(3)] == [stable] * 3  # the round robin does not move it
-    assert pool.order() == ["a", "b", "c"]
-    assert pool.order("conv", prefer=cf.key_digest(stable[2])) == [stable[2], stable[0], stable[1]]
-    assert pool.order(None, prefer=cf.key_digest("c"))[0] == "c"
-    pool.cool_down(stable[0], 10)
-    assert pool.order("conv") == stable[1:]
-    assert pool.order("conv", prefer=cf.key_digest(stable[0])) == stable[1:]  # a cooling key is not preferred
+def test_the_warm_connection_has_a_successor_before_it_expires(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    # A successor is opened a quarter of the idle time (0.25 s) before expiry; its handshakes
+    # take 0.08 s: room for a loaded machine's scheduling, never a race the test can lose.
+    proxy = make_proxy(prewarm=True, upstream_idle=1.0)
+    pool = proxy.server.upstream_pool
+    route, connect = pool.warm
+
+    def connect_over_a_long_link():
+        time.sleep(0.08)  # the handshakes' round trips
+        return connect()
+    pool.keep_warm(route, connect_over_a_long_link)
+    wait_until(lambda: len(pool), what="a warm connection in the pool")  # held, not only accepted
+    idle = []
+    deadline = time.monotonic() + 2.6
+    while time.monotonic() < deadline:
+        idle.append(len(pool))
+        time.sleep(0.005)
+    assert min(idle) >= 1  # never a moment without a warm connection
+    assert len(upstream.connections) >= 3 and upstream.closed_connections  # while they expire in turn
 
 
-@pytest.mark.parametrize("value, seconds", [(None, 60), ("", 60), ("7", 7), ("soon", 60),
-                                            ("Wed, 21 Oct 2015 07:28:00 GMT", 0),
-                                            ("\xb2", 60),  # a digit to str.isdigit(), not to float()
-                                            ("99999999999", 86400), ("Fri, 01 Jan 9999 00:00:00 GMT", 86400)])
-def test_retry_after_seconds(value, seconds):
-    assert cf.retry_after_seconds(value) == seconds
+class TunnelProxy:
+    """A small HTTP CONNECT proxy, as an HTTPS_PROXY is: it records each tunnel's
+    Proxy-Authorization and relays bytes both ways."""
+
+    def __init__(self):
+        self.tunnels = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_CONNECT(self):
+                outer.tunnels.append(self.headers.get("Proxy-Authorization"))
+                host, port = self.path.rsplit(":", 1)
+                with socket.create_connection((host, int(port))) as far:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    relay_both_ways(self.connection, far)
+                self.close_connection = True
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://user:pass@127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
-def read_stream_events(response, until=b"data: [DONE]"):
-    """Read a streaming response as it arrives; returns (arrival time, raw event) pairs."""
-    received, events = b"", []
-    while until not in received:
-        piece = response.read1(65536)
-        assert piece, "the stream ended early: %r" % received[-200:]
-        received += piece
-        while b"\n\n" in received:
-            event, received = received.split(b"\n\n", 1)
-            events.append((time.monotonic(), event))
-            if event == until:
-                received = until
-    return events
+def relay_both_ways(one, other):
+    while True:
+        readable, _, _ = select.select([one, other], [], [], 10)
+        if not readable:
+            return
+        for sock in readable:
+            data = sock.recv(65536)
+            if not data:
+                return
+            (other if sock is one else one).sendall(data)
 
 
-def open_stream(proxy, payload=None, headers=None):
-    conn = proxy.connect()
-    conn.request("POST", "/v1/chat/completions", json.dumps(
-        payload or {"stream": True, "messages": [{"role": "user", "content": "q"}]}),
-        dict({"Content-Type": "application/json"}, **(headers or {})))
-    return conn, conn.getresponse()
+def test_https_through_a_connect_proxy_keeps_its_tunnel(tls_upstream, monkeypatch):
+    tunnel = TunnelProxy()
+    for name in ("no_proxy", "NO_PROXY", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("https_proxy", tunnel.url)
+    proxy = tls_proxy(tls_upstream)
+    try:
+        assert [ask(proxy, q) for q in ("一", "二", "三")] == ["默认回答"] * 3
+        assert tunnel.tunnels == ["Basic dXNlcjpwYXNz"]  # one tunnel, with the proxy's credentials
+        assert len(tls_upstream.connections) == 1 and metric(proxy, REUSED) == 2
+        assert "Proxy-Authorization" not in tls_upstream.received[0]["headers"]  # never to the origin
+    finally:
+        proxy.close()
+        tunnel.close()
 
+
+# --- End to end: the watchdog and the limits ----------------------------------------------
 
 def test_heartbeats_while_the_upstream_is_silent_before_its_headers(make_proxy, upstream):
     proxy = make_proxy(heartbeat=0.1)
-    upstream.reply(*answer_events("答"), before_head=0.45)
+    upstream.reply(*answer_events("答"), before_head=1.0)
     began = time.monotonic()
     conn, response = open_stream(proxy)
-    assert response.status == 200 and time.monotonic() - began < 0.3  # head sent with the first heartbeat
+    assert response.status == 200  # the head went out with the first heartbeat, before the upstream's
     events = read_stream_events(response)
     kinds = [e for _, e in events]
     assert kinds[0] == b": keep-alive" and kinds.count(b": keep-alive") >= 3
     first_data = next(i for i, e in enumerate(kinds) if e.startswith(b"data:"))
     assert all(e == b": keep-alive" for e in kinds[:first_data])
     times = [began] + [t for t, _ in events]
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.2  # no silence longer than a heartbeat + slack
+    assert max(b - a for a, b in zip(times, times[1:])) < 0.6  # the upstream's 1 s of silence was filled
     assert joined(sse_payloads(b"\n\n".join(e for e in kinds if e.startswith(b"data:")) + b"\n\n")) == "答"
     conn.close()
 
@@ -4988,7 +4948,6 @@ def test_connection_limit_follows_the_stream_cap():
 def test_slowloris_is_dropped_while_others_are_served(make_proxy, upstream):
     proxy = make_proxy(client_timeout=0.4)
     slow = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-    began = time.monotonic()
     dropped = None
     for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n":
         try:
@@ -5003,8 +4962,10 @@ def test_slowloris_is_dropped_while_others_are_served(make_proxy, upstream):
             dropped = time.monotonic()
             break
     slow.close()
-    assert dropped is not None and dropped - began < 1.0
+    assert dropped is not None  # by its deadline: the head never ends
 
+
+# --- End to end: metrics and logs ---------------------------------------------------------
 
 def test_metrics_count_what_happened(make_proxy, upstream):
     proxy = make_proxy()
@@ -5099,6 +5060,63 @@ def test_json_log_format(upstream):
     assert ENV_KEY not in first + err.decode()
 
 
+def test_a_request_on_a_kept_alive_connection_is_timed_from_its_request_line(proxy, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    conn = proxy.connect()
+    try:
+        for _ in range(2):
+            conn.request("GET", "/v1/models")
+            assert conn.getresponse().read()
+            time.sleep(0.6)  # the connection waits, idle, for its next request
+    finally:
+        conn.close()
+    records = wait_until(lambda: [r for r in caplog.records if "/v1/models" in r.getMessage()][1:] and
+                         [r for r in caplog.records if "/v1/models" in r.getMessage()])
+    assert all(r.fields["duration_ms"] < 500 for r in records), [r.getMessage() for r in records]
+
+
+def test_a_short_pass_through_key_leaves_error_messages_readable(make_proxy, upstream):
+    proxy = make_proxy(api_keys=())
+    upstream.reply(b'{"msg": "bad key"}', status=401, framing="length", content_type="application/json")
+    status, _, body = proxy.chat(headers={"Authorization": "Bearer k"})
+    error = assert_error(status, body, 401, "invalid_api_key")
+    assert error["message"] == "The upstream rejected the API key: bad key"
+
+
+def test_request_log_line_masks_the_key(make_proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(api_keys=())
+    upstream.reply(*answer_events("a", "b"))
+    proxy.chat(stream=True, headers={"Authorization": "Bearer AI-ONE-secretsecret1234"})
+    line = wait_for_log(caplog, "POST /v1/chat/completions")
+    assert " 200 " in line and "upstream=200" in line and "chunks=2" in line and "ms" in line
+    assert "key=****1234" in line
+    assert all("secretsecret" not in r.getMessage() for r in caplog.records)
+
+
+def test_unfamiliar_type_is_logged_at_debug(proxy, upstream, caplog):
+    caplog.set_level(logging.DEBUG, logger="custom_finstep")
+    upstream.reply(ev("RESPONSING", "card", "x"), ev("RESPONSING", "card", "y"), ev("DONE"))
+    proxy.chat()
+    assert sum("unfamiliar type" in r.getMessage() and "card" in r.getMessage() for r in caplog.records) == 1
+
+
+# --- The server and the script as processes -----------------------------------------------
+
+def test_open_relay_warning_at_start_up():
+    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY}, host="0.0.0.0")
+    err = stop_script(process)
+    assert b"no PROXY_API_KEY" in err
+    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "PROXY_API_KEY": PROXY_KEY}, host="0.0.0.0")
+    err = stop_script(process)
+    assert b"no PROXY_API_KEY" not in err
+
+
+def test_start_up_says_which_web_pages_may_call():
+    process, _, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "FINSTEP_ORIGINS": "*"})
+    assert b"WARNING [-] web pages: FINSTEP_ORIGINS=*: pages on any web origin may spend" in stop_script(process)
+
+
 def stream_through_script(upstream, *args, env=None):
     process, port, _ = start_script(*args, env=dict({"FINSTEP_API_KEY": ENV_KEY,
                                                      "FINSTEP_API_URL": upstream.url}, **(env or {})))
@@ -5114,9 +5132,7 @@ def test_sigterm_lets_a_stream_in_flight_finish(upstream):
     upstream.reply(ev("RESPONSING", "text", "慢"), 1.0, ev("RESPONSING", "text", "答"), ev("DONE"))
     process, port, response = stream_through_script(upstream)
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.4)  # the accept loop notices within its 0.2 s poll interval
-    with pytest.raises(OSError):  # no new connections while draining
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    wait_until(lambda: not port_open(port), 5, "new connections refused while draining")
     rest = response.read()
     assert rest.endswith(b"data: [DONE]\n\n") and '"content":"答"' in rest.decode()
     assert process.wait(timeout=5) == 0
@@ -5125,25 +5141,20 @@ def test_sigterm_lets_a_stream_in_flight_finish(upstream):
 def test_sigterm_closes_streams_left_after_the_drain_with_an_error(upstream):
     upstream.reply(ev("RESPONSING", "text", "a"), 3.0, ev("DONE"))
     process, _, response = stream_through_script(upstream, env={"FINSTEP_DRAIN_SECONDS": "0.3"})
-    began = time.monotonic()
     process.send_signal(signal.SIGTERM)
     rest = read_body(response)
     assert b'"code":"server_shutting_down"' in rest and rest.endswith(b"data: [DONE]\n\n") and rest.cut
-    assert process.wait(timeout=5) == 0 and time.monotonic() - began < 2.0
+    assert process.wait(timeout=5) == 0
 
 
 def test_second_signal_exits_at_once(upstream):
-    upstream.reply(ev("RESPONSING", "text", "a"), 3.0, ev("DONE"))
+    upstream.reply(ev("RESPONSING", "text", "a"), HOLD)  # a stream that would outlast the 30 s drain
     process, _, _ = stream_through_script(upstream, env={"FINSTEP_DRAIN_SECONDS": "30"})
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    began = time.monotonic()
+    wait_until(lambda: b"stopping" in process.stderr.readline(), 5, "the first signal taken")
     process.send_signal(signal.SIGINT)
-    process.wait(timeout=5)
-    assert time.monotonic() - began < 1.0
+    process.wait(timeout=5)  # not the drain's 30 s
 
-
-# --- The script as a process ------------------------------------------------------------------
 
 def test_imports_only_the_standard_library():
     tree = ast.parse(open(SCRIPT, encoding="utf-8").read())
@@ -5186,16 +5197,15 @@ def stop_script(process):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_server_cleanly(signum):
-    process, port, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY})
+    # With nothing in flight, a stop does not wait out the drain's 30 s.
+    process, port, _ = start_script(env={"FINSTEP_API_KEY": ENV_KEY, "FINSTEP_DRAIN_SECONDS": "30"})
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/health")
         assert conn.getresponse().status == 200
         conn.close()
-        began = time.monotonic()
         process.send_signal(signum)
-        assert process.wait(timeout=5) == 0
-        assert time.monotonic() - began < 1.0
+        assert process.wait(timeout=10) == 0
     finally:
         process.kill()
         process.wait()
@@ -5251,12 +5261,14 @@ def test_bad_setting_exits_2_with_one_line(env, named):
     assert len(lines) == 1 and named in lines[0]
 
 
-def test_help_documents_every_variable():
-    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, timeout=10)
+def test_help_documents_every_variable_with_its_default():
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, timeout=10,
+                            env=dict(os.environ, COLUMNS="400"))
     assert result.returncode == 0
     text = result.stdout.decode()
-    for _, env, flag, _, _ in cf.SETTINGS:
-        assert env in text and flag in text
+    for setting in cf.SETTINGS:
+        assert setting.env in text and setting.flag in text
+        assert "(default: %s)" % (cf.default_text(setting.field) or "unset") in text, setting.env
     assert "--demo" in text
 
 
@@ -5268,8 +5280,29 @@ def test_runs_as_a_module_as_the_docker_image_does():
     assert result.returncode == 0 and cf.__version__ in result.stdout.decode()
 
 
-def test_readme_documents_every_variable():
+README_ROW = re.compile(r"^\| `([A-Z_]+)` \| `(--[a-z-]+)` \| ([^|]+) \|", re.M)
+
+
+@pytest.mark.parametrize("half", ["Chinese", "English"])
+def test_readme_configuration_table_is_the_settings_table(half):
     readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     chinese, english = readme.split("## English", 1)
-    for _, env, flag, _, _ in cf.SETTINGS:
-        assert "`%s`" % env in chinese and "`%s`" % flag in chinese and env in english, env
+    text, unset = (chinese, "未设置") if half == "Chinese" else (english, "unset")
+    rows = README_ROW.findall(text)
+    assert [(env, flag) for env, flag, _ in rows] == [(s.env, s.flag) for s in cf.SETTINGS]
+    for (env, _, default), setting in zip(rows, cf.SETTINGS):
+        expected = cf.default_text(setting.field)
+        assert default.strip() == ("`%s`" % expected if expected else unset), env
+
+
+def test_readme_and_docs_links_resolve():
+    pages = ["README.md"] + ["docs/" + name for name in sorted(os.listdir(os.path.join(HERE, "docs")))
+                             if name.endswith(".md")]
+    for page in pages:
+        text = open(os.path.join(HERE, page), encoding="utf-8").read()
+        text = re.sub(r"```.*?```", "", text, flags=re.S)  # links in code blocks are code
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # an address on the web
+            path = os.path.normpath(os.path.join(HERE, os.path.dirname(page), target))
+            assert os.path.exists(path), "%s links to %s" % (page, target)
