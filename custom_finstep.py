@@ -16,28 +16,31 @@ FINSTEP_ORIGINS, FINSTEP_API_URL, HOST, PORT, FINSTEP_USER_ID, FINSTEP_REASONING
 FINSTEP_MODELS, FINSTEP_TIMEOUT, FINSTEP_MAX_BODY, FINSTEP_BODY_BUDGET, FINSTEP_SESSIONS,
 FINSTEP_SYSTEM, FINSTEP_SESSION_CACHE, FINSTEP_SESSION_MEMORY, FINSTEP_MAX_QUERY,
 FINSTEP_HEARTBEAT, FINSTEP_MAX_STREAMS, FINSTEP_DRAIN_SECONDS, FINSTEP_UPSTREAM_IDLE,
-FINSTEP_PREWARM, FINSTEP_PAGE, FINSTEP_REDIS_URL, FINSTEP_REDIS_PREFIX, FINSTEP_REDIS_TIMEOUT,
-LOG_LEVEL, LOG_FORMAT.
+FINSTEP_PREWARM, FINSTEP_PAGE, FINSTEP_TASKS, FINSTEP_SIGNING_KEY, FINSTEP_REDIS_URL,
+FINSTEP_REDIS_PREFIX, FINSTEP_REDIS_TIMEOUT, LOG_LEVEL, LOG_FORMAT.
 
 Endpoints: the route table, ROUTES, is the one list.
 
-A request's way through this file, whose sections follow it:
+A request's way through this file, each step with its (section):
 
-    ProxyServer.process_request           accept, within the connection limit (The server)
-      ProxyHandler.handle_one_request     an Exchange: the request's state, to its log line
-        HeadReader, request_framing       the head, line by line and bounded (HTTP/1.1 framing)
-        RouteTable.find                   its Route: endpoint, wire format, key needed (Routes)
-        BrowserPolicy, caller_of          the page's origin and Host; the Caller (Callers and browsers)
-        BodyReader                        the body, within the body budget (HTTP/1.1 framing)
-        WireFormat.parse                  an AnswerRequest, or a DirectAnswer (Wire formats)
-        AnswerPipeline.run                a stream slot, then (The answer pipeline):
-          WireFormat.recall, plan_turn    what the caller's memory says: continue, fold, name (Conversations)
-          KeyPool.order, UpstreamCall     the upstream, key after key (Keys; Upstream; Shared memory)
-          AnswerRouter                    each read's events: text, reasoning, steps; limits, stops (Answers)
-          WireFormat.render               the events as the client's bytes (Wire formats)
-          ResponseSink                    written at once, one chunk a read; heartbeats (The HTTP handler)
-          remember_turn, answered         the turn remembered for its next one (Conversations)
-        RequestLog.log_summary            one log line, keys hidden (Logs); Metrics
+  ProxyServer.process_request          accept, within the connection limit (The server)
+  ProxyHandler.handle_one_request      an Exchange, the request's state to its log line (The HTTP handler)
+    HeadReader, request_framing        the head, line by line and bounded (HTTP/1.1 framing)
+    Routing.dispatch                   routed by the server's RouteTable (Routes):
+      check_browser                    the page's origin and Host: BrowserPolicy (Callers and browsers)
+      endpoint, RouteTable.find        its Route: the key where needed, the method, the endpoint
+    Endpoints.answer                   a route's `answer` (Endpoints; the others answer alone):
+      authenticate, caller_of          the Caller, before the body (Callers and browsers)
+      BodyReader                       the body, within the body budget (HTTP/1.1 framing)
+      WireFormat.parse                 an AnswerRequest, or a DirectAnswer sent as it is (Wire formats)
+      AnswerPipeline.run               a stream slot, then (The answer pipeline):
+        WireFormat.recall, plan_turn   the caller's memory: continue, fold, name (Conversations)
+        KeyPool.order, UpstreamCall    the upstream, key after key (Keys; Upstream; Shared memory)
+        AnswerRouter                   each read's events: text, reasoning, steps; limits, stops (Answers)
+        WireFormat.render              the events as the client's bytes (Wire formats)
+        ResponseSink                   written at once, one chunk a read; heartbeats (The HTTP handler)
+        remember_turn, answered        the turn remembered for its next one (Conversations)
+    RequestLog.log_summary             one log line, keys hidden (Logs); Metrics
 
     Also: the Watchdog (heartbeats, departed clients, slow heads), the demo upstream, main(),
     and, last, the page at / and its assets.
@@ -145,6 +148,7 @@ from typing import NamedTuple
 from typing import Optional
 from typing import Sequence
 from typing import Tuple
+from typing import Union
 
 log = logging.getLogger("custom_finstep")
 
@@ -157,6 +161,7 @@ SESSION_MODES = ("auto", "fold")
 
 
 SYSTEM_MODES = ("fold", "drop")
+TASK_MODES = ("local", "forward")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
@@ -181,6 +186,7 @@ class Config:
     body_budget: int = 67108864
     sessions: str = "auto"
     system: str = "fold"
+    tasks: str = "local"
     session_cache: int = 10000
     session_memory: int = 67108864
     max_query: int = 20000
@@ -193,6 +199,7 @@ class Config:
     redis_url: str = ""
     redis_prefix: str = "finstep:"
     redis_timeout: float = 0.25
+    signing_key: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
     demo: bool = False
@@ -300,6 +307,13 @@ def _origins(raw: str) -> Tuple[str, ...]:
     return tuple(normal_origin(origin) for origin in origins)
 
 
+def _secret(raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 16 or any(ord(c) < 33 or ord(c) == 127 for c in value):
+        raise ValueError("must be at least 16 characters, no spaces or control characters")
+    return value
+
+
 def _models(raw: str) -> Tuple[str, ...]:
     ids = tuple(part.strip() for part in raw.split(",") if part.strip())
     if not ids:
@@ -344,6 +358,10 @@ SETTINGS = (
     Setting("system", "FINSTEP_SYSTEM", "--system", _choice(SYSTEM_MODES),
             "the client's system and developer messages: fold (into the first query of a new upstream "
             "session) or drop (never sent upstream; the first query is the question alone)"),
+    Setting("tasks", "FINSTEP_TASKS", "--tasks", _choice(TASK_MODES),
+            "chat UIs' background tasks (Open WebUI's titles, tags, follow-ups and search queries, LobeChat's "
+            "and Cherry Studio's topic titles): local (answered here in the form they ask for, without "
+            "Finstep) or forward (asked of Finstep like any question)"),
     Setting("session_cache", "FINSTEP_SESSION_CACHE", "--session-cache", _positive_int,
             "conversations remembered in memory for continuation, least recently used evicted"),
     Setting("session_memory", "FINSTEP_SESSION_MEMORY", "--session-memory", _positive_int,
@@ -371,6 +389,9 @@ SETTINGS = (
             "prefix of every Redis key the proxy writes"),
     Setting("redis_timeout", "FINSTEP_REDIS_TIMEOUT", "--redis-timeout", _positive_float,
             "seconds a Redis call may take in all before the request goes on without it"),
+    Setting("signing_key", "FINSTEP_SIGNING_KEY", "--signing-key", _secret,
+            "secret that signs the thinking blocks of Anthropic's Messages API, the same on every replica; "
+            "unset: one random secret shared through FINSTEP_REDIS_URL, else one per process"),
     Setting("log_level", "LOG_LEVEL", "--log-level", _choice(LOG_LEVELS, str.upper),
             "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_format", "LOG_FORMAT", "--log-format", _choice(LOG_FORMATS),
@@ -419,7 +440,7 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
         try:
             values[setting.field] = setting.convert(raw)
         except ValueError as exc:
-            shown = "" if setting.field.endswith("_keys") else ", got %r" % raw
+            shown = "" if setting.field.endswith(("_keys", "_key")) else ", got %r" % raw
             raise ConfigError("%s (%s) %s%s" % (setting.env, setting.flag, exc, shown)) from None
     if values.get("body_budget", Config.body_budget) < values.get("max_body", Config.max_body):
         raise ConfigError("FINSTEP_BODY_BUDGET (--body-budget) must be at least FINSTEP_MAX_BODY (--max-body): "
@@ -562,6 +583,51 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
+
+
+class RequestLog:
+    """One line a request, from its Exchange, once it is answered; a dropped connection's line
+    at DEBUG. Every line passes the KeyFilter: keys hidden, control characters escaped."""
+
+    def log(self, level: int, message: str, *args, fields: Optional[dict] = None) -> None:
+        # The upstream key in use is kept out of sight too: a client's own, when passed through.
+        exchange = self.exchange
+        log.log(level, message, *args, extra={"request_id": exchange.request_id, "fields": fields or {},
+                                              "secret": exchange.upstream.key if exchange.upstream else None})
+
+    def log_summary(self) -> None:
+        exchange = self.exchange
+        path = self.logged_path()
+        seconds = time.monotonic() - exchange.started
+        upstream_status = exchange.upstream.status if exchange.upstream else None
+        self.server.metrics.request(self.server.routes.label(path), exchange.status, seconds)
+        note = exchange.note
+        quiet = exchange.route is not None and exchange.route.quiet and exchange.status == 200
+        level = logging.DEBUG if quiet else logging.INFO
+        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command or "-",
+                 path, exchange.status, seconds * 1000, upstream_status or "-", exchange.chunks, note,
+                 fields={"client": self.client_address[0], "method": self.command or "-", "path": path,
+                         "status": exchange.status, "duration_ms": round(seconds * 1000, 1),
+                         "upstream_status": upstream_status, "chunks": exchange.chunks, "note": note.strip(),
+                         "session": exchange.session, "conn": exchange.conn, "cut": exchange.cut,
+                         "error": exchange.error})
+
+    def logged_path(self) -> str:
+        return printable((self.path or "-").split("?", 1)[0][:200])
+
+    def log_drop(self) -> None:
+        # Routine: an idle keep-alive connection (a partial request is answered 408 and logged).
+        self.log(logging.DEBUG, "%s closed: %s", self.client_address[0], self.exchange.dropped)
+
+    def log_request(self, code="-", size="-") -> None:
+        self.exchange.status = int(code)  # the summary line is written once the request is over
+
+    def log_message(self, format: str, *args) -> None:
+        self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
+
+    def log_error(self, format: str, *args) -> None:
+        # Whatever http.server still reports on its own; every request has its summary line.
+        self.log(logging.DEBUG, "%s %s", self.client_address[0], format % args)
 
 
 # --- Errors: raised anywhere, answered in one place ---------------------------------------
@@ -833,57 +899,6 @@ class BodyReader:
                 raise self.malformed_chunks()
 
 
-class ChunkedDecoder:
-    """HTTP/1.1 chunked transfer coding, decoded as bytes arrive. feed() returns the payload
-    bytes the data completes; `done` turns true once the last (zero-size) chunk and the
-    trailer section after it are in, so a connection read this far is ready for its next
-    response; framing that breaks the rules raises ValueError. Bytes fed past the end stay
-    in `buffer`: a server that sent them cannot be trusted with another request."""
-
-    def __init__(self):
-        self.buffer = b""
-        self.left = 0  # payload bytes still due in the current chunk
-        self.crlf = False  # the CRLF that ends a chunk's payload is due
-        self.trailer = False  # the last chunk is in: trailer fields (of no interest) until a blank line
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        buffer = self.buffer + data if self.buffer else data
-        out, position, end = [], 0, len(buffer)
-        while position < end and not self.done:
-            if self.left:
-                take = min(self.left, end - position)
-                out.append(buffer[position:position + take])
-                position += take
-                self.left -= take
-                self.crlf = not self.left
-            elif self.crlf:
-                if end - position < 2:
-                    break
-                if buffer[position:position + 2] != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                position += 2
-                self.crlf = False
-            else:
-                newline = buffer.find(b"\n", position)
-                if newline < 0:
-                    if end - position > 1024:
-                        raise ValueError("chunk size or trailer line too long")
-                    break
-                line = buffer[position:newline]
-                position = newline + 1
-                if self.trailer:
-                    self.done = not line.strip()
-                    continue
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError("negative chunk size")
-                self.left = size
-                self.trailer = size == 0
-        self.buffer = buffer[position:]
-        return b"".join(out)
-
-
 # --- Routes -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(eq=False, repr=False)  # no more than __init__: every class costs memory for good
@@ -898,29 +913,32 @@ class Route:
     open: bool = False  # answered without PROXY_API_KEY: it holds no data (the page asks for the key itself)
     prefix: bool = False
     label: str = ""  # its metrics label, when not its path: a prefix's template
+    body: bool = False  # it reads a body for a caller: the caller is known first, before 100 Continue
+    setting: str = ""  # the Config switch that serves it, where one can turn it off
+    quiet: bool = False  # a 200 is logged at DEBUG: container health checks would drown the log
 
 
 # The one route table: a new endpoint is one row here (and one WireFormat class where it
 # speaks a format of its own).
 ROUTES = (
-    Route("/v1/chat/completions", ("POST",), "answer", "chat"),
-    Route("/chat/completions", ("POST",), "answer", "chat"),
-    Route("/v1/responses", ("POST",), "answer", "responses"),
-    Route("/responses", ("POST",), "answer", "responses"),
-    Route("/v1/messages", ("POST",), "answer", "messages"),
-    Route("/messages", ("POST",), "answer", "messages"),
-    Route("/v1/messages/count_tokens", ("POST",), "answer", "count_tokens"),
-    Route("/messages/count_tokens", ("POST",), "answer", "count_tokens"),
-    Route("/agui", ("POST",), "answer", "agui"),
-    Route("/v1/agui", ("POST",), "answer", "agui"),
+    Route("/v1/chat/completions", ("POST",), "answer", "chat", body=True),
+    Route("/chat/completions", ("POST",), "answer", "chat", body=True),
+    Route("/v1/responses", ("POST",), "answer", "responses", body=True),
+    Route("/responses", ("POST",), "answer", "responses", body=True),
+    Route("/v1/messages", ("POST",), "answer", "messages", body=True),
+    Route("/messages", ("POST",), "answer", "messages", body=True),
+    Route("/v1/messages/count_tokens", ("POST",), "answer", "count_tokens", body=True),
+    Route("/messages/count_tokens", ("POST",), "answer", "count_tokens", body=True),
+    Route("/agui", ("POST",), "answer", "agui", body=True),
+    Route("/v1/agui", ("POST",), "answer", "agui", body=True),
     Route("/v1/models", ("GET",), "list_models"),
     Route("/models", ("GET",), "list_models"),
     Route("/v1/models/", ("GET",), "retrieve_model", prefix=True, label="/v1/models/{id}"),
     Route("/models/", ("GET",), "retrieve_model", prefix=True, label="/models/{id}"),
     Route("/status", ("GET",), "show_status"),
     Route("/metrics", ("GET",), "metrics"),
-    Route("/health", ("GET",), "health", open=True),
-    Route("/", ("GET",), "show_page", open=True),
+    Route("/health", ("GET",), "health", open=True, quiet=True),
+    Route("/", ("GET",), "show_page", open=True, setting="page"),
 )
 
 
@@ -951,19 +969,108 @@ class RouteTable:
 
 
 def build_routes(config: Config) -> RouteTable:
-    """The routes a server with `config` answers: the page only with FINSTEP_PAGE on."""
-    return RouteTable([route for route in ROUTES if config.page or route.endpoint != "show_page"])
+    """The routes a server with `config` answers: those whose setting is on (FINSTEP_PAGE)."""
+    return RouteTable([route for route in ROUTES if not route.setting or getattr(config, route.setting)])
 
 
-DEFAULT_ROUTES = RouteTable(ROUTES)
+class Routing:
+    """Routing a request by the server's route table: the browser policy first, then the key
+    where the route needs it, the method, and the endpoint; the route's wire format, which
+    parses its requests and shapes its errors. CORS preflights are answered here."""
 
+    allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
 
-def route_for(path: str) -> Optional[Route]:
-    return DEFAULT_ROUTES.find(path)
+    def do_GET(self) -> None:
+        self.dispatch()
 
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
 
-def metrics_path(path: str) -> str:
-    return DEFAULT_ROUTES.label(path)
+    def do_OPTIONS(self) -> None:
+        try:
+            self.check_browser()
+        except ProxyError as exc:
+            self.fail(exc)  # a preflight from a page that may not call is not granted
+            return
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        requested = [name.strip() for name in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
+        self.send_header("Access-Control-Allow-Headers", ", ".join(
+            [self.allowed_headers] + [name for name in requested if TOKEN.fullmatch(name)]))
+        self.send_header("Access-Control-Max-Age", "86400")
+        if (self.headers.get("Access-Control-Request-Private-Network") or "").lower() == "true":
+            self.send_header("Access-Control-Allow-Private-Network", "true")  # a public page to this address
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def dispatch(self) -> None:
+        path = self.route_path()
+        try:
+            try:
+                self.check_browser()
+                getattr(self, self.endpoint(path))(path)
+            except ProxyError as exc:
+                if self.exchange.interrupted == "client_gone":
+                    raise ClientGone() from None
+                if self.exchange.interrupted == "shutdown":
+                    exc = shutting_down()
+                self.fail(exc)
+        except ClientGone:
+            self.close_connection = True
+            self.exchange.client_left = True
+            if self.exchange.status is None:
+                self.exchange.status = 499  # as nginx logs a client that closed before its answer
+
+    def route_path(self) -> str:
+        return route_path(self.path)
+
+    def route(self) -> Optional[Route]:
+        exchange = self.exchange
+        if exchange.route is None and self.path is not None:
+            exchange.route = self.server.routes.find(self.route_path())
+        return exchange.route
+
+    def wire_format(self) -> WireFormat:
+        """The wire format of this request's route, which also shapes its errors (chat
+        completions' for a path no route knows)."""
+        exchange = self.exchange
+        if exchange.wire is None:
+            route = self.route()
+            exchange.wire = WireFormat.formats[route.wire if route else "chat"](
+                self.server.config, self.server.sessions, self.server.signer)
+        return exchange.wire
+
+    def check_browser(self) -> None:
+        """Refuse, before anything else, a web page that may not use the key this proxy holds
+        (BrowserPolicy), and set the CORS headers of the answer."""
+        policy = self.server.browser
+        if policy.guarded:
+            origin = self.headers.get("Origin")
+            refusal = policy.refusal(origin, self.headers.get("Host"))
+            if refusal is not None:
+                raise refusal
+            self.exchange.cors = policy.headers(origin)
+
+    def endpoint(self, path: str) -> str:
+        """The endpoint (a method name) for this request, once its key is checked where the
+        route needs it; raises ProxyError: 401, 404, 405."""
+        route = self.route()
+        if (route is None or not route.open) and self.server.config.proxy_keys:
+            self.authenticate()
+        if route is None:
+            raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
+        methods = route.methods + (("HEAD",) if "GET" in route.methods else ())  # HEAD: GET's head alone
+        if self.command not in methods:
+            allowed = ", ".join(sorted(methods)) + ", OPTIONS"
+            raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
+                             code="method_not_allowed", headers={"Allow": allowed})
+        return route.endpoint
+
+    def authenticate(self) -> Caller:
+        """The request's caller (see Caller), from its headers alone; raises ProxyError(401)."""
+        exchange = self.exchange
+        if exchange.caller is None:
+            exchange.caller = caller_of(self.server.config, self.headers, self.server.deployment)
+        return exchange.caller
 
 
 # --- Callers and browsers: who may use the proxy, and what each may see -------------------
@@ -1153,11 +1260,22 @@ class AnswerRequest:
     stops: Tuple[str, ...] = ()  # the answer ends before the first of these in its text
     resume: Optional["SessionRef"] = None  # the session the wire format knows this turn continues
     fold: bool = False  # the wire format knows the conversation, and that its session cannot continue it
+    marks: Tuple[Tuple[str, str], ...] = ()  # (name, value) the log line adds: what the format saw
+    task: Optional[str] = None  # a client's background task (a chat's title, say), not a turn of the chat
+    local: Optional[str] = None  # the answer, when the format gives it itself, without Finstep
+    dropped: int = 0  # messages of the conversation the format could not even offer to fold
 
     @property
     def history(self) -> Tuple[Tuple[str, str], ...]:
-        """The messages up to and including the last user message."""
-        return self.messages[:last_user(self.messages) + 1]
+        """The messages up to and including the last user message, which ends it. System
+        messages after it (mid-conversation system messages, as Claude Code sends them) come
+        just before it: system text like any other, and the question stays last."""
+        messages = self.messages
+        last = last_user(messages)
+        after = tuple((role, text) for role, text in messages[last + 1:] if role in ("system", "developer"))
+        if not after:
+            return messages[:last + 1]
+        return messages[:last] + after + messages[last:last + 1]
 
     @property
     def question(self) -> str:
@@ -1166,8 +1284,10 @@ class AnswerRequest:
 
     @property
     def title(self) -> str:
-        return session_title(next(text for role, text in self.messages
-                                  if role == "user" and text and not text.isspace()))
+        """The conversation's first user message in the user's own words (user_words), else
+        its first user message as it is."""
+        users = [text for role, text in self.messages if role == "user" and text and not text.isspace()]
+        return session_title(next((words for words in map(user_words, users) if words), users[0]))
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -1323,7 +1443,7 @@ def read_stops(value, name: str) -> Tuple[str, ...]:
 
 def refuse_unsupported(payload: dict) -> None:
     """400 for a chat parameter that asks for what Finstep cannot give, saying what can be done
-    instead. Parameters that only tune sampling are accepted and ignored (README)."""
+    instead. Parameters that only tune sampling are accepted and ignored (docs/apis.md)."""
     n = payload.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise _unsupported("'n' must be 1: Finstep gives one answer per request; for several answers, "
@@ -1359,6 +1479,33 @@ def read_model_and_stream(payload: dict, default_model: str) -> Tuple[str, bool]
 
 SESSION_TITLE_LIMIT = 50
 _WORDS = re.compile(r"\S+")
+
+
+# User messages that are a coding agent's context, not the user's words: Codex sends a
+# project's AGENTS.md as one.
+AGENT_CONTEXT = ("# AGENTS.md instructions for ",)
+
+
+def user_words(text: str) -> str:
+    """A user message without the context clients wrap in tags before the user's words
+    (`<system-reminder>…</system-reminder>`, `<environment_context>…</environment_context>`);
+    "" when all of it is context. One pass: each block's end is looked for once."""
+    position, size = 0, len(text)
+    while True:
+        while position < size and text[position].isspace():
+            position += 1
+        if text.startswith(AGENT_CONTEXT, position):
+            return ""
+        match = _OPENING_TAG.match(text, position)
+        if match is None:
+            return text[position:]
+        end = text.find("</%s>" % match.group(1), match.end())
+        if end < 0:
+            return text[position:]  # not a block: the user's own text begins with a tag
+        position = end + len(match.group(1)) + 3
+
+
+_OPENING_TAG = re.compile(r"<([A-Za-z][\w-]{0,63})(?:\s[^<>]{0,1024})?>")
 
 
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
@@ -1406,9 +1553,12 @@ def sse_frame(payload: dict) -> Tuple[bytes, bytes]:
 
 @dataclasses.dataclass(eq=False, repr=False)
 class DirectAnswer:
-    """What a wire format answers by itself, without asking Finstep (count_tokens, say)."""
-    payload: dict
+    """What a wire format answers by itself, without asking Finstep (count_tokens, say): a
+    JSON document, or bytes of another `content_type`, with headers of its own."""
+    payload: Union[dict, bytes]
     status: int = 200
+    headers: Tuple[Tuple[str, str], ...] = ()
+    content_type: str = "application/json"  # of a bytes payload; a dict is always JSON
 
 
 class WireFormat:
@@ -1437,9 +1587,10 @@ class WireFormat:
         if cls.name:
             WireFormat.formats[cls.name] = cls
 
-    def __init__(self, config: Config, memory: "SessionStore"):
+    def __init__(self, config: Config, memory: "SessionStore", signer: Optional["ThinkingSigner"] = None):
         self.config = config
         self.memory = memory  # what the proxy remembers of conversations, shared by every format
+        self.signer = signer or ThinkingSigner(os.urandom(32))  # the deployment's: see ThinkingSigner
 
     def parse(self, body: bytes, headers: Mapping[str, str]):
         """The pipeline's input (an AnswerRequest), or a DirectAnswer; raises ProxyError."""
@@ -1456,8 +1607,9 @@ class WireFormat:
 
     @staticmethod
     def named_by_header(request: AnswerRequest, headers: Mapping[str, str]) -> AnswerRequest:
-        """The request as its X-Session-Id header names its conversation, if it has the header."""
-        named = (headers.get("X-Session-Id") or "").strip()
+        """The request as its X-Session-Id header names its conversation, if it has the header,
+        or Open WebUI's chat id header (sent with ENABLE_FORWARD_USER_INFO_HEADERS)."""
+        named = (headers.get("X-Session-Id") or headers.get("X-OpenWebUI-Chat-Id") or "").strip()
         return dataclasses.replace(request, conversation=named) if named else request
 
     def error_status(self, error: ProxyError) -> int:
@@ -1493,13 +1645,68 @@ class ChatRequest(AnswerRequest):
     include_usage: bool = False
 
 
-def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
-    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong."""
+# Chat UIs ask their model, in the background, for a chat's title, its tags, follow-up
+# questions, search queries: a slow, paid Finstep answer each, in prose where they parse JSON.
+# Recognised by their own templates (Open WebUI's "### Task:" with the <chat_history>, the
+# topic naming of LobeChat and Cherry Studio), they are answered here (FINSTEP_TASKS=local).
+TASK_REPLIES = (  # (marker in an Open WebUI task's template, the task, the JSON answered but for a title)
+    ('{ "title":', "title", None), ('{ "tags":', "tags", {"tags": []}),
+    ('"follow_ups"', "follow_ups", {"follow_ups": []}), ('"queries"', "queries", {"queries": []}),
+    ("autocompletion system", "autocomplete", {"text": ""}),
+)
+_QUOTES = re.compile("['`\u2018\u2019]")  # Open WebUI's page turns these into " before parsing its JSON
+
+
+def first_question(text: str, start: str, stop: str) -> str:
+    """The first user message in a chat transcript a template carries: from the first line
+    that begins with `start` to the next that begins with `stop`."""
+    lines, found = [], False
+    for line in text.split("\n"):
+        if not found and line.startswith(start):
+            found, line = True, line[len(start):]
+        elif found and line.startswith(stop):
+            break
+        if found:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def recognise_task(messages: Sequence[Tuple[str, str]]) -> Optional[Tuple[str, str]]:
+    """(task, its answer) when a chat request is a chat UI's background task, else None."""
+    _, text = messages[-1]
+    role, opening = messages[0]
+    if text.startswith("### Task:") and "<chat_history>" in text:  # Open WebUI
+        for marker, task, reply in TASK_REPLIES:
+            if marker in text:
+                if reply is None:
+                    question = first_question(text.split("<chat_history>", 1)[1], "USER: ", "ASSISTANT: ")
+                    reply = {"title": _QUOTES.sub("", session_title(question or "Finstep"))}
+                return task, json.dumps(reply, ensure_ascii=False)
+        return None
+    if text.startswith("<task>\nGenerate a concise title"):  # LobeChat, parsed as JSON
+        question = text.split("<user>\n", 1)[1].split("\n</user>", 1)[0] if "<user>\n" in text else ""
+        return "title", json.dumps({"title": session_title(question or "Finstep")}, ensure_ascii=False)
+    if role == "system" and opening.startswith("You are a professional conversation summarizer"):  # LobeChat
+        return "title", session_title(first_question(text, "user: ", "assistant: ") or "Finstep")
+    if role == "system" and opening.startswith("Summarize the conversation into a title"):  # Cherry Studio
+        try:
+            question = next((item.get("mainText") for item in json.loads(text)
+                             if isinstance(item, dict) and item.get("role") == "user"), "")
+        except (ValueError, TypeError, RecursionError):
+            question = ""
+        return "title", session_title(question if isinstance(question, str) and question else "Finstep")
+    return None
+
+
+def parse_chat_request(body: bytes, default_model: str, tasks: str = "local") -> ChatRequest:
+    """Validate a /v1/chat/completions body; raises ProxyError(400) saying what is wrong. A
+    chat UI's background task is marked, and with `tasks` "local" given its answer."""
     payload = json_object(body)
     raw_messages = payload.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
     messages = read_messages(raw_messages)
+    task, local = recognise_task(messages) or (None, None)
     model, stream = read_model_and_stream(payload, default_model)
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -1507,13 +1714,15 @@ def parse_chat_request(body: bytes, default_model: str) -> ChatRequest:
     session_id = payload.get("session_id")
     if session_id is not None and not (isinstance(session_id, str) and session_id.strip()):
         raise _invalid("'session_id' must be a non-empty string", "session_id")
-    refuse_unsupported(payload)
+    if task is None or tasks != "local":  # answered here, a task gets the JSON its response_format asks
+        refuse_unsupported(payload)
     user = payload.get("user")
     return ChatRequest(model=model, messages=messages, stream=stream,
                        include_usage=bool(options and options.get("include_usage") is True),
                        user=user if isinstance(user, str) else None, conversation=session_id,
                        max_output=read_limit(payload, "max_tokens", "max_completion_tokens"),
-                       stops=read_stops(payload.get("stop"), "stop"))
+                       stops=read_stops(payload.get("stop"), "stop"), task=task,
+                       local=local if tasks == "local" else None, marks=(("task", task),) if task else ())
 
 
 def build_chunk(completion_id: str, created: int, model: str, delta: dict,
@@ -1573,7 +1782,7 @@ class ChatCompletionsFormat(WireFormat):
     ends_cleanly_after_failure = False
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
-        chat = parse_chat_request(body, self.config.default_model)
+        chat = parse_chat_request(body, self.config.default_model, self.config.tasks)
         self.include_usage = chat.include_usage
         self.chunks = ChunkFormatter("chatcmpl-" + uuid.uuid4().hex, int(time.time()), chat.model)
         return self.named_by_header(chat, headers)
@@ -1717,9 +1926,13 @@ class ResponsesRequest(AnswerRequest):
     echo: Tuple[Tuple[str, object], ...] = ()  # request fields the response object repeats
 
 
+REFERENCE = "reference"  # an item_reference in a Responses input: (REFERENCE, item id) until resolved
+
+
 def read_response_input(raw) -> Tuple[Tuple[str, str], ...]:
     """(role, text) of a Responses `input`: a string, or message items (`type` "message" or
-    none); other items (function calls and their outputs, reasoning) are skipped."""
+    none), and item references to earlier output, as (REFERENCE, id), which the format
+    resolves; other items (function calls and their outputs, reasoning) are skipped."""
     if isinstance(raw, str):
         return (("user", raw),)
     if not isinstance(raw, list):
@@ -1729,6 +1942,12 @@ def read_response_input(raw) -> Tuple[Tuple[str, str], ...]:
         param = "input[%d]" % index
         if not isinstance(item, dict):
             raise _invalid("%s must be an object" % param, param)
+        if item.get("type") == "item_reference":
+            item_id = item.get("id")
+            if not (isinstance(item_id, str) and 0 < len(item_id) <= MAX_RECORD_ID):
+                raise _invalid("%s.id must be the id of an output item" % param, param + ".id")
+            messages.append((REFERENCE, item_id))
+            continue
         if item.get("type", "message") != "message":
             continue
         if item.get("role") not in RESPONSES_ROLES:
@@ -1782,22 +2001,27 @@ def responses_usage(answer: AnswerRouter) -> dict:
     return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0,
                                                                             "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": estimate_tokens("".join(answer.reasoning))},
+            "output_tokens_details": usage["completion_tokens_details"],
             "total_tokens": usage["total_tokens"]}
 
 
 def output_item(kind: str, item_id: str, text: Optional[str], status: str) -> dict:
-    """A reasoning or message output item; `text` None for one just added, still empty."""
+    """A reasoning or message output item; `text` None for one just added, still empty. The
+    reasoning is its summary, where the AI SDK and OpenAI's own reasoning models put it, and
+    its content too, where readers of open models look."""
     if kind == REASONING:
-        return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
-                "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+        if text is None:
+            return {"id": item_id, "type": "reasoning", "summary": [], "status": status, "content": []}
+        return {"id": item_id, "type": "reasoning", "summary": [{"type": "summary_text", "text": text}],
+                "status": status, "content": [{"type": "reasoning_text", "text": text}]}
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
             "content": [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]}
 
 
 def content_part(kind: str, text: str) -> dict:
+    """A message's content part, or a reasoning item's summary part."""
     if kind == REASONING:
-        return {"type": "reasoning_text", "text": text}
+        return {"type": "summary_text", "text": text}
     return {"type": "output_text", "text": text, "annotations": []}
 
 
@@ -1825,6 +2049,8 @@ class ResponsesFormat(WireFormat):
         self.open_kind = None  # type: Optional[str]  # REASONING or TEXT: the item open
         self.open_id, self.open_text = "", []  # type: Tuple[str, List[str]]
         self.frame = (b"", b"")
+        # A response that is not streamed has at most these two items, named before it is answered.
+        self.document_ids = {REASONING: "rs_" + uuid.uuid4().hex, TEXT: "msg_" + uuid.uuid4().hex}
         return request
 
     def recall(self, request: AnswerRequest, caller: str) -> AnswerRequest:
@@ -1832,6 +2058,9 @@ class ResponsesFormat(WireFormat):
         goes on: resumed the first time that response is continued, folded afresh after. Only
         the caller's own responses are found: another's id is as unknown as a made-up one."""
         self.caller = caller
+        if any(role == REFERENCE for role, _ in request.new_input):
+            request = self.resolve(request, caller)
+            self.request = request
         previous = request.previous_response_id
         if previous is None:
             return request
@@ -1852,6 +2081,8 @@ class ResponsesFormat(WireFormat):
         history.reverse()
         system = request.messages[:len(request.messages) - len(request.new_input)]
         messages = system + tuple(history) + request.new_input
+        if ancestor is not None:  # older turns than a fold could keep: at least a question and its answer
+            request = dataclasses.replace(request, dropped=2)
         if self.memory.claim(memory_name("continued", caller, previous)):
             resumed = dataclasses.replace(request, messages=messages, resume=SessionRef(entry.session_id, entry.key))
         else:
@@ -1859,7 +2090,39 @@ class ResponsesFormat(WireFormat):
         self.request = resumed
         return resumed
 
+    def resolve(self, request: ResponsesRequest, caller: str) -> ResponsesRequest:
+        """The request with its item references replaced by what they stand for: a message
+        of an earlier response of this caller's by its text (as a conversation counts it), a
+        reasoning item by nothing (thinking is no turn); an unknown reference refused."""
+        resolved = []
+        for role, text in request.new_input:
+            if role != REFERENCE:
+                resolved.append((role, text))
+                continue
+            item = self.memory.get(memory_name("item", caller, text), ItemRef)
+            record = self.memory.get(memory_name("resp", caller, item.response), ResponseRecord) if item else None
+            if record is None:
+                raise ProxyError(400, "Item %r in 'input' (an item_reference) not found: it is not an item of a "
+                                      "response this proxy remembers for you (24 hours, FINSTEP_SESSION_CACHE "
+                                      "entries); send the item itself" % text[:100],
+                                 code="item_not_found", param="input")
+            if item.kind == TEXT:
+                resolved.append(("assistant", record.answer))
+        new_input = tuple(resolved)
+        system = request.messages[:len(request.messages) - len(request.new_input)]
+        return dataclasses.replace(request, new_input=new_input, messages=system + new_input)
+
+    def output_ids(self, answer: AnswerRouter) -> List[Tuple[str, str]]:
+        """(id, kind) of this response's output items."""
+        if not self.request.stream:
+            kinds = (REASONING, TEXT) if answer.reasoning else (TEXT,)
+            return [(self.document_ids[kind], kind) for kind in kinds]
+        ids = [(item["id"], REASONING if item["type"] == "reasoning" else TEXT) for item in self.items]
+        return ids + ([(self.open_id, self.open_kind)] if self.open_kind else [])
+
     def answered(self, turn: "Turn", key: str, answer: AnswerRouter) -> None:
+        for item_id, kind in self.output_ids(answer):  # item references name them in later requests
+            self.memory.put(memory_name("item", self.caller, item_id), ItemRef(self.response_id, kind))
         question = next(text for role, text in reversed(self.request.new_input) if role == "user").strip()
         text = strip_think_blocks("".join(answer.content)).strip()
         if len(question) + len(text) > self.config.max_query:
@@ -1914,20 +2177,26 @@ class ResponsesFormat(WireFormat):
         return b"".join(out)
 
     def begin(self, kind: str) -> bytes:
-        """Add an output item, and its one content part, still empty."""
+        """Add an output item, and its one part, still empty: a message's content part, a
+        reasoning item's summary part."""
         self.open_kind, self.open_text = kind, []
         self.open_id = ("rs_" if kind == REASONING else "msg_") + uuid.uuid4().hex
         index = len(self.items)
-        event = "response.reasoning_text.delta" if kind == REASONING else "response.output_text.delta"
-        fields = {"type": event, "item_id": self.open_id, "output_index": index, "content_index": 0}
-        if kind == TEXT:
-            fields["logprobs"] = []
+        if kind == REASONING:
+            event, part_added = "response.reasoning_summary_text.delta", "response.reasoning_summary_part.added"
+            fields = {"type": event, "item_id": self.open_id, "output_index": index, "summary_index": 0}
+            where = {"summary_index": 0}
+        else:
+            event, part_added = "response.output_text.delta", "response.content_part.added"
+            fields = {"type": event, "item_id": self.open_id, "output_index": index, "content_index": 0,
+                      "logprobs": []}
+            where = {"content_index": 0}
         head = b"event: %s\ndata: %s" % (event.encode("ascii"), _dumps(fields).encode("utf-8")[:-1])
         self.frame = (head + b',"delta":', b',"sequence_number":')
         return (self.event("response.output_item.added", output_index=index,
                            item=output_item(kind, self.open_id, None, "in_progress"))
-                + self.event("response.content_part.added", item_id=self.open_id, output_index=index,
-                             content_index=0, part=content_part(kind, "")))
+                + self.event(part_added, item_id=self.open_id, output_index=index, part=content_part(kind, ""),
+                             **where))
 
     def close(self, status: str) -> bytes:
         """Finish the open item, if any: its text done, its part done, the item done."""
@@ -1938,14 +2207,16 @@ class ResponsesFormat(WireFormat):
         item = output_item(kind, item_id, text, status)
         self.items.append(item)
         if kind == REASONING:
-            done = self.event("response.reasoning_text.done", item_id=item_id, output_index=index,
-                              content_index=0, text=text)
+            done = (self.event("response.reasoning_summary_text.done", item_id=item_id, output_index=index,
+                               summary_index=0, text=text)
+                    + self.event("response.reasoning_summary_part.done", item_id=item_id, output_index=index,
+                                 summary_index=0, part=content_part(kind, text)))
         else:
-            done = self.event("response.output_text.done", item_id=item_id, output_index=index,
-                              content_index=0, text=text, logprobs=[])
-        return (done + self.event("response.content_part.done", item_id=item_id, output_index=index,
-                                  content_index=0, part=content_part(kind, text))
-                + self.event("response.output_item.done", output_index=index, item=item))
+            done = (self.event("response.output_text.done", item_id=item_id, output_index=index,
+                               content_index=0, text=text, logprobs=[])
+                    + self.event("response.content_part.done", item_id=item_id, output_index=index,
+                                 content_index=0, part=content_part(kind, text)))
+        return done + self.event("response.output_item.done", output_index=index, item=item)
 
     def closing(self, answer: AnswerRouter) -> bytes:
         status = "incomplete" if answer.cut == "length" else "completed"
@@ -1963,8 +2234,8 @@ class ResponsesFormat(WireFormat):
         status = "incomplete" if answer.cut == "length" else "completed"
         output = []
         if answer.reasoning:
-            output.append(output_item(REASONING, "rs_" + uuid.uuid4().hex, "".join(answer.reasoning), "completed"))
-        output.append(output_item(TEXT, "msg_" + uuid.uuid4().hex, "".join(answer.content), status))
+            output.append(output_item(REASONING, self.document_ids[REASONING], "".join(answer.reasoning), "completed"))
+        output.append(output_item(TEXT, self.document_ids[TEXT], "".join(answer.content), status))
         return self.response(status, output, answer)
 
 
@@ -1977,6 +2248,7 @@ ANTHROPIC_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "tool_use", "tool_r
 @dataclasses.dataclass(frozen=True)
 class MessagesRequest(AnswerRequest):
     model: str = ""
+    thinking: Tuple[Tuple[str, str], ...] = ()  # (text, signature) of the thinking blocks sent back
 
 
 def anthropic_text(content, param: str) -> str:
@@ -1995,15 +2267,22 @@ def parse_messages_request(body: bytes, default_model: str, counting: bool = Fal
     raw_messages = payload.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise _invalid("messages: must be a non-empty list", "messages")
-    messages = []
+    messages, thinking = [], []
     for index, message in enumerate(raw_messages):
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant", "system"):  # system: a mid-conversation system message
             param = "messages[%d]" % index
-            raise _invalid("%s: must be an object with role 'user' or 'assistant'" % param, param + ".role")
+            raise _invalid("%s: must be an object with role 'user', 'assistant' or 'system'" % param,
+                           param + ".role")
         content = message.get("content")  # a string mostly: no call, no parameter name made
-        messages.append((role, content if isinstance(content, str)
-                         else anthropic_text(content, "messages[%d].content" % index)))
+        if isinstance(content, str):
+            messages.append((role, content))
+            continue
+        messages.append((role, anthropic_text(content, "messages[%d].content" % index)))
+        if role == "assistant" and isinstance(content, list):
+            thinking.extend((block.get("thinking"), block.get("signature")) for block in content
+                            if isinstance(block, dict) and block.get("type") == "thinking"
+                            and isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str))
     require_question(messages)
     if "max_tokens" not in payload and not counting:
         raise _invalid("max_tokens: Field required", "max_tokens")
@@ -2018,7 +2297,45 @@ def parse_messages_request(body: bytes, default_model: str, counting: bool = Fal
     return MessagesRequest(messages=((("system", system),) if system.strip() else ()) + tuple(messages),
                            stream=stream, model=model, user=user if isinstance(user, str) else None,
                            max_output=read_limit(payload, "max_tokens"),
-                           stops=read_stops(payload.get("stop_sequences"), "stop_sequences"))
+                           stops=read_stops(payload.get("stop_sequences"), "stop_sequences"), thinking=tuple(thinking))
+
+
+class ThinkingSigner:
+    """Signs the thinking blocks the proxy streams, as Anthropic signs its own: an HMAC of the
+    thinking text under a secret of the deployment (FINSTEP_SIGNING_KEY, else one random secret
+    shared by the replicas through Redis, else one per process). Clients that demand a
+    signature (pydantic-ai) then keep a thinking block a thinking block, and the blocks that
+    come back can be told apart, the proxy's own or not; none is ever sent upstream."""
+
+    prefix = "fs1_"
+
+    def __init__(self, secret):
+        """`secret`: bytes, or a function giving them, called once, when first needed (so a
+        proxy that never signs never asks Redis for it)."""
+        self._secret, self._lock = secret, threading.Lock()
+
+    @property
+    def secret(self) -> bytes:
+        if callable(self._secret):
+            with self._lock:
+                if callable(self._secret):
+                    self._secret = self._secret()
+        return self._secret
+
+    def start(self):
+        """A signature to be made of text given a piece at a time (update(); finish())."""
+        return hmac.new(self.secret, digestmod=hashlib.sha256)
+
+    def finish(self, mac) -> str:
+        return self.prefix + base64.urlsafe_b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def sign(self, text: str) -> str:
+        mac = self.start()
+        mac.update(text.encode("utf-8", "surrogatepass"))
+        return self.finish(mac)
+
+    def verify(self, text: str, signature: str) -> bool:
+        return hmac.compare_digest(self.sign(text), signature)
 
 
 ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
@@ -2041,7 +2358,12 @@ class MessagesFormat(WireFormat):
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> AnswerRequest:
         request = self.named_by_header(parse_messages_request(body, self.config.default_model), headers)
+        if request.thinking:  # skipped either way; the log line says whose they were
+            ours = sum(self.signer.verify(text, signature) for text, signature in request.thinking)
+            request = dataclasses.replace(request, marks=request.marks + (
+                ("thinking", "%d/%d" % (ours, len(request.thinking))),))
         self.model, self.message_id = request.model, "msg_" + uuid.uuid4().hex
+        self.mac = None  # the open thinking block's signature, as it is made
         self.prompt_tokens = 0
         self.index = -1  # the open content block's, when one is open
         self.open_kind = None  # type: Optional[str]
@@ -2068,17 +2390,20 @@ class MessagesFormat(WireFormat):
     def render(self, events: List[Tuple[str, str]]) -> bytes:
         out = []
         for kind, text in events:
-            if kind == self.open_kind:
-                head, tail = self.frame
-                out.append(head + _dumps(text).encode("utf-8") + tail)
-            elif kind in (TEXT, REASONING):
+            if kind != self.open_kind:
+                if kind not in (TEXT, REASONING):
+                    continue
                 out.append(self.close() + self.begin(kind))
-                out.append(self.render([(kind, text)]))
+            if kind == REASONING:
+                self.mac.update(text.encode("utf-8", "surrogatepass"))
+            head, tail = self.frame
+            out.append(head + _dumps(text).encode("utf-8") + tail)
         return b"".join(out)
 
     def begin(self, kind: str) -> bytes:
         self.open_kind, self.index = kind, self.index + 1
         if kind == REASONING:
+            self.mac = self.signer.start()
             block, delta_type, field = {"type": "thinking", "thinking": "", "signature": ""}, "thinking_delta", "thinking"
         else:
             block, delta_type, field = {"type": "text", "text": ""}, "text_delta", "text"
@@ -2093,9 +2418,9 @@ class MessagesFormat(WireFormat):
         if kind is None:
             return b""
         signature = b""
-        if kind == REASONING:  # a thinking block ends with its signature: Finstep's thinking has none
+        if kind == REASONING:  # a thinking block ends with its signature, as Anthropic's do
             signature = anthropic_event("content_block_delta", index=self.index,
-                                        delta={"type": "signature_delta", "signature": ""})
+                                        delta={"type": "signature_delta", "signature": self.signer.finish(self.mac)})
         return signature + anthropic_event("content_block_stop", index=self.index)
 
     def closing(self, answer: AnswerRouter) -> bytes:
@@ -2112,7 +2437,8 @@ class MessagesFormat(WireFormat):
     def document(self, answer: AnswerRouter) -> dict:
         content = []
         if answer.reasoning:
-            content.append({"type": "thinking", "thinking": "".join(answer.reasoning), "signature": ""})
+            thinking = "".join(answer.reasoning)
+            content.append({"type": "thinking", "thinking": thinking, "signature": self.signer.sign(thinking)})
         content.append({"type": "text", "text": "".join(answer.content)})
         return self.message(answer, content)
 
@@ -2184,8 +2510,11 @@ def transcript(messages: Sequence[Tuple[str, str]]) -> Tuple[Tuple[str, str], ..
 
 
 def conversation_fingerprint(key: str, user: Optional[str], turns: Sequence[Tuple[str, str]]) -> str:
-    """A digest of a conversation, keyed by upstream key and `user`, so callers never share one."""
-    material = json.dumps([key, user, list(turns)], ensure_ascii=False, separators=(",", ":"))
+    """A digest of a conversation, keyed by caller and `user`, so callers never share one. Only
+    its questions and answers count: system text is instructions, which clients change from
+    turn to turn (Claude Code's reminders and agent lists, a date in a system prompt)."""
+    turns = [(role, text) for role, text in turns if role != "system"]
+    material = json.dumps([key, user, turns], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
@@ -2204,15 +2533,21 @@ def memory_name(kind: str, caller: str, name: str) -> str:
 
 
 def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
-    """One query carrying a conversation: system text first, then each turn with its role
-    label, ending with the last user message. Over `limit` characters, the oldest turns
-    go first; the system text and the last user message always stay. Turns are measured
-    from the newest back, and only those kept are written out."""
+    query, _ = fold(turns, limit)
+    return query
+
+
+def fold(turns: Sequence[Tuple[str, str]], limit: int) -> Tuple[str, int]:
+    """One query carrying a conversation, and how many of its messages it had to leave out:
+    system text first, then each turn with its role label, ending with the last user
+    message. Over `limit` characters, the oldest turns go first; the system text and the
+    last user message always stay. Turns are measured from the newest back, and only those
+    kept are written out."""
     if not turns:
-        return ""
+        return "", 0
     _, question = turns[-1]
     if len(turns) < 2:
-        return question
+        return question, 0
     system = "\n\n".join(text for role, text in turns[:-1] if role == "system")
     head = ["System: " + system] if system else []
     tail = ["User: " + question]
@@ -2227,7 +2562,7 @@ def fold_query(turns: Sequence[Tuple[str, str]], limit: int) -> str:
                          len(middle))
             break
     kept = ["%s: %s" % (_ROLE_LABELS[role], text) for role, text in middle[start:]]
-    return "\n\n".join(head + kept + tail)
+    return "\n\n".join(head + kept + tail), start
 
 
 class SessionRef(NamedTuple):
@@ -2249,6 +2584,13 @@ class ResponseRecord(NamedTuple):
     answer: str
 
 
+class ItemRef(NamedTuple):
+    """An output item of a Responses API response, remembered for the item references that
+    name it: the response, and what the item is (TEXT for a message, REASONING)."""
+    response: str
+    kind: str
+
+
 CLAIM = "claimed"  # what a claim() leaves: the name is taken
 MAX_RECORD_ID = 128  # a session id, key digest or response id read back longer than this is not ours
 
@@ -2257,6 +2599,8 @@ def encode_record(record) -> str:
     """A record as Redis keeps it: a JSON array (the same shape since 1.2.0)."""
     if isinstance(record, SessionRef):
         return _dumps([record.session_id, record.key])
+    if isinstance(record, ItemRef):
+        return _dumps(["item", record.response, record.kind])
     return _dumps(["response", record.session_id, record.key, record.parent, record.question, record.answer])
 
 
@@ -2272,6 +2616,9 @@ def decode_record(raw):
     if len(value) == 2 and ids:
         session_id, key = value
         return SessionRef(session_id, key)
+    if len(value) == 3 and ids:
+        tag, response, kind = value
+        return ItemRef(response, kind) if tag == "item" and kind in (TEXT, REASONING) else None
     if len(value) == 6 and ids:
         kind, session_id, key, parent, question, answer = value
         if kind == "response" and isinstance(question, (str, type(None))) and isinstance(answer, str):
@@ -2367,6 +2714,8 @@ class Turn:
     remember: bool = False  # an unnamed conversation: remembered by its fingerprint once answered
     name: Optional[str] = None  # a conversation the client named: its session depends on the key
     mark: Optional[str] = None  # where a named conversation's latest session is remembered
+    dropped: int = 0  # messages a folded query left out, over FINSTEP_MAX_QUERY
+    unoffered: int = 0  # messages the wire format could not even offer to a fold (a long Responses chain)
 
 
 def named_mark(caller: str, name: str) -> str:
@@ -2375,8 +2724,8 @@ def named_mark(caller: str, name: str) -> str:
 
 def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, request: AnswerRequest,
               system: str = "fold") -> Turn:
-    """Decide the upstream sessionId, query and preferred key of a request (rules in the
-    README); turn_on_key() settles them for the key the request is finally sent with.
+    """Decide the upstream sessionId, query and preferred key of a request (rules in
+    docs/conversations.md); turn_on_key() settles them for the key the request is finally sent with.
 
     `caller` is the Caller.id whose memory the request sees, and no other. With `system`
     "drop", system text never reaches the upstream; conversations are recognised as before."""
@@ -2384,29 +2733,32 @@ def plan_turn(store: SessionStore, mode: str, max_query: int, caller: str, reque
     turns = transcript(history)  # ends with the last user message, which has text
     asked = turns if system == "fold" else tuple((role, text) for role, text in turns if role != "system")
     _, question = history[-1]
-    common = dict(turns=turns, asked=asked, caller=caller)
+    common = dict(turns=turns, asked=asked, caller=caller, unoffered=request.dropped)
+
+    def folded(**fields) -> Turn:
+        query, dropped = fold(asked, max_query)
+        return Turn(query=query, dropped=dropped + request.dropped, **dict(common, **fields))
     if request.resume is not None:  # the wire format's own conversation handle (a response id)
         return Turn(session_id=request.resume.session_id, query=question, path=CONTINUED, key=request.resume.key,
                     **common)
     if mode == "fold" or request.fold:
-        return Turn(session_id=uuid.uuid4().hex, query=fold_query(asked, max_query),
-                    path=FOLDED if len(asked) > 1 else NEW, **common)
+        return folded(session_id=uuid.uuid4().hex, path=FOLDED if len(asked) > 1 else NEW)
     name = request.conversation
-    if name is not None:
+    if name is not None and request.task is None:  # a client's background task stays out of the chat
         mark = named_mark(caller, name)
         latest = store.get(mark, SessionRef)  # the session of its last answer here
         if latest is None:
-            return Turn(session_id="", query=fold_query(asked, max_query), path=EXPLICIT, name=name, mark=mark,
-                        **common)
+            return folded(session_id="", path=EXPLICIT, name=name, mark=mark)
         return Turn(session_id=latest.session_id, query=question, path=EXPLICIT, key=latest.key, name=name,
                     mark=mark, **common)
-    common.update(user=request.user, remember=True)
+    common.update(user=request.user, remember=request.task is None)
     if len(asked) == 1:  # the question alone, or with system text that is dropped
         return Turn(session_id=uuid.uuid4().hex, query=question, path=NEW, **common)
-    entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), SessionRef, consume=True)
-    if entry is not None:
-        return Turn(session_id=entry.session_id, query=question, path=CONTINUED, key=entry.key, **common)
-    return Turn(session_id=uuid.uuid4().hex, query=fold_query(asked, max_query), path=FOLDED, **common)
+    if request.task is None:
+        entry = store.get(conversation_fingerprint(caller, request.user, turns[:-1]), SessionRef, consume=True)
+        if entry is not None:
+            return Turn(session_id=entry.session_id, query=question, path=CONTINUED, key=entry.key, **common)
+    return folded(session_id=uuid.uuid4().hex, path=FOLDED)
 
 
 def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
@@ -2419,11 +2771,13 @@ def turn_on_key(turn: Turn, key: str, max_query: int) -> Turn:
         session_id = explicit_session_id(key, turn.caller, turn.name)
         if session_id == turn.session_id:
             return turn
-        return dataclasses.replace(turn, session_id=session_id, query=fold_query(turn.asked, max_query))
+        query, dropped = fold(turn.asked, max_query)
+        return dataclasses.replace(turn, session_id=session_id, query=query, dropped=dropped + turn.unoffered)
     if turn.key is None or turn.key == key_digest(key):
         return turn
-    return dataclasses.replace(turn, session_id=uuid.uuid4().hex, query=fold_query(turn.asked, max_query),
-                               path=FOLDED)
+    query, dropped = fold(turn.asked, max_query)
+    return dataclasses.replace(turn, session_id=uuid.uuid4().hex, query=query, path=FOLDED,
+                               dropped=dropped + turn.unoffered)
 
 
 def remember_turn(store: SessionStore, turn: Turn, key: str, answer_content: str, exact: bool = True) -> None:
@@ -2816,6 +3170,26 @@ class SharedStore:
         return reply == "OK"
 
 
+def signing_secret(config: Config, redis: Optional["RedisClient"]) -> bytes:
+    """The secret that signs thinking blocks: FINSTEP_SIGNING_KEY; else one the replicas share
+    through Redis (the first replica to start writes it); else this process's own."""
+    if config.signing_key:
+        return config.signing_key.encode("utf-8")
+    fresh = os.urandom(32).hex()
+    if redis is not None:
+        name = config.redis_prefix + "signing-key"
+        try:
+            _, shared = redis.call(("SET", name, fresh, "NX"), ("GET", name))
+        except RedisUnavailable:
+            shared = None
+        else:
+            if isinstance(shared, bytes) and re.fullmatch(rb"[0-9a-f]{64}", shared):
+                return bytes.fromhex(shared.decode("ascii"))
+            redis.malformed("%r for the signing secret" % type(shared))
+        log.warning("Redis gave no signing secret: this replica signs thinking blocks with its own")
+    return bytes.fromhex(fresh)
+
+
 class SharedCooldowns:
     """Key cool-downs through Redis: a key refused on one replica rests on all. Each cool-down
     is written at once (SET … PX under the key's digest); every replica reads them all back
@@ -2845,6 +3219,57 @@ class SharedCooldowns:
 
 
 # --- Upstream: one request to Finstep on a pooled connection, its events as they arrive ---
+
+class ChunkedDecoder:
+    """HTTP/1.1 chunked transfer coding, decoded as bytes arrive. feed() returns the payload
+    bytes the data completes; `done` turns true once the last (zero-size) chunk and the
+    trailer section after it are in, so a connection read this far is ready for its next
+    response; framing that breaks the rules raises ValueError. Bytes fed past the end stay
+    in `buffer`: a server that sent them cannot be trusted with another request."""
+
+    def __init__(self):
+        self.buffer = b""
+        self.left = 0  # payload bytes still due in the current chunk
+        self.crlf = False  # the CRLF that ends a chunk's payload is due
+        self.trailer = False  # the last chunk is in: trailer fields (of no interest) until a blank line
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self.buffer + data if self.buffer else data
+        out, position, end = [], 0, len(buffer)
+        while position < end and not self.done:
+            if self.left:
+                take = min(self.left, end - position)
+                out.append(buffer[position:position + take])
+                position += take
+                self.left -= take
+                self.crlf = not self.left
+            elif self.crlf:
+                if end - position < 2:
+                    break
+                if buffer[position:position + 2] != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                position += 2
+                self.crlf = False
+            else:
+                newline = buffer.find(b"\n", position)
+                if newline < 0:
+                    if end - position > 1024:
+                        raise ValueError("chunk size or trailer line too long")
+                    break
+                line = buffer[position:newline]
+                position = newline + 1
+                if self.trailer:
+                    self.done = not line.strip()
+                    continue
+                size = int(line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("negative chunk size")
+                self.left = size
+                self.trailer = size == 0
+        self.buffer = buffer[position:]
+        return b"".join(out)
+
 
 def shut(sock: socket.socket) -> None:
     """Shut a socket both ways. Unlike close(), this wakes a read blocked on it in another thread."""
@@ -3668,7 +4093,12 @@ class AnswerRouter:
         return tail
 
     def usage(self) -> dict:
-        return estimate_usage(self.prompt, "".join(self.reasoning) + "".join(self.content))
+        """Chat completions' usage, estimated; the reasoning's share too, as OpenAI reports it
+        (clients such as `llm` show that there was reasoning by it)."""
+        reasoning = "".join(self.reasoning)
+        usage = estimate_usage(self.prompt, reasoning + "".join(self.content))
+        usage["completion_tokens_details"] = {"reasoning_tokens": estimate_tokens(reasoning)}
+        return usage
 
 
 WIDE = "\u0800"  # from here on, a character is about a token of its own
@@ -3748,6 +4178,15 @@ class Metrics:
             self.outcomes[outcome] += 1
             if first_byte is not None:
                 self.first_byte.observe(first_byte)
+
+    def summary(self) -> Tuple[Dict[str, int], Dict[str, int], int]:
+        """What GET /status shows of them: requests by status class ("2xx"), upstream results by
+        outcome, upstream requests in flight."""
+        with self.lock:
+            requests = collections.Counter()
+            for (_, status), count in self.requests.items():
+                requests["%dxx" % (status // 100)] += count
+            return dict(requests), {outcome: self.outcomes[outcome] for outcome in OUTCOMES}, self.in_flight
 
     def render(self) -> str:
         with self.lock:
@@ -3974,6 +4413,10 @@ class AnswerPipeline:
 
     def run(self, request: AnswerRequest, caller: Caller) -> None:
         exchange, server, config = self.exchange, self.server, self.config
+        exchange.marks = request.marks
+        if request.local is not None:  # the format answers itself: no slot, no upstream, no memory
+            self.answer_locally(request)
+            return
         if server.draining:
             self.sink.close_after()
             raise shutting_down()
@@ -3986,7 +4429,7 @@ class AnswerPipeline:
             # Memory is read, consumed and claimed only now: for a known caller holding a slot.
             request = self.wire.recall(request, caller.id)
             turn = plan_turn(server.sessions, config.sessions, config.max_query, caller.id, request, config.system)
-            exchange.session, exchange.stream_open = turn.path, request.stream
+            exchange.session, exchange.stream_open, exchange.folded_out = turn.path, request.stream, turn.dropped
             self.sink.watch()
             if request.stream and self.wire.opens_at_once:
                 self.sink.open()
@@ -4051,6 +4494,7 @@ class AnswerPipeline:
                 continue
             self.first_byte = time.monotonic() - began
             exchange.session, exchange.key, exchange.conn = sent.path, mask_key(key), upstream.conn_note
+            exchange.folded_out = sent.dropped
             return sent, key
         raise error
 
@@ -4104,25 +4548,44 @@ class AnswerPipeline:
             raise ProxyError(502, "The upstream stream carried no Finstep events" + (": " + said if said else ""),
                              code="upstream_empty")
 
-    def stream(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
+    def stream(self, turn: Optional[Turn], key: str, answer: AnswerRouter, batches=None) -> None:
+        """Write each batch of events the moment it comes (the upstream's reads, by default),
+        then the end; the turn is remembered before the end goes out."""
         sink, wire = self.sink, self.wire
         if not wire.opens_at_once:
             sink.open()
         render, write = wire.render, sink.write
-        for events in self.relay(answer):
+        for events in self.relay(answer) if batches is None else batches:
             data = render(events)
             if data:
                 write(data)
         closing = answer.finish()
-        self.complete(turn, key, answer)
+        if turn is not None:
+            self.complete(turn, key, answer)
         sink.end((render([(TEXT, closing)]) if closing else b"") + wire.closing(answer))
 
-    def send(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
-        for _ in self.relay(answer):
+    def send(self, turn: Optional[Turn], key: str, answer: AnswerRouter, batches=None) -> None:
+        for _ in self.relay(answer) if batches is None else batches:
             pass
         answer.finish()
-        self.complete(turn, key, answer)
+        if turn is not None:
+            self.complete(turn, key, answer)
         self.sink.send(200, self.wire.document(answer))
+
+    def answer_locally(self, request: AnswerRequest) -> None:
+        """Answer with the text the format gave, in the request's own wire format, streamed or
+        not, within its limits; Finstep is not asked and nothing is remembered."""
+        answer = AnswerRouter(self.config.reasoning, "", request.max_output, request.stops)
+        routed = answer.route("text", request.local) if request.local else None
+        batches = [[routed]] if routed else []
+        if request.stream:
+            self.exchange.stream_open = True
+            self.sink.watch()
+            if self.wire.opens_at_once:
+                self.sink.open()
+            self.stream(None, "", answer, batches)
+        else:
+            self.send(None, "", answer, batches)
 
     def complete(self, turn: Turn, key: str, answer: AnswerRouter) -> None:
         # Done before the client sees the end, so its next request can never arrive first.
@@ -4134,19 +4597,77 @@ class AnswerPipeline:
         self.release("ok")
 
 
+# --- Endpoints: what each route names; `answer` hands a request to the pipeline -----------
+
+class Endpoints:
+    """The endpoints that answer from the proxy's own state, and `answer`, which hands a
+    request in a wire format to the pipeline (or lets the format answer it). Each is named
+    by a row of the route table and called with the request's path."""
+
+    def health(self, path: str) -> None:
+        redis = self.server.redis  # down is no failure: the proxy answers without it
+        self.sink.send(200, {"status": "ok"} if redis is None else {"status": "ok",
+                                                                    "redis": "up" if redis.up else "down"})
+
+    def metrics(self, path: str) -> None:
+        lines = self.server.upstream_pool.render_metrics()
+        if self.server.redis is not None:
+            lines += self.server.redis.render_metrics()
+        self.sink.document(200, (self.server.metrics.render() + "\n".join(lines) + "\n").encode("utf-8"),
+                           (("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),))
+
+    def show_status(self, path: str) -> None:
+        self.sink.send(200, self.server.status(), {"Cache-Control": "no-store"})
+
+    def show_page(self, path: str) -> None:
+        self.sink.document(200, PAGE.encode("utf-8"), PAGE_HEADERS)
+
+    def list_models(self, path: str) -> None:
+        models = self.server.config.models  # one list for OpenAI's clients and Anthropic's
+        self.sink.send(200, {"object": "list", "data": [self.model_card(m) for m in models],
+                             "has_more": False, "first_id": models[0], "last_id": models[-1]})
+
+    def retrieve_model(self, path: str) -> None:
+        model = urllib.parse.unquote(path.split("/models/", 1)[1])
+        if model not in self.server.config.models:
+            raise ProxyError(404, "The model %r does not exist" % model[:200], code="model_not_found",
+                             param="model")
+        self.sink.send(200, self.model_card(model))
+
+    def model_card(self, model: str) -> dict:
+        created = datetime.datetime.fromtimestamp(self.server.started, datetime.timezone.utc)
+        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep",
+                "type": "model", "display_name": model, "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def answer(self, path: str) -> None:
+        caller = self.authenticate()  # before the body: nothing is read or parsed for a refused caller
+        wire = self.wire_format()
+        request = wire.parse(self.read_body(), self.headers)
+        if isinstance(request, DirectAnswer):
+            if isinstance(request.payload, dict):
+                self.sink.send(request.status, request.payload, dict(request.headers))
+            else:
+                self.sink.document(request.status, request.payload,
+                                   (("Content-Type", request.content_type),) + request.headers)
+            return
+        AnswerPipeline(self.server, self.exchange, self.sink, wire).run(request, caller)
+
+
 # --- The HTTP handler ---------------------------------------------------------------------
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
-EXPOSED_HEADERS = ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, X-Finstep-Session")
+EXPOSED_HEADERS = ("Access-Control-Expose-Headers",
+                   "X-Request-Id, Retry-After, X-Finstep-Session, X-Finstep-Folded-Dropped")
 
 
 @dataclasses.dataclass(eq=False, repr=False)
 class Exchange:
-    """One request's state, from its request line to its log line. The handler owns it, the
-    pipeline writes to it through a ResponseSink, the watchdog reads it; the log line is built
-    from its named fields."""
+    """One request's state, from its request line to its log line. The handler owns it; the
+    pipeline sets what it learns of the answer in its fields (session, key, conn, chunks ...)
+    and answers through a ResponseSink; the watchdog reads it; the log line is built from its
+    named fields."""
     request_id: str
     started: float  # when its request line came (monotonic)
     last_write: float  # when the client was last sent bytes: heartbeats fill the silences
@@ -4169,13 +4690,15 @@ class Exchange:
     cut: Optional[str] = None  # length or stop: the answer was ended short
     error: Optional[str] = None  # the code of the error it was answered with
     client_left: bool = False
+    marks: Tuple[Tuple[str, str], ...] = ()  # what the wire format saw of the request: task=title, thinking=1/1
+    folded_out: int = 0  # messages of the conversation its folded query had to leave out
     chunks: int = 0  # upstream answer events delivered
 
     @property
     def note(self) -> str:
         """The log line's tail: what is known of how the request was answered."""
         parts = [("session", self.session), ("key", self.key), ("conn", self.conn), ("cut", self.cut),
-                 ("error", self.error)]
+                 ("error", self.error), ("dropped", self.folded_out)] + list(self.marks)
         note = "".join(" %s=%s" % (name, value) for name, value in parts if value)
         return note + " client left" if self.client_left else note
 
@@ -4191,13 +4714,17 @@ class ResponseSink:
         self.lock = threading.Lock()
 
     def send(self, status: int, payload: dict, headers: Optional[Mapping[str, str]] = None) -> None:
+        """One JSON document."""
+        self.document(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+                      (("Content-Type", "application/json"),) + tuple((headers or {}).items()))
+
+    def document(self, status: int, data: bytes, headers: Sequence[Tuple[str, str]]) -> None:
+        """One whole body, its Content-Type among `headers`: the page, the metrics, a JSON document."""
         handler = self.handler
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
+        for name, value in headers:
             handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(data)
@@ -4285,111 +4812,6 @@ class ResponseSink:
         exchange.last_write = time.monotonic()
 
 
-class Endpoints:
-    """The endpoints that answer from the proxy's own state, and `answer`, which hands a
-    request in a wire format to the pipeline (or lets the format answer it). Each is named
-    by a row of the route table and called with the request's path."""
-
-    def health(self, path: str) -> None:
-        redis = self.server.redis  # down is no failure: the proxy answers without it
-        self.sink.send(200, {"status": "ok"} if redis is None else {"status": "ok",
-                                                                    "redis": "up" if redis.up else "down"})
-
-    def metrics(self, path: str) -> None:
-        lines = self.server.upstream_pool.render_metrics()
-        if self.server.redis is not None:
-            lines += self.server.redis.render_metrics()
-        self.send_document(200, (("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),),
-                           (self.server.metrics.render() + "\n".join(lines) + "\n").encode("utf-8"))
-
-    def show_status(self, path: str) -> None:
-        self.sink.send(200, self.server.status(), {"Cache-Control": "no-store"})
-
-    def show_page(self, path: str) -> None:
-        self.send_document(200, PAGE_HEADERS, PAGE.encode("utf-8"))
-
-    def list_models(self, path: str) -> None:
-        models = self.server.config.models  # one list for OpenAI's clients and Anthropic's
-        self.sink.send(200, {"object": "list", "data": [self.model_card(m) for m in models],
-                             "has_more": False, "first_id": models[0], "last_id": models[-1]})
-
-    def retrieve_model(self, path: str) -> None:
-        model = urllib.parse.unquote(path.split("/models/", 1)[1])
-        if model not in self.server.config.models:
-            raise ProxyError(404, "The model %r does not exist" % model[:200], code="model_not_found",
-                             param="model")
-        self.sink.send(200, self.model_card(model))
-
-    def model_card(self, model: str) -> dict:
-        created = datetime.datetime.fromtimestamp(self.server.started, datetime.timezone.utc)
-        return {"id": model, "object": "model", "created": self.server.started, "owned_by": "finstep",
-                "type": "model", "display_name": model, "created_at": created.strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-    def answer(self, path: str) -> None:
-        caller = self.authenticate()  # before the body: nothing is read or parsed for a refused caller
-        wire = self.wire_format()
-        request = wire.parse(self.read_body(), self.headers)
-        if isinstance(request, DirectAnswer):
-            self.sink.send(request.status, request.payload)
-            return
-        AnswerPipeline(self.server, self.exchange, self.sink, wire).run(request, caller)
-
-    def send_document(self, status: int, headers: Sequence[Tuple[str, str]], data: bytes) -> None:
-        """A response that is not JSON: the page, the metrics."""
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-
-class RequestLog:
-    """One line a request, from its Exchange, once it is answered; a dropped connection's line
-    at DEBUG. Every line passes the KeyFilter: keys hidden, control characters escaped."""
-
-    def log(self, level: int, message: str, *args, fields: Optional[dict] = None) -> None:
-        # The upstream key in use is kept out of sight too: a client's own, when passed through.
-        exchange = self.exchange
-        log.log(level, message, *args, extra={"request_id": exchange.request_id, "fields": fields or {},
-                                              "secret": exchange.upstream.key if exchange.upstream else None})
-
-    def log_summary(self) -> None:
-        exchange = self.exchange
-        path = self.logged_path()
-        seconds = time.monotonic() - exchange.started
-        upstream_status = exchange.upstream.status if exchange.upstream else None
-        self.server.metrics.request(self.server.routes.label(path), exchange.status, seconds)
-        note = exchange.note
-        # Container health checks would drown the log: a healthy /health is a debug line.
-        level = logging.DEBUG if path == "/health" and exchange.status == 200 else logging.INFO
-        self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command or "-",
-                 path, exchange.status, seconds * 1000, upstream_status or "-", exchange.chunks, note,
-                 fields={"client": self.client_address[0], "method": self.command or "-", "path": path,
-                         "status": exchange.status, "duration_ms": round(seconds * 1000, 1),
-                         "upstream_status": upstream_status, "chunks": exchange.chunks, "note": note.strip(),
-                         "session": exchange.session, "conn": exchange.conn, "cut": exchange.cut,
-                         "error": exchange.error})
-
-    def logged_path(self) -> str:
-        return printable((self.path or "-").split("?", 1)[0][:200])
-
-    def log_drop(self) -> None:
-        # Routine: an idle keep-alive connection (a partial request is answered 408 and logged).
-        self.log(logging.DEBUG, "%s closed: %s", self.client_address[0], self.exchange.dropped)
-
-    def log_request(self, code="-", size="-") -> None:
-        self.exchange.status = int(code)  # the summary line is written once the request is over
-
-    def log_message(self, format: str, *args) -> None:
-        self.log(logging.INFO, "%s %s", self.client_address[0], format % args)
-
-    def log_error(self, format: str, *args) -> None:
-        # Whatever http.server still reports on its own; every request has its summary line.
-        self.log(logging.DEBUG, "%s %s", self.client_address[0], format % args)
-
-
 class RequestReading:
     """Reading a request: its head, line by line within MAX_HEAD (HeadReader) and checked as a
     whole once, before anything answers it (100 Continue included); its body, by its
@@ -4467,113 +4889,14 @@ class RequestReading:
         try:
             self.check_head()
             self.check_browser()
-            if self.endpoint(self.route_path()) == "answer":
+            self.endpoint(self.route_path())
+            if self.route().body:
                 self.authenticate()
             self.exchange.body.reserve_declared()
         except ProxyError as exc:
             self.fail(exc)
             return False
         return super().handle_expect_100()
-
-
-class Routing:
-    """Routing a request by the server's route table: the browser policy first, then the key
-    where the route needs it, the method, and the endpoint; the route's wire format, which
-    parses its requests and shapes its errors. CORS preflights are answered here."""
-
-    allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
-
-    def do_GET(self) -> None:
-        self.dispatch()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
-
-    def do_OPTIONS(self) -> None:
-        try:
-            self.check_browser()
-        except ProxyError as exc:
-            self.fail(exc)  # a preflight from a page that may not call is not granted
-            return
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        requested = [name.strip() for name in (self.headers.get("Access-Control-Request-Headers") or "").split(",")]
-        self.send_header("Access-Control-Allow-Headers", ", ".join(
-            [self.allowed_headers] + [name for name in requested if TOKEN.fullmatch(name)]))
-        self.send_header("Access-Control-Max-Age", "86400")
-        if (self.headers.get("Access-Control-Request-Private-Network") or "").lower() == "true":
-            self.send_header("Access-Control-Allow-Private-Network", "true")  # a public page to this address
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def dispatch(self) -> None:
-        path = self.route_path()
-        try:
-            try:
-                self.check_browser()
-                getattr(self, self.endpoint(path))(path)
-            except ProxyError as exc:
-                if self.exchange.interrupted == "client_gone":
-                    raise ClientGone() from None
-                if self.exchange.interrupted == "shutdown":
-                    exc = shutting_down()
-                self.fail(exc)
-        except ClientGone:
-            self.close_connection = True
-            self.exchange.client_left = True
-            if self.exchange.status is None:
-                self.exchange.status = 499  # as nginx logs a client that closed before its answer
-
-    def route_path(self) -> str:
-        return route_path(self.path)
-
-    def route(self) -> Optional[Route]:
-        exchange = self.exchange
-        if exchange.route is None and self.path is not None:
-            exchange.route = self.server.routes.find(self.route_path())
-        return exchange.route
-
-    def wire_format(self) -> WireFormat:
-        """The wire format of this request's route, which also shapes its errors (chat
-        completions' for a path no route knows)."""
-        exchange = self.exchange
-        if exchange.wire is None:
-            route = self.route()
-            exchange.wire = WireFormat.formats[route.wire if route else "chat"](self.server.config,
-                                                                               self.server.sessions)
-        return exchange.wire
-
-    def check_browser(self) -> None:
-        """Refuse, before anything else, a web page that may not use the key this proxy holds
-        (BrowserPolicy), and set the CORS headers of the answer."""
-        policy = self.server.browser
-        if policy.guarded:
-            origin = self.headers.get("Origin")
-            refusal = policy.refusal(origin, self.headers.get("Host"))
-            if refusal is not None:
-                raise refusal
-            self.exchange.cors = policy.headers(origin)
-
-    def endpoint(self, path: str) -> str:
-        """The endpoint (a method name) for this request, once its key is checked where the
-        route needs it; raises ProxyError: 401, 404, 405."""
-        route = self.route()
-        if (route is None or not route.open) and self.server.config.proxy_keys:
-            self.authenticate()
-        if route is None:
-            raise ProxyError(404, "Unknown path: %s %s" % (self.command, path[:200]), code="unknown_url")
-        methods = route.methods + (("HEAD",) if "GET" in route.methods else ())  # HEAD: GET's head alone
-        if self.command not in methods:
-            allowed = ", ".join(sorted(methods)) + ", OPTIONS"
-            raise ProxyError(405, "Method %s is not allowed on %s" % (self.command, path[:200]),
-                             code="method_not_allowed", headers={"Allow": allowed})
-        return route.endpoint
-
-    def authenticate(self) -> Caller:
-        """The request's caller (see Caller), from its headers alone; raises ProxyError(401)."""
-        exchange = self.exchange
-        if exchange.caller is None:
-            exchange.caller = caller_of(self.server.config, self.headers, self.server.deployment)
-        return exchange.caller
 
 
 class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPRequestHandler):
@@ -4675,6 +4998,8 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
         self.send_header("X-Request-Id", exchange.request_id)
         if exchange.session:
             self.send_header("X-Finstep-Session", exchange.session)
+        if exchange.folded_out:  # FINSTEP_MAX_QUERY left messages out: the client must be able to know
+            self.send_header("X-Finstep-Folded-Dropped", str(exchange.folded_out))
         body = exchange.body
         if self.close_connection or (body is not None and body.unfinished):  # an unread body cannot be skipped
             self.close_connection = True
@@ -4741,12 +5066,14 @@ class ProxyServer(ThreadingHTTPServer):
             self.sessions = SharedStore(self.redis, self.sessions, config.redis_prefix)
             if self.key_pool is not None:
                 SharedCooldowns(self.redis, self.key_pool, config.redis_prefix)
+        self.signer = ThinkingSigner(functools.partial(signing_secret, config, self.redis))
         self.metrics = Metrics()
         self.browser = BrowserPolicy(config)
         self.routes = build_routes(config)
         self.deployment = deployment_caller(config)
         self.body_budget = MemoryBudget(config.body_budget)
-        self.log_filter = KeyFilter(config.api_keys + config.proxy_keys)
+        self.log_filter = KeyFilter(config.api_keys + config.proxy_keys + ((config.signing_key,)
+                                                                          if config.signing_key else ()))
         log.addFilter(self.log_filter)
         self.draining = False
         self.connections = 0
@@ -4794,19 +5121,14 @@ class ProxyServer(ThreadingHTTPServer):
 
     def status(self) -> dict:
         """What GET /status shows: no key in clear, nothing a client sent."""
-        config, metrics = self.config, self.metrics
-        with metrics.lock:
-            requests = collections.Counter()
-            for (_, status), count in metrics.requests.items():
-                requests["%dxx" % (status // 100)] += count
-            outcomes, in_flight = dict(metrics.outcomes), metrics.in_flight
+        config = self.config
+        requests, outcomes, in_flight = self.metrics.summary()
         pool = self.upstream_pool
         return {"version": __version__, "uptime_seconds": int(time.time()) - self.started,
                 "upstream": urllib.parse.urlsplit(config.upstream_url).hostname, "demo": config.demo,
                 "reasoning": config.reasoning, "sessions": config.sessions, "system": config.system,
                 "streams_in_flight": in_flight, "max_streams": config.max_streams,
-                "requests": dict(requests), "upstream_results": {outcome: outcomes.get(outcome, 0)
-                                                                  for outcome in OUTCOMES},
+                "requests": requests, "upstream_results": outcomes,
                 "upstream_connections": {"idle": len(pool), "reused": pool.requests["true"],
                                          "new": pool.requests["false"]},
                 "keys": [{"key": mask_key(key), "cooling_down_seconds": round(seconds, 1)}
@@ -4874,11 +5196,14 @@ class DemoUpstreamHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream;charset=UTF-8")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for event in events:
-            time.sleep(self.delay)
-            line = ("data:" + json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-        self.wfile.write(b"0\r\n\r\n")
+        try:
+            for event in events:
+                time.sleep(self.delay)
+                line = ("data:" + json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, socket.timeout, TimeoutError):
+            self.close_connection = True  # the proxy hung up: its client left, or it stopped
 
     def log_message(self, format: str, *args) -> None:
         log.debug("demo upstream: " + format, *args)
