@@ -1,8 +1,8 @@
 """custom_finstep: Finstep's chat API served as OpenAI's chat completions and Responses, as
-Anthropic's Messages, and as AG-UI.
+Anthropic's Messages, as AG-UI, and as an MCP tool.
 
 One file, standard library only, Python 3.8 or newer. Finstep answers one `query` per
-request as a stream of status events; clients speak OpenAI's or Anthropic's APIs or AG-UI.
+request as a stream of status events; clients speak OpenAI's or Anthropic's APIs, AG-UI or MCP.
 This proxy translates, forwarding every answer token the moment the upstream sends it.
 
 Run:
@@ -33,6 +33,7 @@ A request's way through this file, each step with its (section):
       authenticate, caller_of          the Caller, before the body (Callers and browsers)
       BodyReader                       the body, within the body budget (HTTP/1.1 framing)
       WireFormat.parse                 an AnswerRequest, or a DirectAnswer sent as it is (Wire formats)
+      Cancellable                      held while it runs, should another request cancel it (Endpoints)
       AnswerPipeline.run               a stream slot, then (The answer pipeline):
         WireFormat.recall, plan_turn   the caller's memory: continue, fold, name (Conversations)
         KeyPool.order, UpstreamCall    the upstream, key after key (Keys; Upstream; Shared memory)
@@ -53,7 +54,10 @@ Hooks a WireFormat may override (one class a format; its `name` is what routes n
     opening(), render(events), closing(answer)   the stream's bytes; failure(error) after its head
     document(answer)              the whole answer as one JSON body, when not streaming
     error_status(error), error_body(error)       an error before the head: its status and shape
-    heartbeat, opens_at_once, ends_cleanly_after_failure   class attributes
+    heartbeat                     the keep-alive's bytes (a property where they change: MCP's progress)
+    handle, cancels               set by parse(): what a client may cancel this request by, and
+                                  which of its caller's requests this one cancels
+    opens_at_once, ends_cleanly_after_failure    class attributes
 
 Standard-library internals relied upon, and why:
     BaseHTTPRequestHandler._headers_buffer   an event stream's head is held and leaves with its
@@ -929,6 +933,7 @@ ROUTES = (
     Route("/messages", ("POST",), "answer", "messages", body=True),
     Route("/v1/messages/count_tokens", ("POST",), "answer", "count_tokens", body=True),
     Route("/messages/count_tokens", ("POST",), "answer", "count_tokens", body=True),
+    Route("/mcp", ("POST",), "answer", "mcp", body=True),
     Route("/agui", ("POST",), "answer", "agui", body=True),
     Route("/v1/agui", ("POST",), "answer", "agui", body=True),
     Route("/v1/models", ("GET",), "list_models"),
@@ -938,6 +943,11 @@ ROUTES = (
     Route("/status", ("GET",), "show_status"),
     Route("/metrics", ("GET",), "metrics"),
     Route("/health", ("GET",), "health", open=True, quiet=True),
+    # Nothing there, said plainly without a key: MCP clients look for OAuth metadata after a 401.
+    Route("/.well-known/", ("GET",), "not_found", open=True, prefix=True, label="/.well-known/{path}"),
+    Route("/register", ("GET", "POST"), "not_found", open=True),  # OAuth's defaults, for the same clients
+    Route("/authorize", ("GET", "POST"), "not_found", open=True),
+    Route("/token", ("GET", "POST"), "not_found", open=True),
     Route("/", ("GET",), "show_page", open=True, setting="page"),
 )
 
@@ -978,7 +988,8 @@ class Routing:
     where the route needs it, the method, and the endpoint; the route's wire format, which
     parses its requests and shapes its errors. CORS preflights are answered here."""
 
-    allowed_headers = "Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id"
+    allowed_headers = ("Authorization, Content-Type, Accept, X-Api-Key, X-Request-Id, X-Session-Id, "
+                       "MCP-Protocol-Version, Mcp-Session-Id, Mcp-Method, Mcp-Name")
 
     def do_GET(self) -> None:
         self.dispatch()
@@ -1009,6 +1020,14 @@ class Routing:
                 self.check_browser()
                 getattr(self, self.endpoint(path))(path)
             except ProxyError as exc:
+                if self.exchange.interrupted == "cancelled":
+                    # Answered no more, but the HTTP message ends properly: a client still reading
+                    # it (MCP's first revisions do) takes a connection cut short for a failure.
+                    if self.sink.started:
+                        self.sink.end(b"")
+                    else:
+                        self.sink.document(202, b"", ())
+                    return
                 if self.exchange.interrupted == "client_gone":
                     raise ClientGone() from None
                 if self.exchange.interrupted == "shutdown":
@@ -1103,6 +1122,9 @@ def deployment_caller(config: Config) -> Optional[Caller]:
     return Caller(DEPLOYMENT, "d:" + key_digest("\n".join(sorted(config.api_keys))), config.api_keys)
 
 
+BEARER = {"WWW-Authenticate": "Bearer"}  # a 401 says how to authenticate (RFC 9110): no OAuth here
+
+
 def caller_of(config: Config, headers: Mapping[str, str], deployment: Optional[Caller] = None) -> Caller:
     """The caller a request's headers prove; raises ProxyError(401). Only the headers are
     read: nothing is remembered, claimed or parsed before this."""
@@ -1114,16 +1136,17 @@ def caller_of(config: Config, headers: Mapping[str, str], deployment: Optional[C
         matched = [key for key in config.proxy_keys if hmac.compare_digest(given, key.encode("utf-8"))]
         if not matched:
             raise ProxyError(401, "Invalid or missing API key for this proxy: send "
-                                  "'Authorization: Bearer <PROXY_API_KEY>'", code="invalid_api_key")
+                                  "'Authorization: Bearer <PROXY_API_KEY>'", code="invalid_api_key",
+                             headers=BEARER)
         return Caller(PROXY_KEY, "p:" + key_digest(matched[0]), config.api_keys)
     if config.api_keys:
         return deployment_caller(config)
     if not presented:
         raise ProxyError(401, "No API key: set FINSTEP_API_KEY on the proxy or send "
-                              "'Authorization: Bearer <Finstep key>'", code="missing_api_key")
+                              "'Authorization: Bearer <Finstep key>'", code="missing_api_key", headers=BEARER)
     if len(presented) > MAX_KEY_LENGTH or not all("!" <= c <= "~" for c in presented):
         raise ProxyError(401, "That is not a Finstep key: a key is at most %d visible ASCII characters"
-                         % MAX_KEY_LENGTH, code="invalid_api_key")
+                         % MAX_KEY_LENGTH, code="invalid_api_key", headers=BEARER)
     return Caller(PASS_THROUGH, "c:" + key_digest(presented), (presented,))
 
 
@@ -1333,14 +1356,20 @@ def lone_surrogate_at(payload) -> Optional[str]:
 
 def json_object(body: bytes) -> dict:
     """A request body as a JSON object; raises ProxyError(400) saying what is wrong."""
+    payload = json_value(body)
+    if not isinstance(payload, dict):
+        raise _invalid("Request body must be a JSON object", None)
+    return payload
+
+
+def json_value(body: bytes):
+    """A request body as JSON; raises ProxyError(400) saying what is wrong."""
     try:
         payload = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise _invalid("Request body is not valid UTF-8", None) from None
     except (ValueError, RecursionError) as exc:
         raise _invalid("Request body is not valid JSON: %s" % exc, None) from None
-    if not isinstance(payload, dict):
-        raise _invalid("Request body must be a JSON object", None)
     # Raw UTF-8 cannot hold a lone surrogate, so only an escape can bring one in: a pair
     # makes one character, a lone one is text that can be neither logged nor sent on.
     if _SURROGATE_ESCAPE.search(body):
@@ -1558,7 +1587,8 @@ class DirectAnswer:
     payload: Union[dict, bytes]
     status: int = 200
     headers: Tuple[Tuple[str, str], ...] = ()
-    content_type: str = "application/json"  # of a bytes payload; a dict is always JSON
+    content_type: str = "application/json"  # of a bytes payload ("": none, for no body); a dict is JSON
+    marks: Tuple[Tuple[str, str], ...] = ()  # (name, value) the log line adds, as AnswerRequest.marks
 
 
 class WireFormat:
@@ -1581,6 +1611,10 @@ class WireFormat:
     # After failure(), end the HTTP message properly, or cut it off: a truncated transfer is
     # the one sign of failure that a client reading only a format's success events cannot miss.
     ends_cleanly_after_failure = True
+    # Set by parse(): what the client may name this request by to cancel it from another
+    # request, and the caller's requests this one cancels (MCP's notifications/cancelled).
+    handle = None  # type: Optional[str]
+    cancels = ()  # type: Tuple[str, ...]
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -2457,6 +2491,409 @@ class CountTokensFormat(MessagesFormat):
 
     def parse(self, body: bytes, headers: Mapping[str, str]) -> DirectAnswer:
         return DirectAnswer(count_tokens(body, self.config.default_model))
+
+
+# --- Wire formats: MCP, Finstep as a tool -------------------------------------------------
+
+# Both generations of the Model Context Protocol's Streamable HTTP transport: the handshake
+# revisions (`initialize` first) and the stateless one (every request carries its version in
+# its `_meta` and in headers). The proxy keeps no MCP session: any replica answers any request.
+MCP_HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")  # newest first
+MCP_STATELESS_VERSIONS = ("2026-07-28",)
+MCP_VERSIONS = MCP_STATELESS_VERSIONS + MCP_HANDSHAKE_VERSIONS
+MCP_META = "io.modelcontextprotocol/"
+MCP_TOOL = "ask_finstep"
+MCP_HANDLE_LIMIT = 256  # characters of an id, a progress token or a session id
+PROGRESS_MESSAGE = 1000  # characters of the answer so far that a progress notification carries
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
+INTERNAL_ERROR, HEADER_MISMATCH, UNSUPPORTED_VERSION = -32603, -32020, -32022
+RPC_ERROR_NAMES = {PARSE_ERROR: "parse_error", INVALID_REQUEST: "invalid_request",
+                   METHOD_NOT_FOUND: "method_not_found", INVALID_PARAMS: "invalid_params",
+                   INTERNAL_ERROR: "internal_error", HEADER_MISMATCH: "header_mismatch",
+                   UNSUPPORTED_VERSION: "unsupported_protocol_version"}
+# The HTTP status of a JSON-RPC error in the stateless revision (as the official Python SDK
+# answers); the handshake revisions answer a request's error with 200 but for unreadable ones.
+STATELESS_ERROR_STATUS = {PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEADER_MISMATCH: 400,
+                          UNSUPPORTED_VERSION: 400, METHOD_NOT_FOUND: 404}
+
+MCP_TOOL_DESCRIPTION = (
+    "Ask Finstep, a financial research analyst, one question in natural language (Chinese or English): "
+    "Chinese and global markets, listed companies and their industries, macroeconomics and policy. "
+    "Finstep answers from its own research, in Chinese by default, and an answer takes time (often "
+    "tens of seconds). To ask a follow-up in the same conversation, pass the `conversation` of the "
+    "previous result.")
+MCP_INPUT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string", "description": "The question, as a person would ask it."},
+        "conversation": {"type": "string", "description": "The `conversation` of an earlier result: continue "
+                                                          "that conversation. Leave out to start a new one."}},
+    "required": ["question"], "additionalProperties": False}
+MCP_OUTPUT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "description": "Finstep's answer."},
+        "reasoning": {"type": "string", "description": "Finstep's reasoning, when the proxy shows it."},
+        "conversation": {"type": "string", "description": "Pass it back to ask a follow-up."}},
+    "required": ["answer", "conversation"]}
+MCP_INSTRUCTIONS = ("ask_finstep consults Finstep, a financial research analyst. Ask it about markets, "
+                    "companies and the economy; expect an answer in Chinese, after tens of seconds.")
+MCP_PHASES = {"THINKING": "Finstep is thinking", "ORGANIZING": "Finstep is organizing its answer"}
+
+
+class McpError(ProxyError):
+    """A JSON-RPC error: its code, the id of the request it answers (None when that could not
+    be read: MCP has no null id, so the member is left out), and its data."""
+
+    def __init__(self, status: int, rpc_code: int, message: str, rpc_id=None, data: Optional[dict] = None):
+        super().__init__(status, message, code=RPC_ERROR_NAMES.get(rpc_code, "error"))
+        self.rpc_code, self.rpc_id, self.data = rpc_code, rpc_id, data
+
+    def body(self) -> dict:
+        error = {"code": self.rpc_code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return rpc_answer(self.rpc_id, error=error)
+
+
+class McpMessage(NamedTuple):
+    """One JSON-RPC message as it came: a request (with an id), a notification, or a response."""
+    kind: str  # "request", "notification" or "response"
+    rpc_id: object  # a string or a number; None for a notification
+    method: str
+    params: dict
+
+
+class McpCall(NamedTuple):
+    """The tools/call a request makes: what its answer needs."""
+    rpc_id: object
+    conversation: str
+    progress: Optional[bytes]  # the start of each of its progress notifications: it asked for them
+
+
+def rpc_answer(rpc_id, result: Optional[dict] = None, error: Optional[dict] = None) -> dict:
+    answer = {"jsonrpc": "2.0"}
+    if rpc_id is not None:
+        answer["id"] = rpc_id
+    if error is not None:
+        answer["error"] = error
+    else:
+        answer["result"] = result
+    return answer
+
+
+def rpc_id_ok(value) -> bool:
+    """A JSON-RPC id or a progress token MCP allows (and the proxy keeps): a string or a number."""
+    if isinstance(value, str):
+        return len(value) <= MCP_HANDLE_LIMIT
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def mcp_message(value) -> McpMessage:
+    """Classify one JSON-RPC message; raises McpError(-32600) for anything else."""
+    if not isinstance(value, dict) or value.get("jsonrpc") != "2.0":
+        raise McpError(400, INVALID_REQUEST, "Not a JSON-RPC 2.0 message")
+    rpc_id = value.get("id")
+    if rpc_id is not None and not rpc_id_ok(rpc_id):
+        raise McpError(400, INVALID_REQUEST, "'id' must be a string (at most %d characters) or a number"
+                       % MCP_HANDLE_LIMIT)
+    method = value.get("method")
+    if method is None and rpc_id is not None and ("result" in value or "error" in value):
+        return McpMessage("response", rpc_id, "", {})
+    if not isinstance(method, str) or not method:
+        raise McpError(400, INVALID_REQUEST, "'method' must be a non-empty string", rpc_id)
+    params = value.get("params", {})
+    if not isinstance(params, dict):
+        raise McpError(400, INVALID_REQUEST, "'params' must be an object", rpc_id)
+    return McpMessage("notification" if rpc_id is None else "request", rpc_id, method, params)
+
+
+def header_value(value: Optional[str]) -> Optional[str]:
+    """An MCP header's value as the body has it: `=?base64?…?=` decoded (how non-ASCII values
+    travel); None when it cannot be decoded."""
+    if value is None or not (value.startswith("=?base64?") and value.endswith("?=")):
+        return value
+    try:
+        return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def tool_arguments_problem(arguments) -> Optional[str]:
+    """What is wrong with ask_finstep's arguments, said for the agent that sent them; None if nothing."""
+    if not isinstance(arguments, dict):
+        return "The arguments must be an object with a 'question'"
+    unknown = [name for name in arguments if name not in MCP_INPUT_SCHEMA["properties"]]
+    if unknown:
+        return ("Unknown argument(s): %s; ask_finstep takes 'question' and 'conversation'"
+                % ", ".join(name[:40] for name in unknown[:5]))
+    question = arguments.get("question")
+    if not isinstance(question, str) or not question.strip():
+        return "'question' must be a non-empty string"
+    conversation = arguments.get("conversation")
+    if conversation is not None and not (isinstance(conversation, str) and conversation.strip()
+                                         and len(conversation) <= MCP_HANDLE_LIMIT):
+        return "'conversation' must be a non-empty string of at most %d characters" % MCP_HANDLE_LIMIT
+    return None
+
+
+def mcp_tool(version: str) -> dict:
+    """ask_finstep as tools/list describes it to a client of `version`."""
+    tool = {"name": MCP_TOOL, "description": MCP_TOOL_DESCRIPTION, "inputSchema": MCP_INPUT_SCHEMA,
+            "annotations": {"title": "Ask Finstep", "readOnlyHint": True, "destructiveHint": False,
+                            "idempotentHint": False, "openWorldHint": True}}
+    if version >= "2025-06-18":
+        tool.update(title="Ask Finstep", outputSchema=MCP_OUTPUT_SCHEMA)
+    return tool
+
+
+def mcp_server_info(version: str) -> dict:
+    info = {"name": "custom_finstep", "version": __version__}
+    if version >= "2025-06-18":
+        info["title"] = "Finstep"
+    if version >= "2025-11-25":
+        info["description"] = "Finstep's financial analyst as an MCP tool, through custom_finstep"
+    return info
+
+
+def tool_error(message: str) -> dict:
+    """A tools/call result that failed: the agent reads why, and may act on it."""
+    return {"content": [{"type": "text", "text": message}], "isError": True}
+
+
+class McpFormat(WireFormat):
+    """POST /mcp: the Model Context Protocol's Streamable HTTP transport, one tool: ask_finstep.
+
+    Answered here: initialize, ping, tools/list, server/discover, notifications (202). A
+    tools/call is a question for the pipeline, answered as JSON or as an SSE stream (the
+    client's Accept): notifications/progress as the answer comes, when the call asked for
+    them (keep-alive comments when not), then the result. A failed answer is a result with
+    isError; protocol mistakes are JSON-RPC errors. A call may be cancelled by
+    notifications/cancelled (handshake revisions) or by closing its stream."""
+
+    name = "mcp"
+    call = None  # type: Optional[McpCall]  # until parse() finds one: errors before are protocol errors
+    batch = False
+
+    def parse(self, body: bytes, headers: Mapping[str, str]):
+        try:
+            message = json_value(body)
+        except ProxyError as exc:
+            raise McpError(400, PARSE_ERROR, "Parse error: %s" % exc.message) from None
+        given = (headers.get("MCP-Protocol-Version") or "").strip()
+        session = (headers.get("Mcp-Session-Id") or "").strip()
+        self.session = session if len(session) <= MCP_HANDLE_LIMIT and session.isprintable() else ""
+        self.sse = "text/event-stream" in (headers.get("Accept") or "")
+        self.replies, self.batch = [], isinstance(message, list)  # a batch's answers before its call's
+        self.count, self.shown, self.status, self.answering = 0, "", "Finstep has the question", False
+        if self.batch:
+            return self.parse_batch(message, given)
+        params = message.get("params") if isinstance(message, dict) else None
+        meta = params.get("_meta") if isinstance(params, dict) else None
+        if isinstance(message, dict) and message.get("method") == "initialize":
+            self.version, self.stateless = "2025-03-26", False  # until it negotiates one
+        elif given in MCP_HANDSHAKE_VERSIONS or (not given and not (isinstance(meta, dict)
+                                                                    and MCP_META + "protocolVersion" in meta)):
+            self.version, self.stateless = given or "2025-03-26", False  # no header: the first revision's client
+        elif given and given not in MCP_STATELESS_VERSIONS:
+            rpc_id = message.get("id") if isinstance(message, dict) and rpc_id_ok(message.get("id")) else None
+            raise McpError(400, UNSUPPORTED_VERSION, "Unsupported protocol version", rpc_id,
+                           {"supported": list(MCP_VERSIONS), "requested": given[:100]})
+        else:
+            self.version, self.stateless = given or MCP_STATELESS_VERSIONS[0], True
+        incoming = mcp_message(message)
+        if self.stateless and incoming.kind == "request":
+            self.check_headers(incoming, headers)
+        return self.answer(incoming)
+
+    def check_headers(self, incoming: McpMessage, headers: Mapping[str, str]) -> None:
+        """The stateless revision's headers must say what the body says."""
+        meta = incoming.params.get("_meta")
+        if not isinstance(meta, dict) or not isinstance(meta.get(MCP_META + "clientCapabilities"), dict) \
+                or not isinstance(meta.get(MCP_META + "protocolVersion"), str):
+            raise McpError(400, INVALID_PARAMS, "params._meta must carry %sprotocolVersion and %sclientCapabilities"
+                           % (MCP_META, MCP_META), incoming.rpc_id)
+        checks = [("MCP-Protocol-Version", meta[MCP_META + "protocolVersion"]), ("Mcp-Method", incoming.method)]
+        if incoming.method == "tools/call":
+            checks.append(("Mcp-Name", incoming.params.get("name")))
+        for name, wanted in checks:
+            given = header_value(headers.get(name))
+            if given != wanted:
+                raise McpError(400, HEADER_MISMATCH, "Header mismatch: %s %s the body's %s"
+                               % (name, "is missing, unlike" if given is None else "does not match",
+                                  printable(str(wanted)[:100])), incoming.rpc_id)
+
+    def parse_batch(self, messages: list, given: str):
+        """A JSON-RPC batch, which only the 2025-03-26 revision allows: each message answered,
+        at most one of them a tools/call (its answer last)."""
+        if given not in ("", "2025-03-26"):
+            raise McpError(400, INVALID_REQUEST, "JSON-RPC batches are not part of MCP %s" % given[:20])
+        if not messages:
+            raise McpError(400, INVALID_REQUEST, "An empty batch")
+        self.version, self.stateless = "2025-03-26", False
+        call = None
+        for item in messages:
+            try:
+                incoming = mcp_message(item)
+                if incoming.method == "initialize":
+                    raise McpError(200, INVALID_REQUEST, "initialize cannot be part of a batch", incoming.rpc_id)
+                if incoming.method == "tools/call" and call is not None:
+                    raise McpError(200, INVALID_REQUEST, "One tools/call a batch: send the others apart",
+                                   incoming.rpc_id)
+                answered = self.answer(incoming)
+            except McpError as exc:
+                self.replies.append(exc.body())
+                continue
+            if isinstance(answered, AnswerRequest):
+                call = answered
+            elif isinstance(answered.payload, dict):
+                self.replies.append(answered.payload)
+        if call is not None:
+            return call
+        if not self.replies:  # notifications and responses alone
+            return DirectAnswer(b"", 202, content_type="", marks=(("mcp", "batch"),))
+        return DirectAnswer(json.dumps(self.replies, ensure_ascii=False).encode("utf-8"), marks=(("mcp", "batch"),))
+
+    def answer(self, incoming: McpMessage):
+        """A DirectAnswer, or the AnswerRequest of a tools/call; raises McpError."""
+        method, rpc_id = incoming.method, incoming.rpc_id
+        marks = (("mcp", method[:40]),)
+        if incoming.kind != "request":
+            if method == "notifications/cancelled" and rpc_id_ok(incoming.params.get("requestId")):
+                self.cancels += (self.name_call(incoming.params["requestId"]),)
+            return DirectAnswer(b"", 202, content_type="", marks=marks)
+        if method == "tools/call":
+            return self.tool_call(rpc_id, incoming.params)
+        headers = ()
+        if method == "tools/list":
+            result = {"tools": [mcp_tool(self.version)]}
+            if self.stateless:
+                result.update(ttlMs=3600000, cacheScope="public")  # the same tool for every caller
+        elif method == "server/discover" and self.stateless:
+            result = {"supportedVersions": list(MCP_VERSIONS), "capabilities": {"tools": {}},
+                      "instructions": MCP_INSTRUCTIONS, "ttlMs": 3600000, "cacheScope": "public"}
+        elif method == "initialize" and not self.stateless:
+            asked = incoming.params.get("protocolVersion")
+            self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[0]
+            result = {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
+                      "serverInfo": mcp_server_info(self.version), "instructions": MCP_INSTRUCTIONS}
+            # Only a scope for cancellations, which name a request by its id: remembered nowhere.
+            headers = (("Mcp-Session-Id", uuid.uuid4().hex),)
+        elif method == "ping" and not self.stateless:
+            result = {}
+        else:
+            raise McpError(self.error_status_of(METHOD_NOT_FOUND), METHOD_NOT_FOUND,
+                           "Method not found: %s" % printable(method[:100]), rpc_id)
+        return DirectAnswer(self.response(rpc_id, result), headers=headers, marks=marks)
+
+    def tool_call(self, rpc_id, params: dict):
+        name = params.get("name")
+        if name != MCP_TOOL:
+            raise McpError(self.error_status_of(INVALID_PARAMS), INVALID_PARAMS,
+                           "Unknown tool: %s" % printable(str(name)[:100]), rpc_id)
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        token = meta.get("progressToken")
+        if token is not None and not rpc_id_ok(token):
+            raise McpError(self.error_status_of(INVALID_PARAMS), INVALID_PARAMS,
+                           "'progressToken' must be a string (at most %d characters) or a number"
+                           % MCP_HANDLE_LIMIT, rpc_id)
+        arguments = params.get("arguments", {})
+        problem = tool_arguments_problem(arguments)
+        if problem is not None:  # the agent's mistake, which it can mend: a tool error
+            return DirectAnswer(self.response(rpc_id, tool_error(problem)), marks=(("mcp", "tools/call"),))
+        conversation = arguments.get("conversation") or "finstep-" + uuid.uuid4().hex
+        progress = None
+        if token is not None and self.sse:
+            progress = (b'data: {"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":'
+                        + _dumps(token).encode("utf-8") + b',"progress":')
+        self.call = McpCall(rpc_id, conversation, progress)
+        self.handle = self.name_call(rpc_id)
+        return AnswerRequest(messages=(("user", arguments["question"]),), stream=self.sse,
+                             conversation=conversation, marks=(("mcp", "tools/call"),))
+
+    def name_call(self, rpc_id) -> str:
+        """What a cancellation names a call by: its id, within the client's session if any."""
+        return _dumps([self.session, rpc_id])
+
+    def error_status_of(self, rpc_code: int) -> int:
+        return STATELESS_ERROR_STATUS.get(rpc_code, 200) if self.stateless else 200
+
+    def response(self, rpc_id, result: dict) -> dict:
+        if self.stateless:
+            result = dict(result, resultType="complete",
+                          _meta={MCP_META + "serverInfo": mcp_server_info(self.version)})
+        return rpc_answer(rpc_id, result)
+
+    def answered_with(self, last: dict):
+        """The whole body: the call's answer, after the batch's other answers if it had some."""
+        return self.replies + [last] if self.batch else last
+
+    def result(self, answer: AnswerRouter) -> dict:
+        text = "".join(answer.content)
+        result = {"content": [{"type": "text", "text": text}], "isError": False}
+        if self.version >= "2025-06-18":
+            structured = {"answer": text, "conversation": self.call.conversation}
+            if answer.reasoning:
+                structured["reasoning"] = "".join(answer.reasoning)
+            result["structuredContent"] = structured
+        return result
+
+    # -- errors: a protocol mistake is a JSON-RPC error; a failed call, a tool error
+
+    def error_status(self, error: ProxyError) -> int:
+        return error.status if isinstance(error, McpError) or self.call is None else 200
+
+    def error_body(self, error: ProxyError) -> dict:
+        if isinstance(error, McpError):
+            return error.body()
+        if self.call is None:
+            return McpError(error.status, INVALID_REQUEST if error.status < 500 else INTERNAL_ERROR,
+                            error.message).body()
+        return self.answered_with(self.response(self.call.rpc_id, tool_error(error.message)))
+
+    # -- the call's stream
+
+    def opening(self) -> bytes:
+        return b"".join(format_sse(reply) for reply in self.replies)
+
+    def render(self, events: List[Tuple[str, str]]) -> bytes:
+        if self.call.progress is None:
+            return b""  # MCP has no partial results: the answer comes whole, at the end
+        moved = False
+        for kind, value in events:
+            if kind == TEXT or kind == REASONING:
+                if kind == TEXT and not self.answering:
+                    self.answering, self.shown = True, ""
+                shown = self.shown + value
+                self.shown = shown if len(shown) <= 2 * PROGRESS_MESSAGE else shown[-PROGRESS_MESSAGE:]
+                moved = True
+            elif kind == STEP:
+                self.status, moved = MCP_PHASES.get(value, "Finstep is working"), True
+        return self.progress() if moved else b""
+
+    def progress(self) -> bytes:
+        """One progress notification: the answer so far (its end), else what Finstep is doing.
+        Called under the stream's lock, so the numbers go out in order."""
+        self.count += 1
+        shown = self.shown
+        message = (shown if len(shown) <= PROGRESS_MESSAGE else "…" + shown[1 - PROGRESS_MESSAGE:]) or self.status
+        return self.call.progress + b"%d" % self.count + b',"message":' + _dumps(message).encode("utf-8") + b"}}\n\n"
+
+    @property
+    def heartbeat(self) -> bytes:
+        if self.call is not None and self.call.progress is not None:
+            return self.progress()  # a client that waits on progress keeps waiting
+        return WireFormat.heartbeat
+
+    def closing(self, answer: AnswerRouter) -> bytes:
+        return format_sse(self.response(self.call.rpc_id, self.result(answer)))
+
+    def failure(self, error: ProxyError) -> bytes:
+        return format_sse(self.response(self.call.rpc_id, tool_error(error.message)))
+
+    def document(self, answer: AnswerRouter) -> dict:
+        return self.answered_with(self.response(self.call.rpc_id, self.result(answer)))
 
 
 # --- Conversations: continue the upstream session exactly, or fold ------------------------
@@ -4130,7 +4567,7 @@ def estimate_usage(prompt: str, completion: str) -> dict:
 # --- Metrics ------------------------------------------------------------------------------
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-OUTCOMES = ("ok", "auth", "rate_limited", "upstream_error", "timeout", "client_gone", "shutdown")
+OUTCOMES = ("ok", "auth", "rate_limited", "upstream_error", "timeout", "client_gone", "cancelled", "shutdown")
 
 
 class Histogram:
@@ -4443,7 +4880,7 @@ class AnswerPipeline:
             error = exc
             raise
         except ClientGone:
-            exchange.interrupted = "client_gone"
+            exchange.interrupted = exchange.interrupted or "client_gone"
             raise
         finally:
             self.release(exchange.interrupted or outcome_of(error))
@@ -4554,11 +4991,9 @@ class AnswerPipeline:
         sink, wire = self.sink, self.wire
         if not wire.opens_at_once:
             sink.open()
-        render, write = wire.render, sink.write
+        render, write = wire.render, sink.write_rendered
         for events in self.relay(answer) if batches is None else batches:
-            data = render(events)
-            if data:
-                write(data)
+            write(render, events)
         closing = answer.finish()
         if turn is not None:
             self.complete(turn, key, answer)
@@ -4620,7 +5055,7 @@ class Endpoints:
         self.sink.send(200, self.server.status(), {"Cache-Control": "no-store"})
 
     def show_page(self, path: str) -> None:
-        self.sink.document(200, PAGE.encode("utf-8"), PAGE_HEADERS)
+        self.sink.document(200, PAGE, PAGE_HEADERS)
 
     def list_models(self, path: str) -> None:
         models = self.server.config.models  # one list for OpenAI's clients and Anthropic's
@@ -4643,14 +5078,55 @@ class Endpoints:
         caller = self.authenticate()  # before the body: nothing is read or parsed for a refused caller
         wire = self.wire_format()
         request = wire.parse(self.read_body(), self.headers)
+        cancellable = self.server.cancellable
+        for handle in wire.cancels:
+            cancellable.cancel(caller.id, handle)
         if isinstance(request, DirectAnswer):
+            self.exchange.marks = request.marks
             if isinstance(request.payload, dict):
                 self.sink.send(request.status, request.payload, dict(request.headers))
             else:
-                self.sink.document(request.status, request.payload,
-                                   (("Content-Type", request.content_type),) + request.headers)
+                content_type = (("Content-Type", request.content_type),) if request.content_type else ()
+                self.sink.document(request.status, request.payload, content_type + request.headers)
             return
-        AnswerPipeline(self.server, self.exchange, self.sink, wire).run(request, caller)
+        if wire.handle is not None:
+            cancellable.hold(caller.id, wire.handle, self)
+        try:
+            AnswerPipeline(self.server, self.exchange, self.sink, wire).run(request, caller)
+        finally:
+            if wire.handle is not None:
+                cancellable.let_go(caller.id, wire.handle, self)
+
+    def not_found(self, path: str) -> None:
+        raise ProxyError(404, "Nothing at %s" % printable(path)[:200], code="unknown_url")
+
+
+class Cancellable:
+    """Requests in flight that their client may cancel from another request, by a handle its
+    wire format gives (MCP's notifications/cancelled names a call by its id): per caller, so no
+    caller can cancel another's, and in this process only."""
+
+    def __init__(self):
+        self.held = {}  # type: Dict[Tuple[str, str], object]  # (caller id, handle) -> its handler
+        self.lock = threading.Lock()
+
+    def hold(self, caller: str, handle: str, handler) -> None:
+        with self.lock:
+            self.held[(caller, handle)] = handler
+
+    def let_go(self, caller: str, handle: str, handler) -> None:
+        with self.lock:
+            if self.held.get((caller, handle)) is handler:
+                del self.held[(caller, handle)]
+
+    def cancel(self, caller: str, handle: str) -> bool:
+        """Interrupt the caller's request of that handle, if one is in flight."""
+        with self.lock:
+            handler = self.held.pop((caller, handle), None)
+        if handler is None:
+            return False  # done already, never begun, or on another replica: nothing to stop
+        handler.interrupt("cancelled")
+        return True
 
 
 # --- The HTTP handler ---------------------------------------------------------------------
@@ -4659,7 +5135,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
 EXPOSED_HEADERS = ("Access-Control-Expose-Headers",
-                   "X-Request-Id, Retry-After, X-Finstep-Session, X-Finstep-Folded-Dropped")
+                   "X-Request-Id, Retry-After, X-Finstep-Session, X-Finstep-Folded-Dropped, Mcp-Session-Id")
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -4681,7 +5157,7 @@ class Exchange:
     stream_open: bool = False  # an event stream whose end has not been sent: heartbeats go to it
     chunked: Optional[bool] = None  # set when the event-stream head goes out
     head_held: bool = False  # the event-stream head waits for the first bytes of the body
-    interrupted: Optional[str] = None  # "client_gone" or "shutdown", from another thread
+    interrupted: Optional[str] = None  # "client_gone", "cancelled" or "shutdown", from another thread
     dropped: Optional[str] = None  # why its connection was dropped before the request was in
     # What the log line says of its answer:
     session: Optional[str] = None  # how it reached its upstream session: new, continued, folded, explicit
@@ -4700,6 +5176,8 @@ class Exchange:
         parts = [("session", self.session), ("key", self.key), ("conn", self.conn), ("cut", self.cut),
                  ("error", self.error), ("dropped", self.folded_out)] + list(self.marks)
         note = "".join(" %s=%s" % (name, value) for name, value in parts if value)
+        if self.interrupted == "cancelled":
+            return note + " cancelled"
         return note + " client left" if self.client_left else note
 
 
@@ -4738,6 +5216,14 @@ class ResponseSink:
     def write(self, data: bytes) -> None:
         with self.lock:
             self.write_locked(data)
+
+    def write_rendered(self, render, events: List[Tuple[str, str]]) -> None:
+        """Render a batch of events and write it, under the lock the heartbeats take: a format
+        whose keep-alives are numbered (MCP's progress) sends its numbers in order."""
+        with self.lock:
+            data = render(events)
+            if data:
+                self.write_locked(data)
 
     def end(self, data: bytes, clean: bool = True) -> None:
         """Send the stream's last bytes and end it: properly, or cut off, which no client can
@@ -4968,10 +5454,11 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
         self.sink.heartbeat()
 
     def interrupt(self, reason: str) -> None:
-        """End this request from another thread, for `reason` ("client_gone" or "shutdown"):
+        """End this request from another thread, for `reason` ("client_gone", "cancelled" or "shutdown"):
         shutting its upstream socket wakes the handler thread, which then stops."""
         exchange = self.exchange
-        exchange.interrupted = reason
+        if exchange.interrupted is None:  # the first reason stands: a cancelled call whose client then leaves
+            exchange.interrupted = reason
         upstream = exchange.upstream
         if upstream is not None:
             upstream.abort()
@@ -5072,6 +5559,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.routes = build_routes(config)
         self.deployment = deployment_caller(config)
         self.body_budget = MemoryBudget(config.body_budget)
+        self.cancellable = Cancellable()
         self.log_filter = KeyFilter(config.api_keys + config.proxy_keys + ((config.signing_key,)
                                                                           if config.signing_key else ()))
         log.addFilter(self.log_filter)
@@ -5585,7 +6073,8 @@ def csp_hash(text: str) -> str:
 
 PAGE = ('<!doctype html>\n<html lang="zh-CN">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>custom_finstep</title>\n'
-        "<style>%s</style>\n</head>\n<body>%s<script>%s</script>\n</body>\n</html>\n" % (PAGE_STYLE, PAGE_BODY, PAGE_SCRIPT))
+        "<style>%s</style>\n</head>\n<body>%s<script>%s</script>\n</body>\n</html>\n"
+        % (PAGE_STYLE, PAGE_BODY, PAGE_SCRIPT)).encode("utf-8")  # as it is sent, once
 
 
 PAGE_HEADERS = (
@@ -5597,6 +6086,7 @@ PAGE_HEADERS = (
     ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-cache"),
 )
+del PAGE_STYLE, PAGE_SCRIPT, PAGE_BODY  # in PAGE and its hashes now: a server keeps the page once, as bytes
 
 
 if __name__ == "__main__":

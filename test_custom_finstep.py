@@ -172,8 +172,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
+        last = len(reply.steps) - 1
         try:
-            for step in reply.steps:
+            for index, step in enumerate(reply.steps):
                 if step is CUT:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -186,10 +187,13 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 if not isinstance(step, bytes):
                     wait_step(step)
                 elif reply.framing == "chunked":
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(step), step))
+                    # The last chunk and the end in one write, as servers finishing a response do:
+                    # the end is there when the proxy reads DONE, and the connection is reused.
+                    end = b"0\r\n\r\n" if index == last else b""
+                    self.wfile.write(b"%x\r\n%s\r\n%s" % (len(step), step, end))
                 else:
                     self.wfile.write(step)
-            if reply.framing == "chunked":
+            if reply.framing == "chunked" and not (reply.steps and isinstance(reply.steps[-1], bytes)):
                 self.wfile.write(b"0\r\n\r\n")
         except (ConnectionError, OSError):
             self.close_connection = True
@@ -758,6 +762,8 @@ def test_chunked_decoder_refuses_broken_framing(data):
     ("/v1/messages/count_tokens", ("POST",), "answer", "count_tokens"),
     ("/status", ("GET",), "show_status", "chat"),
     ("/", ("GET",), "show_page", "chat"),
+    ("/mcp", ("POST",), "answer", "mcp"),
+    ("/.well-known/oauth-protected-resource", ("GET",), "not_found", "chat"),
     ("/v2/chat/completions", None, None, None),
     ("/index.html", None, None, None),
 ])
@@ -778,6 +784,7 @@ def test_every_route_names_a_wire_format_and_an_endpoint():
 @pytest.mark.parametrize("path, label", [
     ("/v1/chat/completions", "/v1/chat/completions"), ("/health/", "/health"), ("/metrics", "/metrics"),
     ("/v1/models/abc", "/v1/models/{id}"), ("/models/x/y", "/models/{id}"), ("/random", "other"),
+    ("/mcp", "/mcp"), ("/.well-known/anything", "/.well-known/{path}"),
 ])
 def test_route_table_labels_metrics(path, label):
     assert cf.build_routes(cf.Config()).label(path) == label
@@ -1297,6 +1304,109 @@ def test_a_title_keeps_no_quote_that_open_webui_turns_into_broken_json():
     _, text = cf.recognise_task([("user", open_webui_task("title 0.12.4", "USER: It's `x` ‘y’\nASSISTANT: a"))])
     assert json.loads(text) == {"title": "Its x y"}
 
+
+
+# --- Wire formats: MCP --------------------------------------------------------------------
+
+@pytest.mark.parametrize("message, kind, rpc_id, method", [
+    ({"jsonrpc": "2.0", "id": 1, "method": "ping"}, "request", 1, "ping"),
+    ({"jsonrpc": "2.0", "id": "a", "method": "tools/list", "params": {}}, "request", "a", "tools/list"),
+    ({"jsonrpc": "2.0", "method": "notifications/initialized"}, "notification", None, "notifications/initialized"),
+    ({"jsonrpc": "2.0", "id": 7, "result": {}}, "response", 7, ""),
+    ({"jsonrpc": "2.0", "id": 7, "error": {"code": 1, "message": "x"}}, "response", 7, ""),
+])
+def test_mcp_message(message, kind, rpc_id, method):
+    parsed = cf.mcp_message(message)
+    assert (parsed.kind, parsed.rpc_id, parsed.method) == (kind, rpc_id, method)
+
+
+@pytest.mark.parametrize("message, rpc_id", [
+    ([], None), ({"id": 1, "method": "ping"}, None), ({"jsonrpc": "1.0", "id": 1, "method": "ping"}, None),
+    ({"jsonrpc": "2.0", "id": True, "method": "ping"}, None), ({"jsonrpc": "2.0", "id": [1], "method": "ping"}, None),
+    ({"jsonrpc": "2.0", "id": "x" * 257, "method": "ping"}, None), ({"jsonrpc": "2.0", "id": 3}, 3),
+    ({"jsonrpc": "2.0", "id": 3, "method": 5}, 3), ({"jsonrpc": "2.0", "id": 3, "method": "ping", "params": [1]}, 3),
+])
+def test_mcp_message_refuses_what_is_not_json_rpc(message, rpc_id):
+    with pytest.raises(cf.McpError) as caught:
+        cf.mcp_message(message)
+    assert caught.value.rpc_code == cf.INVALID_REQUEST and caught.value.rpc_id == rpc_id
+    assert ("id" in caught.value.body()) == (rpc_id is not None)  # MCP has no null id
+
+
+@pytest.mark.parametrize("raw, value", [
+    (None, None), ("ask_finstep", "ask_finstep"), ("=?base64?SGVsbG8sIOS4lueVjA==?=", "Hello, 世界"),
+    ("=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?=", "=?base64?literal?="), ("=?base64?!!?=", None),
+    ("=?base64?/w==?=", None),
+])
+def test_header_value_decodes_the_base64_form(raw, value):
+    assert cf.header_value(raw) == value
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    ({"question": "恒瑞医药怎么看"}, None), ({"question": "q", "conversation": "c"}, None),
+    ([], "must be an object"), ({}, "'question' must be"), ({"question": "  "}, "'question' must be"),
+    ({"question": 5}, "'question' must be"), ({"question": "q", "ticker": "x"}, "Unknown argument(s): ticker"),
+    ({"question": "q", "conversation": ""}, "'conversation' must be"),
+    ({"question": "q", "conversation": "c" * 257}, "'conversation' must be"),
+])
+def test_tool_arguments_problem(arguments, problem):
+    found = cf.tool_arguments_problem(arguments)
+    assert found is None if problem is None else problem in found
+
+
+@pytest.mark.parametrize("version, has_output_schema", [
+    ("2025-03-26", False), ("2025-06-18", True), ("2025-11-25", True), ("2026-07-28", True)])
+def test_the_tool_as_each_revision_describes_it(version, has_output_schema):
+    tool = cf.mcp_tool(version)
+    assert tool["name"] == "ask_finstep" and tool["description"] and tool["inputSchema"]["required"] == ["question"]
+    assert ("outputSchema" in tool) == ("title" in tool) == has_output_schema
+    assert tool["annotations"]["readOnlyHint"] is True
+    info = cf.mcp_server_info(version)
+    assert ("title" in info) == has_output_schema and ("description" in info) == (version >= "2025-11-25")
+
+
+def mcp_call_format(token=5, sse=True):
+    """An McpFormat that has parsed a tools/call (asking for progress with `token`)."""
+    wire = cf.McpFormat(cf.Config(), cf.SessionStore(10, 60))
+    params = {"name": "ask_finstep", "arguments": {"question": "q"}}
+    if token is not None:
+        params["_meta"] = {"progressToken": token}
+    request = wire.parse(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}).encode(),
+                         {"Accept": "application/json, text/event-stream" if sse else "application/json"})
+    return wire, request
+
+
+def progress_of(data):
+    return [payload["params"] for payload in sse_payloads(data)]
+
+
+def test_progress_counts_up_with_the_answer_so_far():
+    wire, request = mcp_call_format()
+    assert request.stream and request.messages == (("user", "q"),) and request.conversation.startswith("finstep-")
+    assert wire.handle == json.dumps(["", 9], separators=(",", ":"))
+    first = progress_of(wire.render([(cf.STEP, "THINKING")]))
+    assert first == [{"progressToken": 5, "progress": 1, "message": "Finstep is thinking"}]
+    assert wire.render([(cf.STEP_END, "THINKING")]) == b""  # nothing new: no notification
+    thinking = progress_of(wire.render([(cf.REASONING, "想"), (cf.REASONING, "一想")]))
+    answer = progress_of(wire.render([(cf.TEXT, "答")]) + wire.heartbeat + wire.render([(cf.TEXT, "案")]))
+    assert [p["progress"] for p in thinking + answer] == [2, 3, 4, 5]
+    assert [p["message"] for p in thinking + answer] == ["想一想", "答", "答", "答案"]
+
+
+def test_progress_messages_keep_the_end_of_a_long_answer():
+    wire, _ = mcp_call_format(token="t")
+    for _ in range(300):
+        data = wire.render([(cf.TEXT, "恒瑞医药" * 10)])
+    message = progress_of(data)[0]["message"]
+    assert len(message) == cf.PROGRESS_MESSAGE and message.startswith("…") and message.endswith("恒瑞医药")
+    assert len(wire.shown) <= 2 * cf.PROGRESS_MESSAGE  # what is kept stays bounded, however long the answer
+
+
+def test_no_progress_token_no_progress_but_keep_alives():
+    wire, _ = mcp_call_format(token=None)
+    assert wire.render([(cf.TEXT, "答")]) == b"" and wire.heartbeat == b": keep-alive\n\n"
+    wire, request = mcp_call_format(sse=False)
+    assert not request.stream and wire.call.progress is None  # progress needs a stream to travel on
 
 # --- Conversations ------------------------------------------------------------------------
 
@@ -4210,6 +4320,377 @@ def test_signatures_come_from_the_signing_key_or_a_secret_the_replicas_share(mak
     assert keyed.server.signer.sign("想") == "fs1_" + base64.urlsafe_b64encode(expected).decode().rstrip("=")
     assert make_proxy().server.signer.sign("想") != keyed.server.signer.sign("想")
 
+
+
+# --- End to end: MCP ----------------------------------------------------------------------
+
+BOTH = "application/json, text/event-stream"
+MODERN = "2026-07-28"
+
+
+def rpc(method, rpc_id=1, **params):
+    message = {"jsonrpc": "2.0", "method": method}
+    if rpc_id is not None:
+        message["id"] = rpc_id
+    if params:
+        message["params"] = params
+    return message
+
+
+def modern(method, rpc_id=1, **params):
+    """A request of the stateless revision: its version and capabilities in its _meta."""
+    meta = dict(params.pop("_meta", {}), **{"io.modelcontextprotocol/protocolVersion": MODERN,
+                                          "io.modelcontextprotocol/clientCapabilities": {}})
+    return rpc(method, rpc_id, _meta=meta, **params)
+
+
+def modern_headers(method, name=None):
+    headers = {"MCP-Protocol-Version": MODERN, "Mcp-Method": method}
+    if name is not None:
+        headers["Mcp-Name"] = name
+    return headers
+
+
+def mcp(proxy, message, headers=None, version="2025-11-25", accept=BOTH):
+    """(status, headers, body) of one POST /mcp; `version` goes in MCP-Protocol-Version (None: left out)."""
+    sent = {"Accept": accept}
+    if version is not None:
+        sent["MCP-Protocol-Version"] = version
+    return proxy.request("POST", "/mcp", message, dict(sent, **(headers or {})))
+
+
+def ask_finstep(question="恒瑞医药怎么看", rpc_id=3, token=None, **arguments):
+    params = {"name": "ask_finstep", "arguments": dict(arguments, question=question)}
+    if token is not None:
+        params["_meta"] = {"progressToken": token}
+    return rpc("tools/call", rpc_id, **params)
+
+
+def mcp_result(body):
+    """The JSON-RPC answer of a tools/call, from a JSON or an SSE body."""
+    if body.startswith((b"data:", b":")):
+        return json.loads(body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1][len(b"data: "):])
+    return json.loads(body)
+
+
+@pytest.mark.parametrize("asked, agreed", [
+    ("2025-11-25", "2025-11-25"), ("2025-06-18", "2025-06-18"), ("2025-03-26", "2025-03-26"),
+    ("2024-11-05", "2025-11-25"), (MODERN, "2025-11-25"),
+])
+def test_mcp_initialize_negotiates_the_version(proxy, asked, agreed):
+    status, headers, body = mcp(proxy, rpc("initialize", 0, protocolVersion=asked, capabilities={},
+                                           clientInfo={"name": "t", "version": "1"}), version=None)
+    answer = json.loads(body)
+    assert status == 200 and answer["id"] == 0 and answer["result"]["protocolVersion"] == agreed
+    assert answer["result"]["capabilities"] == {"tools": {"listChanged": False}}
+    assert answer["result"]["serverInfo"]["name"] == "custom_finstep" and answer["result"]["instructions"]
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["Mcp-Session-Id"])  # a scope for cancellations, kept nowhere
+
+
+def test_mcp_handshake_notifications_ping_and_tools(proxy, upstream):
+    status, headers, body = mcp(proxy, rpc("notifications/initialized", None))
+    assert (status, body, headers.get("Content-Type"), headers["Content-Length"]) == (202, b"", None, "0")
+    assert mcp(proxy, rpc("notifications/whatever", None))[0] == 202
+    assert mcp(proxy, {"jsonrpc": "2.0", "id": 4, "result": {}})[0] == 202  # a response: accepted, unused
+    status, _, body = mcp(proxy, rpc("ping", 5))
+    assert status == 200 and json.loads(body) == {"jsonrpc": "2.0", "id": 5, "result": {}}
+    tools = json.loads(mcp(proxy, rpc("tools/list", 6))[2])["result"]["tools"]
+    assert [tool["name"] for tool in tools] == ["ask_finstep"] and "outputSchema" in tools[0]
+    first_revision = json.loads(mcp(proxy, rpc("tools/list", 7), version=None)[2])["result"]["tools"][0]
+    assert "outputSchema" not in first_revision  # no header: a 2025-03-26 client, which knows none
+    assert not upstream.received
+
+
+def test_mcp_protocol_mistakes_are_json_rpc_errors(proxy, upstream):
+    cases = [
+        (b"{not json", None, 400, cf.PARSE_ERROR, None),
+        ({"id": 1, "method": "ping"}, None, 400, cf.INVALID_REQUEST, None),
+        (rpc("resources/list", 8), None, 200, cf.METHOD_NOT_FOUND, 8),
+        (rpc("server/discover", 9), None, 200, cf.METHOD_NOT_FOUND, 9),  # the handshake revisions know none
+        (rpc("tools/call", 10, name="other_tool"), None, 200, cf.INVALID_PARAMS, 10),
+        (ask_finstep(rpc_id=11, token=[1]), None, 200, cf.INVALID_PARAMS, 11),
+        (rpc("ping", 12), {"MCP-Protocol-Version": "1999-01-01"}, 400, cf.UNSUPPORTED_VERSION, 12),
+    ]
+    for message, headers, status, code, rpc_id in cases:
+        got, _, body = mcp(proxy, message, headers)
+        error = json.loads(body)
+        assert (got, error["error"]["code"], error.get("id")) == (status, code, rpc_id), message
+    assert json.loads(body)["error"]["data"] == {"supported": list(cf.MCP_VERSIONS), "requested": "1999-01-01"}
+    assert not upstream.received
+
+
+def test_mcp_get_and_delete_are_not_offered(proxy):
+    for method in ("GET", "DELETE"):
+        status, headers, body = proxy.request(method, "/mcp", headers={"Accept": "text/event-stream"})
+        assert status == 405 and headers["Allow"] == "POST, OPTIONS"
+        assert json.loads(body)["error"]["code"] == cf.INVALID_REQUEST and "id" not in json.loads(body)
+
+
+def test_mcp_without_the_proxy_key_is_a_401_that_names_bearer(make_proxy):
+    proxy = make_proxy(proxy_keys=(PROXY_KEY,))
+    status, headers, body = mcp(proxy, rpc("ping", 1))
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    assert json.loads(body)["error"]["code"] == cf.INVALID_REQUEST
+    for path in ("/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp",
+                 "/.well-known/oauth-authorization-server", "/authorize"):
+        assert proxy.request("GET", path)[0] == 404  # no OAuth to discover, said without a key
+    assert proxy.request("POST", "/register", {"client_name": "x"})[0] == 404
+    assert json.loads(mcp(proxy, rpc("ping", 2), bearer(PROXY_KEY))[2])["result"] == {}
+
+
+def test_mcp_refuses_pages_and_rebound_names(make_proxy):
+    proxy = make_proxy()
+    initialize = json.dumps(rpc("initialize", 1, protocolVersion="2025-11-25", capabilities={},
+                                clientInfo={"name": "t", "version": "1"})).encode()
+    common = (("Content-Type", "application/json"), ("Accept", BOTH))
+    status, _, body = exchange(proxy.port, "POST", "/mcp", common + (("Host", "evil.example.com"),
+                                                                     ("Origin", "http://evil.example.com")), initialize)
+    assert status == 403 and json.loads(body)["error"]["code"] == cf.INVALID_REQUEST
+    status, _, _ = exchange(proxy.port, "POST", "/mcp", common + (("Origin", "http://127.0.0.1:%d" % proxy.port),),
+                            initialize)
+    assert status == 200
+
+
+def test_mcp_stateless_revision(proxy, upstream):
+    status, _, body = mcp(proxy, modern("server/discover", "d"), modern_headers("server/discover"), version=MODERN)
+    result = json.loads(body)["result"]
+    assert status == 200 and result["resultType"] == "complete" and MODERN in result["supportedVersions"]
+    assert result["capabilities"] == {"tools": {}} and result["ttlMs"] >= 0 and result["cacheScope"] == "public"
+    assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "custom_finstep"
+    listed = json.loads(mcp(proxy, modern("tools/list", 2), modern_headers("tools/list"), version=MODERN)[2])
+    assert listed["result"]["tools"][0]["name"] == "ask_finstep" and listed["result"]["cacheScope"] == "public"
+    assert "ttlMs" in listed["result"] and listed["result"]["resultType"] == "complete"
+    status, _, body = mcp(proxy, modern("ping", 3), modern_headers("ping"), version=MODERN)
+    assert status == 404 and json.loads(body)["error"]["code"] == cf.METHOD_NOT_FOUND  # no ping in this revision
+    assert not upstream.received
+
+
+@pytest.mark.parametrize("headers, code", [
+    (modern_headers("tools/call", "ask_finstep"), None),
+    (modern_headers("tools/call", "=?base64?YXNrX2ZpbnN0ZXA=?="), None),  # the name in its base64 form
+    (modern_headers("tools/call"), cf.HEADER_MISMATCH),
+    (modern_headers("tools/call", "other"), cf.HEADER_MISMATCH),
+    (modern_headers("tools/list", "ask_finstep"), cf.HEADER_MISMATCH),
+    ({"MCP-Protocol-Version": MODERN, "Mcp-Name": "ask_finstep"}, cf.HEADER_MISMATCH),
+    ({"Mcp-Method": "tools/call", "Mcp-Name": "ask_finstep", "MCP-Protocol-Version": "2099-01-01"},
+     cf.UNSUPPORTED_VERSION),
+])
+def test_mcp_stateless_headers_must_say_what_the_body_says(proxy, upstream, headers, code):
+    upstream.reply(*answer_events("答"))
+    message = modern("tools/call", 4, name="ask_finstep", arguments={"question": "q"})
+    version = headers.pop("MCP-Protocol-Version", None)
+    status, _, body = mcp(proxy, message, headers, version=version, accept="application/json")
+    answer = json.loads(body)
+    if code is None:
+        assert status == 200 and answer["result"]["content"][0]["text"] == "答"
+        assert answer["result"]["resultType"] == "complete"
+    else:
+        assert (status, answer["error"]["code"], answer["id"]) == (400, code, 4) and not upstream.received
+
+
+def test_mcp_stateless_request_without_its_meta(proxy):
+    message = rpc("tools/list", 5, _meta={"io.modelcontextprotocol/protocolVersion": MODERN})
+    status, _, body = mcp(proxy, message, modern_headers("tools/list"), version=MODERN)
+    assert status == 400 and json.loads(body)["error"]["code"] == cf.INVALID_PARAMS
+
+
+def test_mcp_batches_in_the_first_revision_only(proxy, upstream):
+    batch = [rpc("ping", 1), rpc("notifications/initialized", None), rpc("tools/list", 2), rpc("nope", 3)]
+    status, _, body = mcp(proxy, batch, version="2025-03-26")
+    answers = json.loads(body)
+    assert status == 200 and [a["id"] for a in answers] == [1, 2, 3] and "error" in answers[2]
+    assert mcp(proxy, [rpc("notifications/initialized", None)], version=None)[:1] == (202,)
+    for version, message in (("2025-06-18", batch), ("2025-03-26", [])):
+        status, _, body = mcp(proxy, message, version=version)
+        assert status == 400 and json.loads(body)["error"]["code"] == cf.INVALID_REQUEST
+    upstream.reply(*answer_events("答"))
+    status, _, body = mcp(proxy, [rpc("ping", 1), ask_finstep(rpc_id=2), ask_finstep(rpc_id=3)], version=None,
+                          accept="application/json")
+    answers = json.loads(body)
+    assert [a["id"] for a in answers] == [1, 3, 2] and answers[2]["result"]["content"][0]["text"] == "答"
+    assert answers[1]["error"]["code"] == cf.INVALID_REQUEST and len(upstream.received) == 1  # one call a batch
+
+
+def test_mcp_call_answered_as_json(proxy, upstream):
+    upstream.reply(*answer_events("恒瑞", "医药", thinking=["想"]))
+    status, headers, body = mcp(proxy, ask_finstep(), accept="application/json")
+    answer = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json" and answer["id"] == 3
+    result = answer["result"]
+    assert result["isError"] is False and result["content"] == [{"type": "text", "text": "恒瑞医药"}]
+    structured = result["structuredContent"]
+    assert structured["answer"] == "恒瑞医药" and structured["reasoning"] == "想"
+    assert structured["conversation"].startswith("finstep-")
+    assert upstream.received[0]["body"]["query"] == "恒瑞医药怎么看"
+
+
+def read_until(response, text):
+    """Read an event stream as it arrives until `text` is in it; what was read."""
+    received = b""
+    while text not in received:
+        piece = response.read1(65536)
+        assert piece, "the stream ended early: %r" % received[-200:]
+        received += piece
+    return received
+
+
+def test_mcp_call_streams_progress_then_the_result(proxy, upstream):
+    thought, answered = threading.Event(), threading.Event()
+    upstream.reply(ev("THINKING"), ev("RESPONSING", "deepthink", "想"), thought,
+                   ev("RESPONSING", "text", "恒瑞"), answered, *answer_events("医药"))
+    conn = proxy.connect()
+    conn.request("POST", "/mcp", json.dumps(ask_finstep(token="tok")),
+                 {"Content-Type": "application/json", "Accept": BOTH, "MCP-Protocol-Version": "2025-11-25"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    body = read_until(response, '"message":"想"'.encode())  # the progress goes out while Finstep answers
+    thought.set()
+    body += read_until(response, '"message":"恒瑞"'.encode())
+    answered.set()
+    body += read_body(response)
+    conn.close()
+    payloads = sse_payloads(body)
+    progress = [p["params"] for p in payloads if p.get("method") == "notifications/progress"]
+    assert [p["progress"] for p in progress] == list(range(1, len(progress) + 1)) and len(progress) >= 3
+    assert all(p["progressToken"] == "tok" for p in progress) and progress[-1]["message"] == "恒瑞医药"
+    assert payloads[-1]["id"] == 3 and payloads[-1]["result"]["structuredContent"]["answer"] == "恒瑞医药"
+    assert b"\nid:" not in body and not body.startswith(b"id:")  # no event ids: nothing to resume
+
+
+def test_mcp_call_without_a_token_streams_the_result_alone(proxy, upstream):
+    upstream.reply(*answer_events("答"))
+    payloads = sse_payloads(mcp(proxy, ask_finstep(), version="2025-03-26")[2])
+    assert len(payloads) == 1 and payloads[0]["result"]["content"][0]["text"] == "答"
+    assert "structuredContent" not in payloads[0]["result"]  # 2025-03-26 knows no structured content
+
+
+def test_mcp_progress_keeps_a_slow_answer_alive(make_proxy, upstream):
+    upstream.reply(ev("THINKING"), 0.45, *answer_events("答"))
+    body = mcp(make_proxy(heartbeat=0.1), ask_finstep(token=1))[2]
+    progress = [p["params"]["progress"] for p in sse_payloads(body) if p.get("method")]
+    assert len(progress) >= 5 and progress == sorted(set(progress))  # while Finstep thinks, and in order
+    upstream.reply(ev("THINKING"), 0.45, *answer_events("答"))
+    body = mcp(make_proxy(heartbeat=0.1), ask_finstep())[2]
+    assert body.count(b": keep-alive\n\n") >= 3 and mcp_result(body)["result"]["content"][0]["text"] == "答"
+
+
+@pytest.mark.parametrize("reply, accept", [
+    (dict(status=500, steps=(b'{"error": "boom"}',), content_type="application/json"), BOTH),
+    (dict(status=500, steps=(b'{"error": "boom"}',), content_type="application/json"), "application/json"),
+    (dict(steps=(ev("RESPONSING", "text", "半"), CUT)), BOTH),
+    (dict(steps=(ev("RESPONSING", "text", "半"), CUT)), "application/json"),
+    (dict(steps=(ev("RESPONSING", "text", "半"), ev("ERROR", text="upstream says no"))), BOTH),
+    (dict(status=401, steps=(b'{"msg": "bad key"}',), content_type="application/json"), BOTH),
+])
+def test_mcp_failed_answers_are_tool_errors(proxy, upstream, reply, accept):
+    upstream.replies.append(Reply(**reply))
+    status, _, body = mcp(proxy, ask_finstep(token=7), accept=accept)
+    answer = mcp_result(body)
+    assert status == 200 and answer["id"] == 3 and not body.cut  # a whole JSON-RPC answer: the call failed
+    assert answer["result"]["isError"] is True and "structuredContent" not in answer["result"]
+    assert answer["result"]["content"][0]["text"]
+
+
+def test_mcp_timeout_is_a_tool_error(make_proxy, upstream):
+    upstream.reply(ev("THINKING"), HOLD)
+    answer = mcp_result(mcp(make_proxy(timeout=0.3), ask_finstep())[2])
+    assert answer["result"]["isError"] is True and "0.3" in answer["result"]["content"][0]["text"]
+
+
+def test_mcp_invalid_arguments_are_a_tool_error_without_finstep(proxy, upstream):
+    status, _, body = mcp(proxy, rpc("tools/call", 4, name="ask_finstep", arguments={"q": "x"}))
+    result = json.loads(body)["result"]
+    assert status == 200 and result["isError"] is True and "Unknown argument" in result["content"][0]["text"]
+    assert not upstream.received
+
+
+def test_mcp_conversation_continues_one_finstep_session(proxy, upstream):
+    upstream.reply(*answer_events("一"))
+    first = json.loads(mcp(proxy, ask_finstep("第一问"), accept="application/json")[2])["result"]["structuredContent"]
+    upstream.reply(*answer_events("二"))
+    second = json.loads(mcp(proxy, ask_finstep("第二问", conversation=first["conversation"]),
+                            accept="application/json")[2])["result"]["structuredContent"]
+    sent = [request["body"] for request in upstream.received]
+    assert second["conversation"] == first["conversation"] and second["answer"] == "二"
+    assert sent[0]["sessionId"] == sent[1]["sessionId"] and sent[1]["query"] == "第二问"
+    upstream.reply(*answer_events("三"))
+    mcp(proxy, ask_finstep("另一问"), accept="application/json")  # no conversation: a session of its own
+    assert upstream.received[2]["body"]["sessionId"] != sent[0]["sessionId"]
+
+
+def call_in_thread(proxy, message, headers=None, accept=BOTH):
+    """Send a call from another thread; the returned dict gets its (status, headers, body)."""
+    outcome = {}
+
+    def send():
+        try:
+            outcome["answer"] = mcp(proxy, message, headers, accept=accept)
+        except (OSError, http.client.HTTPException) as exc:
+            outcome["error"] = exc
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    outcome["thread"] = thread
+    return outcome
+
+
+def test_mcp_cancelled_notification_closes_the_upstream(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    session = {"Mcp-Session-Id": "s-1"}
+    call = call_in_thread(proxy, ask_finstep(rpc_id=21, token=1), session)
+    wait_until(lambda: upstream.received, what="the upstream request")
+    other_session = mcp(proxy, rpc("notifications/cancelled", None, requestId=21), {"Mcp-Session-Id": "s-2"})
+    assert other_session[0] == 202 and not upstream.closed_at  # another session's request 21: not this one
+    status, _, _ = mcp(proxy, rpc("notifications/cancelled", None, requestId=21, reason="user"), session)
+    assert status == 202
+    assert_upstream_closed_within_a_second(upstream, time.monotonic())
+    call["thread"].join(5)
+    status, _, body = call["answer"]
+    assert status == 200 and not body.cut  # the stream ends properly ...
+    assert all(p.get("method") == "notifications/progress" for p in sse_payloads(body))  # ... without a result
+
+
+def test_mcp_call_cancelled_before_any_answer_is_accepted_and_left(make_proxy, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="custom_finstep")
+    proxy = make_proxy(heartbeat=30)
+    never = threading.Event()
+    upstream.reply(*answer_events("答"), before_head=never)  # the upstream has not answered at all
+    session = {"Mcp-Session-Id": "s-3"}
+    call = call_in_thread(proxy, ask_finstep(rpc_id=8), session, accept="application/json")
+    wait_until(lambda: upstream.received, what="the upstream request")
+    assert mcp(proxy, rpc("notifications/cancelled", None, requestId=8), session)[0] == 202
+    call["thread"].join(5)
+    status, headers, body = call["answer"]
+    assert (status, body, headers["Content-Length"]) == (202, b"", "0")  # an HTTP answer, and no JSON-RPC one
+    assert wait_for_log(caplog, "mcp=tools/call cancelled")  # then its client left: it was cancelled first
+    never.set()
+
+
+def test_mcp_another_callers_cancellation_cancels_nothing(make_proxy, upstream):
+    proxy = make_proxy(proxy_keys=PROXY_KEYS)
+    release = threading.Event()
+    upstream.reply(ev("RESPONSING", "text", "答"), release, ev("MSG_DONE"), ev("DONE"))
+    call = call_in_thread(proxy, ask_finstep(rpc_id=5), bearer(PROXY_KEYS[0]), accept="application/json")
+    wait_until(lambda: upstream.received, what="the upstream request")
+    cancel = rpc("notifications/cancelled", None, requestId=5)
+    assert mcp(proxy, cancel, bearer(PROXY_KEYS[1]))[0] == 202
+    release.set()
+    call["thread"].join(5)
+    assert mcp_result(call["answer"][2])["result"]["content"][0]["text"] == "答"
+
+
+def test_mcp_closing_the_stream_cancels_the_call(make_proxy, upstream):
+    proxy = make_proxy(heartbeat=30)
+    upstream.reply(ev("THINKING"), HOLD)
+    body = json.dumps(modern("tools/call", 1, name="ask_finstep", arguments={"question": "q"})).encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    headers = "".join("%s: %s\r\n" % item for item in dict(modern_headers("tools/call", "ask_finstep"),
+                                                            Accept=BOTH).items())
+    sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n%sContent-Length: %d\r\n\r\n%s"
+                 % (headers.encode(), len(body), body))
+    wait_until(lambda: upstream.received, what="the upstream request")
+    sock.close()
+    assert_upstream_closed_within_a_second(upstream, time.monotonic())
 
 # --- End to end: conversations ------------------------------------------------------------
 
