@@ -2505,6 +2505,7 @@ MCP_META = "io.modelcontextprotocol/"
 MCP_TOOL = "ask_finstep"
 MCP_HANDLE_LIMIT = 256  # characters of an id, a progress token or a session id
 PROGRESS_MESSAGE = 1000  # characters of the answer so far that a progress notification carries
+MCP_BATCH_LIMIT = 64  # messages a batch may hold: its answers cost far more memory than its bytes
 
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS = -32700, -32600, -32601, -32602
 INTERNAL_ERROR, HEADER_MISMATCH, UNSUPPORTED_VERSION = -32603, -32020, -32022
@@ -2729,8 +2730,8 @@ class McpFormat(WireFormat):
         at most one of them a tools/call (its answer last)."""
         if given not in ("", "2025-03-26"):
             raise McpError(400, INVALID_REQUEST, "JSON-RPC batches are not part of MCP %s" % given[:20])
-        if not messages:
-            raise McpError(400, INVALID_REQUEST, "An empty batch")
+        if not messages or len(messages) > MCP_BATCH_LIMIT:
+            raise McpError(400, INVALID_REQUEST, "A batch holds 1 to %d messages" % MCP_BATCH_LIMIT)
         self.version, self.stateless = "2025-03-26", False
         call = None
         for item in messages:

@@ -4500,7 +4500,7 @@ def test_mcp_batches_in_the_first_revision_only(proxy, upstream):
     answers = json.loads(body)
     assert status == 200 and [a["id"] for a in answers] == [1, 2, 3] and "error" in answers[2]
     assert mcp(proxy, [rpc("notifications/initialized", None)], version=None)[:1] == (202,)
-    for version, message in (("2025-06-18", batch), ("2025-03-26", [])):
+    for version, message in (("2025-06-18", batch), ("2025-03-26", []), ("2025-03-26", [rpc("ping", 1)] * 65)):
         status, _, body = mcp(proxy, message, version=version)
         assert status == 400 and json.loads(body)["error"]["code"] == cf.INVALID_REQUEST
     upstream.reply(*answer_events("答"))
