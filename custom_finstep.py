@@ -65,11 +65,8 @@ Standard-library internals relied upon, and why:
     BaseHTTPRequestHandler.rfile             swapped for a HeadReader while the head is read, to
                                              bound it (64 KB in all) and check each line
     HTTPServer.server_bind                   skipped for TCPServer's: it resolves the host's FQDN
-    http.client.HTTPResponse .fp, .chunked, .length   the upstream body is read and chunk-decoded
-                                             here, so every event already arrived leaves at once
-    urllib.request.Request._tunnel_host      where an HTTPS_PROXY tunnel leads: pooled per route
-    urllib.request.AbstractHTTPHandler.do_request_, Request.unredirected_hdrs   urllib prepares
-                                             the upstream request; the pool sends it
+    urllib.request.ProxyHandler, Request._tunnel_host   the environment's proxies, read the way
+                                             urllib reads them, once: where upstream requests go
     socket.socket.recv on an SSLSocket       peek the TCP stream under TLS: is an idle one closed?
     subprocess._args_from_interpreter_flags  a script restarting as a module keeps -X, -W, -O
 """
@@ -3736,22 +3733,189 @@ class UpstreamBroken(Exception):
     """The upstream stream ended before its response was complete."""
 
 
-class _UpstreamConnection(http.client.HTTPConnection):
-    """A persistent upstream connection; `route` says where it leads."""
-
-    def __init__(self, host, route, **kwargs):
-        super().__init__(host, **kwargs)
-        self.route = route
-        self.settle = None  # while the last response's end is due: reads it, see UpstreamCall.read_rest
-
-
-class _UpstreamHTTPSConnection(_UpstreamConnection, http.client.HTTPSConnection):
-    pass
+class UpstreamHeadError(OSError):
+    """The upstream's response head (or a tunnelling proxy's) broke the rules of HTTP/1.1."""
 
 
 # Where a connection leads: the scheme, the host it connects to (the origin, or a proxy),
 # the origin tunnelled to through that proxy (if any), and the proxy's credentials.
 UpstreamRoute = collections.namedtuple("UpstreamRoute", "scheme host tunnel proxy_auth")
+
+
+class UpstreamTarget(NamedTuple):
+    """What every upstream request shares, worked out once: the route its connection takes
+    and the request's head up to its two fields of its own (the key and the length)."""
+    route: UpstreamRoute
+    head: bytes
+
+
+def upstream_target(url: str, proxies: Mapping[str, str]) -> Optional[UpstreamTarget]:
+    """Where requests to `url` go, through the proxy the environment names (urllib's rules:
+    no_proxy, a CONNECT tunnel for https, an absolute URL for a plain http proxy); None when
+    that takes more than one connection (a proxy of another scheme than the upstream's)."""
+    request = urllib.request.Request(url)
+    handler = urllib.request.ProxyHandler(proxies)
+    open_through_proxy = getattr(handler, request.type + "_open", None)
+    if open_through_proxy is not None:
+        handler.parent = None  # a proxy of another scheme would open through it: refused below
+        try:
+            open_through_proxy(request)
+        except AttributeError:
+            return None
+    proxy_auth = request.headers.get("Proxy-authorization")
+    route = UpstreamRoute(request.type, request.host, request._tunnel_host, proxy_auth if request._tunnel_host else None)
+    origin = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
+    fields = [("Host", origin), ("Content-Type", "application/json"), ("Accept", "text/event-stream"),
+              ("Accept-Encoding", "identity"), ("User-Agent", "custom_finstep/" + __version__)]
+    if proxy_auth and not request._tunnel_host:  # a plain proxy forwards the request: its credentials go in it
+        fields.append(("Proxy-Authorization", proxy_auth))
+    head = "POST %s HTTP/1.1\r\n%s" % (request.selector, "".join("%s: %s\r\n" % field for field in fields))
+    return UpstreamTarget(route, head.encode("latin-1"))
+
+
+def split_authority(authority: str, default_port: int) -> Optional[Tuple[str, int]]:
+    """`host`, `host:port` or `[v6]:port` as (host, port), or None when the port is no number."""
+    colon, bracket = authority.rfind(":"), authority.rfind("]")
+    port = default_port
+    if colon > bracket:
+        digits = authority[colon + 1:]
+        authority = authority[:colon]
+        if digits:
+            if not (digits.isascii() and digits.isdigit()) or int(digits) > 65535:
+                return None
+            port = int(digits)
+    if authority.startswith("[") and authority.endswith("]"):
+        authority = authority[1:-1]
+    return (authority, port) if authority else None
+
+
+MAX_RESPONSE_FIELDS = 100  # header fields in an upstream's (or a tunnelling proxy's) response head
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?\r?\n")
+
+
+class UpstreamHead(NamedTuple):
+    """A response head: its status, whether it is HTTP/1.1, and its fields by lower-case name
+    (a repeated field's values joined by commas, as RFC 9110 lets them be)."""
+    status: int
+    http11: bool
+    fields: Dict[str, str]
+
+    def tokens(self, name: str) -> List[str]:
+        return [token.strip().lower() for token in self.fields.get(name, "").split(",") if token.strip()]
+
+
+def read_response_head(reader) -> UpstreamHead:
+    """The status line and header fields of a response, read within MAX_HEAD bytes and
+    MAX_RESPONSE_FIELDS fields; interim 1xx answers are skipped. ConnectionError when the
+    stream ends before the first byte (a kept-alive connection the server had closed),
+    UpstreamHeadError when what came is no response head."""
+    while True:
+        line = reader.readline(MAX_HEAD + 1)
+        if not line:
+            raise ConnectionResetError("the upstream closed the connection without a response")
+        match = _STATUS_LINE.fullmatch(line)
+        if match is None:
+            raise UpstreamHeadError("BadStatusLine")
+        fields, left = {}, MAX_HEAD - len(line)
+        for _ in range(MAX_RESPONSE_FIELDS + 1):
+            line = reader.readline(left + 1)
+            left -= len(line)
+            if left < 0 or not line.endswith(b"\n"):
+                raise UpstreamHeadError("LineTooLong" if left < 0 else "IncompleteHead")
+            if line in (b"\r\n", b"\n"):
+                break
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                name, value = name.strip().lower(), value.strip()
+                fields[name] = fields[name] + ", " + value if name in fields else value
+        else:
+            raise UpstreamHeadError("TooManyHeaders")
+        status = int(match.group(2))
+        if status >= 200 or status == 101:
+            return UpstreamHead(status, match.group(1) == b"1", fields)
+
+
+class UpstreamConnection:
+    """A persistent connection to the upstream (or to the proxy tunnelling to it): its socket,
+    the buffered reader its responses are read through, and where it leads."""
+
+    def __init__(self, route: UpstreamRoute, sock: socket.socket):
+        self.route, self.sock = route, sock
+        self.reader = sock.makefile("rb")
+        self.settle = None  # while the last response's end is due: reads it, see UpstreamCall.read_rest
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                self.reader.close()
+                sock.close()
+            except OSError:
+                pass
+
+
+class UpstreamConnector:
+    """Opens upstream connections: TCP, through a CONNECT tunnel where the route has one,
+    then TLS for https (certificates checked by `context`)."""
+
+    def __init__(self, context: Optional[ssl.SSLContext]):
+        self.context = context
+
+    def connect(self, route: UpstreamRoute, timeout: float) -> UpstreamConnection:
+        """A new connection to `route`, connected (tunnelled, TLS set up) within `timeout`."""
+        https = route.scheme == "https"
+        address = split_authority(route.host, 443 if https else 80)
+        if address is None:
+            raise OSError("no valid host and port in %r" % route.host)
+        sock = socket.create_connection(address, timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the request is one write
+            server_name = address[0]
+            if route.tunnel:
+                server_name = self.tunnel(sock, route)
+            if https:
+                sock = self.context.wrap_socket(sock, server_hostname=server_name)
+        except BaseException:
+            sock.close()
+            raise
+        return UpstreamConnection(route, sock)
+
+    @staticmethod
+    def tunnel(sock: socket.socket, route: UpstreamRoute) -> str:
+        """Ask the proxy for a tunnel to the origin; returns the origin's host name."""
+        origin = split_authority(route.tunnel, 443)
+        if origin is None:
+            raise OSError("no valid host and port in %r" % route.tunnel)
+        authority = ("[%s]:%d" if ":" in origin[0] else "%s:%d") % origin
+        request = "CONNECT %s HTTP/1.1\r\nHost: %s\r\n" % (authority, authority)
+        if route.proxy_auth:
+            request += "Proxy-Authorization: %s\r\n" % route.proxy_auth
+        sock.sendall((request + "\r\n").encode("latin-1"))
+        reader = sock.makefile("rb", buffering=0)  # unbuffered: not a byte of the TLS that follows is taken
+        try:
+            head = read_response_head(_LineReader(reader))
+        finally:
+            reader.close()
+        if not 200 <= head.status < 300:
+            raise OSError("Tunnel connection failed: %d" % head.status)
+        return origin[0]
+
+
+class _LineReader:
+    """readline on an unbuffered stream, a byte at a time: only for a proxy's short answer to
+    CONNECT, after which the stream is TLS and belongs to someone else."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def readline(self, limit: int) -> bytes:
+        line = bytearray()
+        while len(line) < limit and not line.endswith(b"\n"):
+            byte = self.raw.read(1)
+            if not byte:
+                break
+            line += byte
+        return bytes(line)
 
 
 def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
@@ -3783,7 +3947,7 @@ def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
                 pass
 
 
-def connection_ready(conn: http.client.HTTPConnection) -> Optional[bool]:
+def connection_ready(conn: UpstreamConnection) -> Optional[bool]:
     """Whether an idle connection can carry the next request: the end of its last response
     has come, and the server has not closed it since; None while that end is still due."""
     if conn.settle is not None:
@@ -3794,11 +3958,8 @@ def connection_ready(conn: http.client.HTTPConnection) -> Optional[bool]:
     return not idle_connection_closed(conn.sock)
 
 
-def close_connection(conn: http.client.HTTPConnection) -> None:
-    try:
-        conn.close()
-    except OSError:
-        pass
+def close_connection(conn: UpstreamConnection) -> None:
+    conn.close()
 
 
 class UpstreamPool:
@@ -3842,7 +4003,7 @@ class UpstreamPool:
             self.warm = (route, connect)
             self.changed.notify()
 
-    def take(self, route: UpstreamRoute) -> Optional[http.client.HTTPConnection]:
+    def take(self, route: UpstreamRoute) -> Optional[UpstreamConnection]:
         """The most recently used idle connection to `route` that still works, or None."""
         while True:
             with self.changed:
@@ -3856,7 +4017,7 @@ class UpstreamPool:
                 return conn
             close_connection(conn)
 
-    def give(self, conn: http.client.HTTPConnection) -> None:
+    def give(self, conn: UpstreamConnection) -> None:
         with self.changed:
             if not self.closed:  # not woken: its next look, within probe_interval, sees this one
                 self.idle[conn] = (conn.route, self.clock())
@@ -3871,7 +4032,7 @@ class UpstreamPool:
             self.requests["true" if reused else "false"] += 1
             self.retries += retried
 
-    def usable(self, conn: http.client.HTTPConnection, since: float, now: float) -> bool:
+    def usable(self, conn: UpstreamConnection, since: float, now: float) -> bool:
         if now - since >= self.idle_timeout:
             return False
         ready = connection_ready(conn)
@@ -3901,7 +4062,7 @@ class UpstreamPool:
                 try:
                     _, connect = self.warm
                     self.give(connect())
-                except (OSError, http.client.HTTPException) as exc:
+                except OSError as exc:
                     next_warm = self.clock() + self.warm_retry
                     log.debug("warm upstream connection failed: %s", exc)
             with self.changed:
@@ -3934,106 +4095,6 @@ class UpstreamPool:
                 "# HELP finstep_proxy_upstream_idle_connections Upstream connections kept open for reuse.",
                 "# TYPE finstep_proxy_upstream_idle_connections gauge",
                 "finstep_proxy_upstream_idle_connections %d" % len(self.idle)]
-
-
-class _UpstreamConnector(urllib.request.AbstractHTTPHandler):
-    """Sends each request on a pooled connection when one is idle, else on a new one, for the
-    UpstreamCall riding on the Request, so one opener serves every request and thread.
-    urllib's own do_open sends `Connection: close` and closes the socket after each
-    response; this one keeps it for the pool."""
-
-    def __init__(self, context: Optional[ssl.SSLContext], pool: UpstreamPool):
-        super().__init__()
-        self.context, self.pool = context, pool
-
-    def connect(self, route: UpstreamRoute, timeout: float) -> http.client.HTTPConnection:
-        """A new connection to `route`, connected (and tunnelled, and TLS set up) within `timeout`."""
-        if route.scheme == "https":
-            conn = _UpstreamHTTPSConnection(route.host, route, timeout=timeout, context=self.context)
-        else:
-            conn = _UpstreamConnection(route.host, route, timeout=timeout)
-        if route.tunnel:
-            conn.set_tunnel(route.tunnel, headers={"Proxy-Authorization": route.proxy_auth}
-                            if route.proxy_auth else None)
-        try:
-            conn.connect()
-        except BaseException:
-            close_connection(conn)
-            raise
-        return conn
-
-    def http_open(self, req):
-        if not req.host:
-            raise urllib.error.URLError("no host given")
-        call = req.upstream_call
-        headers = dict(req.unredirected_hdrs)
-        headers.update((name, value) for name, value in req.headers.items() if name not in headers)
-        headers = {name.title(): value for name, value in headers.items()}
-        proxy_auth = headers.pop("Proxy-Authorization", None) if req._tunnel_host else None
-        route = UpstreamRoute(req.type, req.host, req._tunnel_host, proxy_auth)
-        conn = self.pool.take(route)
-        retried = False
-        while True:
-            reused = conn is not None
-            try:
-                if conn is None:
-                    conn = self.connect(route, req.timeout)
-                call.use(conn)
-                conn.request(req.get_method(), req.selector, req.data, headers)
-            except OSError as exc:
-                if conn is not None:
-                    close_connection(conn)
-                if reused and isinstance(exc, ConnectionError) and not call.aborted:
-                    conn, retried = None, True  # closed while idle: the server saw nothing
-                    continue
-                raise urllib.error.URLError(exc) from None
-            try:
-                response = conn.getresponse()
-            except ConnectionError:
-                # Reset, or the end of the stream, before the status line's first byte: a
-                # kept-alive connection the server had closed. It never answered; once more.
-                close_connection(conn)
-                if not reused or call.aborted:
-                    raise
-                conn, retried = None, True
-                continue
-            except BaseException:
-                close_connection(conn)
-                raise
-            self.pool.count(reused, retried)
-            call.reused, call.retried = reused, retried
-            response.url, response.msg = req.get_full_url(), response.reason  # as urllib's do_open
-            return response
-
-    https_open = http_open
-    http_request = https_request = urllib.request.AbstractHTTPHandler.do_request_
-
-
-def upstream_route(url: str, proxies: Mapping[str, str]) -> Optional[UpstreamRoute]:
-    """The route a request to `url` takes, through the proxy the environment names; None
-    when that takes more than a connection (a proxy of another scheme)."""
-    request = urllib.request.Request(url)
-    handler = urllib.request.ProxyHandler(proxies)
-    open_through_proxy = getattr(handler, request.type + "_open", None)
-    if open_through_proxy is not None:
-        handler.parent = None  # a proxy of another scheme would open through it: refused below
-        try:
-            open_through_proxy(request)
-        except AttributeError:
-            return None
-    proxy_auth = request.headers.get("Proxy-authorization") if request._tunnel_host else None
-    return UpstreamRoute(request.type, request.host, request._tunnel_host, proxy_auth)
-
-
-def build_upstream_opener(proxies: Mapping[str, str], connector: _UpstreamConnector):
-    """The urllib opener for every upstream call: proxies from the environment, our pooled
-    connections, and HTTPError for any status outside 2xx. Built once: it holds no
-    per-request state."""
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(proxies), connector,
-                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
-        opener.add_handler(handler)
-    return opener
 
 
 def build_upstream_body(user_id: str, session_id: str, query: str, title: str) -> bytes:
@@ -4105,24 +4166,21 @@ class UpstreamCall:
     `abort()` may be called from any thread: it shuts the socket, which wakes a
     read blocked in the owning thread."""
 
-    def __init__(self, opener: urllib.request.OpenerDirector, pool: UpstreamPool, url: str, key: str,
-                 body: bytes, connect_timeout: float, read_timeout: float):
-        self.request = urllib.request.Request(url, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": key,
-            "Accept": "text/event-stream", "User-Agent": "custom_finstep/" + __version__})
-        self.request.upstream_call = self
-        self.key, self.opener, self.pool = key, opener, pool
+    def __init__(self, target: Optional[UpstreamTarget], connector: UpstreamConnector, pool: UpstreamPool,
+                 key: str, body: bytes, connect_timeout: float, read_timeout: float):
+        self.target, self.connector, self.pool = target, connector, pool
+        self.key, self.body = key, body
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.connection = None  # type: Optional[http.client.HTTPConnection]
+        self.connection = None  # type: Optional[UpstreamConnection]
         self.reused = self.retried = False
-        self.response = None  # type: Optional[http.client.HTTPResponse]
         self.status = None  # type: Optional[int]
+        self.chunked = self.will_close = False
+        self.left = None  # type: Optional[int]  # body bytes still due by Content-Length; None: to the stream's end
         self.events_seen = 0
         self.last_skipped = b""  # the last `data:` line that was no event: an error, perhaps
         self._read = None  # the body reader, once the body is being read
         self._decoder = None  # type: Optional[ChunkedDecoder]
         self._recycled = False  # the connection went back to the pool: no longer ours to close
-        self._rest_sock = None
         self._rest_budget = MAX_SETTLE_BYTES
         self._sock = None
         self._aborted = False
@@ -4137,7 +4195,7 @@ class UpstreamCall:
         """How the request reached the upstream, for the log line."""
         return "retried" if self.retried else "reused" if self.reused else "new"
 
-    def use(self, conn: http.client.HTTPConnection) -> None:
+    def use(self, conn: UpstreamConnection) -> None:
         """Send this call on `conn`: its reads may take the read timeout, and abort() shuts it."""
         self.connection = conn
         conn.sock.settimeout(self.read_timeout)
@@ -4154,38 +4212,107 @@ class UpstreamCall:
         if sock is not None:
             shut(sock)
 
+    def request_bytes(self) -> bytes:
+        """The whole request, head and body, for one write."""
+        try:
+            key = self.key.encode("latin-1")
+        except UnicodeEncodeError:
+            key = b"\n"  # refused below, as any key a header cannot carry
+        if any(byte < 32 or byte == 127 for byte in key):
+            raise ProxyError(401, "The API key has characters an HTTP header cannot carry", code="invalid_api_key")
+        return b"%sAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s" % (self.target.head, key, len(self.body),
+                                                                         self.body)
+
     def open(self) -> None:
         """Send the request and wait for the response head; raises ProxyError on any failure."""
-        try:
-            self.response = self.opener.open(self.request, timeout=self.connect_timeout)
-        except urllib.error.HTTPError as exc:
-            self.status = exc.code
-            with exc:
-                detail = exc.read(4096) if exc.fp is not None else b""
+        if self.target is None:
+            raise ProxyError(502, "The upstream is reached through a proxy of another scheme than its own, "
+                                  "which is not supported", code="upstream_unreachable")
+        request, route = self.request_bytes(), self.target.route
+        conn = self.pool.take(route)
+        while True:
+            self.reused = conn is not None
+            try:
+                if conn is None:
+                    conn = self.connector.connect(route, self.connect_timeout)
+                self.use(conn)
+                conn.sock.sendall(request)
+            except OSError as exc:
+                if conn is not None:
+                    conn.close()
+                if self.reused and isinstance(exc, ConnectionError) and not self._aborted:
+                    conn, self.retried = None, True  # closed while idle: the server saw nothing
+                    continue
+                self.connection = None
+                if isinstance(exc, (socket.timeout, TimeoutError)):
+                    raise ProxyError(504, "The upstream did not accept the connection within %g seconds"
+                                     % self.connect_timeout, code="upstream_connect_timeout") from None
+                raise ProxyError(502, "Cannot reach the upstream: %s" % (exc,), code="upstream_unreachable") from None
+            try:
+                head = read_response_head(conn.reader)
+                break
+            except (socket.timeout, TimeoutError):
+                self.close()
+                raise self.timeout_error() from None
+            except ConnectionError as exc:
+                # Reset, or the end of the stream, before the status line's first byte: a
+                # kept-alive connection the server had closed. It never answered; once more.
+                self.close()
+                if self.reused and not self._aborted:
+                    conn, self.retried = None, True
+                    continue
+                raise ProxyError(502, "The upstream closed the connection before answering (%s)"
+                                 % (exc.__class__.__name__,), code="upstream_unreachable") from None
+            except (OSError, UpstreamHeadError) as exc:
+                self.close()
+                name = str(exc) if isinstance(exc, UpstreamHeadError) else exc.__class__.__name__
+                raise ProxyError(502, "The upstream closed the connection before answering (%s)" % name,
+                                 code="upstream_unreachable") from None
+        self.pool.count(self.reused, self.retried)
+        self.status = head.status
+        self.frame(head)
+        if not 200 <= head.status < 300:
+            detail = self.read_detail()
             self.close()
-            raise upstream_status_error(exc.code, detail, exc.headers.get("Retry-After")) from None
-        except (socket.timeout, TimeoutError):
-            self.close()
-            raise self.timeout_error() from None
-        except urllib.error.URLError as exc:
-            self.close()
-            if isinstance(exc.reason, (socket.timeout, TimeoutError)):
-                raise ProxyError(504, "The upstream did not accept the connection within %g seconds"
-                                 % self.connect_timeout, code="upstream_connect_timeout") from None
-            raise ProxyError(502, "Cannot reach the upstream: %s" % (exc.reason,),
-                             code="upstream_unreachable") from None
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise ProxyError(502, "The upstream closed the connection before answering (%s)"
-                             % (exc.__class__.__name__,), code="upstream_unreachable") from None
-        self.status = self.response.status
-        content_type = self.response.headers.get("Content-Type", "").lower()
+            raise upstream_status_error(head.status, detail, head.fields.get("retry-after"))
+        content_type = head.fields.get("content-type", "").lower()
         if "json" in content_type or "html" in content_type:  # an error page, not an event stream
-            detail = self.response.read(4096)
+            detail = self.read_detail()
             self.close()
             message = upstream_error_message(detail, "no message")
             raise ProxyError(502, "The upstream answered %s instead of an event stream: %s"
                              % (content_type.split(";")[0], message), code="upstream_not_streaming")
+
+    def frame(self, head: UpstreamHead) -> None:
+        """How the response's body is framed, and whether its connection may carry another."""
+        codings = head.tokens("transfer-encoding")
+        connection = head.tokens("connection")
+        self.will_close = "close" in connection or (not head.http11 and "keep-alive" not in connection)
+        if codings:
+            if codings[-1] != "chunked":  # read to the end of the stream
+                self.will_close = True
+            self.chunked = codings[-1] == "chunked"
+            return
+        lengths = {value.strip() for value in head.fields.get("content-length", "").split(",") if value.strip()}
+        length = lengths.pop() if len(lengths) == 1 else None
+        if length is not None and length.isascii() and length.isdigit():
+            self.left = int(length)
+        else:  # none, or more than one: the body ends with the stream
+            self.will_close = True
+
+    def read_detail(self) -> bytes:
+        """Up to 4 KB of an error's body, for its message."""
+        detail = b""
+        try:
+            read = self._read = self.body_reader()
+            while len(detail) < 4096:
+                data = read()
+                if not data:
+                    break
+                detail += data
+        except (OSError, ValueError, UpstreamBroken):
+            pass
+        return detail[:4096]
 
     def timeout_error(self) -> ProxyError:
         return ProxyError(504, "The upstream sent nothing for %g seconds" % self.read_timeout,
@@ -4193,20 +4320,22 @@ class UpstreamCall:
 
     def body_reader(self):
         """A function returning the body bytes that have arrived (b"" at its end), never
-        waiting for more than one read. A chunked body is decoded here rather than by
-        http.client, whose read1 hands over at most one chunk a call and whose readline
-        reports a body cut before its last chunk as an ordinary end: this way every event
-        already received leaves in one write, and a cut is always an error.
+        waiting for more than one read. A chunked body is decoded here, so every event
+        already received leaves in one write, and a body cut before its last chunk is an error.
 
         Each read first peeks, which fills the socket reader's own buffer when it is empty:
         read1 on an empty buffer allocates a fresh READ_SIZE bytes object per read instead,
         which across a thousand streams' threads costs some 40 MB of heap."""
-        response, buffered = self.response, self.response.fp
-        if not response.chunked:  # Content-Length or close-delimited: http.client keeps count
+        buffered = self.connection.reader
+        if not self.chunked:  # Content-Length, or to the stream's end
             def read() -> bytes:
-                if response.length == 0 or not buffered.peek(1):
+                left = self.left
+                if left == 0 or not buffered.peek(1):
                     return b""
-                return response.read1(READ_SIZE)
+                data = buffered.read1(READ_SIZE if left is None else min(left, READ_SIZE))
+                if left is not None:
+                    self.left = left - len(data)
+                return data
             return read
         decoder = self._decoder = ChunkedDecoder()
 
@@ -4248,11 +4377,11 @@ class UpstreamCall:
                     yield batch
         except (socket.timeout, TimeoutError):
             raise self.timeout_error() from None
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+        except (OSError, ValueError) as exc:
             raise UpstreamBroken(exc.__class__.__name__) from None
         if self._aborted:
             raise UpstreamBroken("aborted")
-        if self.response.length:  # Content-Length promised more than arrived
+        if self.left:  # Content-Length promised more than arrived
             raise UpstreamBroken("IncompleteRead")
         event = parse_upstream_event(pending)
         if event is not None:
@@ -4263,7 +4392,7 @@ class UpstreamCall:
         """The response was read to its clean end, and nothing came after it."""
         if self._decoder is not None:
             return self._decoder.done and not self._decoder.buffer
-        return self.response.length == 0
+        return self.left == 0
 
     def recycle(self) -> None:
         """The answer is complete: give the connection to the pool, which reuses it once the
@@ -4271,26 +4400,26 @@ class UpstreamCall:
         unless the server said it closes the connection or this call was aborted."""
         with self._lock:
             self._sock = None  # from now on an abort leaves the connection alone
-            usable = not self._aborted
+            usable = not self._aborted and not self.will_close
         conn = self.connection
         if not usable or conn is None or conn.sock is None or self._read is None:
             self.close()
             return
-        self._rest_sock = conn.sock
         conn.sock.settimeout(0)  # idle in the pool, it is only ever peeked at: never wait
         settled = self.read_rest()
         if settled is False:
             self.close()
             return
         self._recycled, self.connection = True, None
-        conn.settle = None if settled else self.read_rest
+        conn.settle = None if settled else functools.partial(self.read_rest, conn)
         self.pool.give(conn)
 
-    def read_rest(self) -> Optional[bool]:
+    def read_rest(self, conn: Optional[UpstreamConnection] = None) -> Optional[bool]:
         """Read, never waiting, what has come of the body after the answer's end: True once
-        the body ended cleanly (the response is closed: the connection can carry the next
-        request), None while more is due, False when the connection cannot be reused."""
-        sock, response = self._rest_sock, self.response
+        the body ended cleanly (the connection can carry the next request), None while more
+        is due, False when the connection cannot be reused."""
+        conn = conn or self.connection
+        sock, reader = conn.sock, conn.reader
         try:
             while not self.body_done():
                 if self._decoder is not None and self._decoder.done:  # bytes after the end
@@ -4298,28 +4427,26 @@ class UpstreamCall:
                 if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and not socket_ready(sock):
                     return None
                 if self._decoder is None:
-                    data = response.read1(READ_SIZE)  # Content-Length: http.client keeps count
+                    data = reader.read1(min(self.left, READ_SIZE))
+                    self.left -= len(data)
                 else:
-                    data = response.fp.read1(READ_SIZE)
+                    data = reader.read1(READ_SIZE)
                     self._decoder.feed(data)
                 self._rest_budget -= len(data)
                 if not data or self._rest_budget < 0:  # the stream ended first, or it never ends
                     return False
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             return None
-        except (OSError, ValueError, http.client.HTTPException):
+        except (OSError, ValueError):
             return False
-        response.close()
         return True
 
     def close(self) -> None:
         """End the call and discard its connection: nothing else may come of it."""
         if self._recycled:
             return
-        if self.response is not None:
-            self.response.close()
         if self.connection is not None:
-            close_connection(self.connection)
+            self.connection.close()
             self.connection = None
 
 
@@ -4913,8 +5040,9 @@ class AnswerPipeline:
         for key in keys:
             sent = turn_on_key(turn, key, config.max_query)
             body = build_upstream_body(config.user_id, sent.session_id, sent.query, title)
-            upstream = exchange.upstream = UpstreamCall(self.server.upstream_opener, self.server.upstream_pool,
-                                                       config.upstream_url, key, body, config.connect_timeout,
+            server = self.server
+            upstream = exchange.upstream = UpstreamCall(server.upstream_target, server.upstream_connector,
+                                                       server.upstream_pool, key, body, config.connect_timeout,
                                                        config.timeout)
             if exchange.interrupted:  # interrupted before this call existed: it ends at once
                 upstream.abort()
@@ -5533,18 +5661,15 @@ class ProxyServer(ThreadingHTTPServer):
         # Loading the CA bundle costs about 1.3 MB: only an https upstream needs it.
         https = config.upstream_url.lower().startswith("https:")
         self.ssl_context = ssl.create_default_context() if https else None
-        proxies = urllib.request.getproxies()
         self.upstream_pool = UpstreamPool(config.upstream_idle)
-        connector = self.upstream_connector = _UpstreamConnector(self.ssl_context, self.upstream_pool)
-        self.upstream_opener = build_upstream_opener(proxies, connector)
-        if config.prewarm:
-            route = upstream_route(config.upstream_url, proxies)
-            if route is None:
-                log.warning("FINSTEP_PREWARM: the upstream is reached through a proxy of another scheme; "
-                            "no connection is kept warm")
-            else:
-                self.upstream_pool.keep_warm(route, functools.partial(connector.connect, route,
-                                                                      config.connect_timeout))
+        connector = self.upstream_connector = UpstreamConnector(self.ssl_context)
+        target = self.upstream_target = upstream_target(config.upstream_url, urllib.request.getproxies())
+        if target is None:
+            log.warning("the upstream is reached through a proxy of another scheme than its own, which is "
+                        "not supported: every request will fail")
+        elif config.prewarm:
+            self.upstream_pool.keep_warm(target.route, functools.partial(connector.connect, target.route,
+                                                                         config.connect_timeout))
         self.sessions = SessionStore(config.session_cache, config.session_ttl, config.session_memory)
         self.key_pool = KeyPool(config.api_keys) if config.api_keys else None
         self.redis = None  # type: Optional[RedisClient]

@@ -1835,20 +1835,70 @@ def test_idle_connection_closed_sees_the_peer_leave_or_talk():
         ours.close()
 
 
-@pytest.mark.parametrize("url, proxies, route", [
-    ("https://api.example/x", {}, cf.UpstreamRoute("https", "api.example", None, None)),
-    ("https://api.example:8443/x", {"https": "http://proxy:3128"},
-     cf.UpstreamRoute("https", "proxy:3128", "api.example:8443", None)),
+@pytest.mark.parametrize("url, proxies, route, first_lines", [
+    ("https://api.example/x", {}, cf.UpstreamRoute("https", "api.example", None, None),
+     b"POST /x HTTP/1.1\r\nHost: api.example\r\n"),
+    ("https://api.example:8443/x?a=1", {"https": "http://proxy:3128"},
+     cf.UpstreamRoute("https", "proxy:3128", "api.example:8443", None),
+     b"POST /x?a=1 HTTP/1.1\r\nHost: api.example:8443\r\n"),
     ("https://api.example/x", {"https": "http://u:p@proxy:3128"},
-     cf.UpstreamRoute("https", "proxy:3128", "api.example", "Basic dTpw")),
-    ("http://api.example/x", {"http": "http://proxy:3128"}, cf.UpstreamRoute("http", "proxy:3128", None, None)),
-    ("http://api.example/x", {"https": "http://proxy:3128"}, cf.UpstreamRoute("http", "api.example", None, None)),
-    ("http://api.example/x", {"http": "https://proxy:3128"}, None),  # a proxy of another scheme
+     cf.UpstreamRoute("https", "proxy:3128", "api.example", "Basic dTpw"),
+     b"POST /x HTTP/1.1\r\nHost: api.example\r\n"),  # the credentials go to the tunnel, not the origin
+    ("http://api.example/x", {"http": "http://u:p@proxy:3128"}, cf.UpstreamRoute("http", "proxy:3128", None, None),
+     b"POST http://api.example/x HTTP/1.1\r\nHost: api.example\r\n"),  # a plain proxy: the whole URL
+    ("http://api.example/x", {"https": "http://proxy:3128"}, cf.UpstreamRoute("http", "api.example", None, None),
+     b"POST /x HTTP/1.1\r\nHost: api.example\r\n"),
+    ("http://api.example/x", {"http": "https://proxy:3128"}, None, None),  # a proxy of another scheme
 ])
-def test_upstream_route(url, proxies, route, monkeypatch):
+def test_upstream_target(url, proxies, route, first_lines, monkeypatch):
     for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    assert cf.upstream_route(url, proxies) == route
+    target = cf.upstream_target(url, proxies)
+    if route is None:
+        assert target is None
+        return
+    assert target.route == route and target.head.startswith(first_lines) and target.head.endswith(b"\r\n")
+    assert (b"Proxy-Authorization: Basic dTpw\r\n" in target.head) == (route.scheme == "http" and b"u:p" in
+                                                                        proxies.get("http", "").encode())
+
+
+@pytest.mark.parametrize("authority, default, address", [
+    ("api.example", 443, ("api.example", 443)), ("api.example:8443", 443, ("api.example", 8443)),
+    ("api.example:", 80, ("api.example", 80)), ("[::1]:8443", 443, ("::1", 8443)), ("[::1]", 80, ("::1", 80)),
+    ("127.0.0.1:9", 80, ("127.0.0.1", 9)), ("api.example:x", 443, None), ("api.example:99999", 443, None),
+    ("api.example:\u0661", 443, None), (":80", 443, None), ("", 443, None),
+])
+def test_split_authority(authority, default, address):
+    assert cf.split_authority(authority, default) == address
+
+
+def response_head(raw):
+    return cf.read_response_head(io.BufferedReader(io.BytesIO(raw)))
+
+
+@pytest.mark.parametrize("raw, status, http11, fields", [
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n", 200, True,
+     {"content-type": "text/event-stream"}),
+    (b"HTTP/1.0 404\r\n\r\n", 404, False, {}),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Too Many\r\nretry-after:  7 \r\n\r\n", 429, True,
+     {"retry-after": "7"}),  # an interim answer skipped; values trimmed
+    (b"HTTP/1.1 200 OK\nSet-Cookie: a\nSET-COOKIE: b\n\n", 200, True, {"set-cookie": "a, b"}),  # bare LF; joined
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\nX: 1\r\n\r\n", 200, True, {"x": "1"}),  # a line without a field skipped
+])
+def test_read_response_head(raw, status, http11, fields):
+    assert response_head(raw) == (status, http11, fields)
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"", ConnectionResetError),  # nothing at all: a kept-alive connection the server had closed
+    (b"HTTP/1.1 2", cf.UpstreamHeadError), (b"HTTP/2 200\r\n\r\n", cf.UpstreamHeadError),
+    (b"ICY 200 OK\r\n\r\n", cf.UpstreamHeadError), (b"HTTP/1.1 200 OK\r\nX: 1\r\n", cf.UpstreamHeadError),
+    (b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n", cf.UpstreamHeadError),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", cf.UpstreamHeadError),
+])
+def test_read_response_head_refuses(raw, error):
+    with pytest.raises(error):
+        response_head(raw)
 
 
 # --- Answers: reasoning modes, output limits, stop sequences, estimates -------------------
