@@ -644,7 +644,41 @@ def test_parse_chunk_size(line, size):
 
 
 def head(raw):
-    return http.client.parse_headers(io.BytesIO(raw + b"\r\n"))
+    return cf.read_headers(io.BytesIO(raw + b"\r\n"))
+
+
+@pytest.mark.parametrize("line, field", [
+    (b"Host: a\r\n", ("Host", "a")),
+    (b"x-api-key:k\n", ("x-api-key", "k")),  # no space, bare LF
+    (b"X:  \t padded \t \r\n", ("X", "padded")),  # whitespace around the value is not the value
+    (b"X: a, b ,c\r\n", ("X", "a, b ,c")),  # inside the value it is
+    (b"X:\r\n", ("X", "")),
+    (b"X: \xe4\xb8\x80\r\n", ("X", "\xe4\xb8\x80")),  # bytes as Latin-1, as http.server has them
+    (b"X: a:b\r\n", ("X", "a:b")),
+    (b"X : a\r\n", None), (b"\tfolded\r\n", None), (b" X: a\r\n", None),  # HeadReader refuses these lines
+    (b": a\r\n", None), (b"no colon\r\n", None),
+])
+def test_header_field(line, field):
+    assert cf.header_field(line) == field
+
+
+def test_headers_are_found_in_any_case_first_first():
+    headers = head(b"Content-Length: 1\r\ncontent-length: 2\r\nX-Api-Key: k\r\n")
+    assert headers.get("CONTENT-LENGTH") == headers["content-length"] == "1"  # the first, as email.message
+    assert headers.get_all("Content-Length") == ["1", "2"] and headers.get_all("Nope") is None
+    assert "x-api-key" in headers and "Nope" not in headers and headers.get("Nope", "d") == "d"
+    assert headers.items() == [("Content-Length", "1"), ("content-length", "2"), ("X-Api-Key", "k")]
+    assert len(headers) == 3
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"X: 1\r\n" * 101, OverflowError),  # 100 fields at most
+    (b"X: " + b"a" * 65536 + b"\r\n", cf.HeadTooLong),
+])
+def test_read_headers_bounds(raw, error):
+    assert len(head(b"X: 1\r\n" * 100)) == 100
+    with pytest.raises(error):
+        head(raw)
 
 
 @pytest.mark.parametrize("raw, version, framing, status", [
@@ -1795,6 +1829,15 @@ def test_upstream_body_has_the_four_fields():
     (b'data:{"status": "RESPONSING", "type": "text", "text": "cut', None),
     (b"data:not json", None),
     (b"data:[1]", None),
+    (b'data:\t {"status": "DONE"} \t\r', ("DONE", None, None)),  # JSON's whitespace around the object
+    (b'data:{"status": "DONE"} {"status": "DONE"}', None),  # two objects are no event
+    (b'data:{"status": "DONE"}x', None),
+    (b'data:\xef\xbb\xbf{"status": "DONE"}', ("DONE", None, None)),  # a BOM, as json.loads takes it
+    ('data:{"status": "DONE"}'.encode("utf-16"), None),  # "data:" itself in UTF-16 is no field
+    (b'data:' + '{"status": "DONE"}'.encode("utf-16"), ("DONE", None, None)),
+    (b'data:{"status": "RESPONSING", "text": "\xff"}', None),  # not UTF-8
+    (b'data:{"status": "RESPONSING", "text": "\\ud800"}', ("RESPONSING", "text", "\ud800")),
+    (b'data:' + b'[' * 100000, None),  # too deep for the parser: skipped, not a crash
     (b'data:{"text": "no status"}', None),
     (b"data:", None),
     (b"event: message", None),
