@@ -115,6 +115,7 @@ import base64
 import collections
 import dataclasses
 import datetime
+import errno
 import email.utils
 import functools
 import hashlib
@@ -5218,6 +5219,7 @@ class AnswerPipeline:
         answer.finish()
         if turn is not None:
             self.complete(turn, key, answer)
+        self.sink.unwatch()
         self.sink.send(200, self.wire.document(answer))
 
     def answer_locally(self, request: AnswerRequest) -> None:
@@ -5441,6 +5443,7 @@ class ResponseSink:
     def end(self, data: bytes, clean: bool = True) -> None:
         """Send the stream's last bytes and end it: properly, or cut off, which no client can
         take for a complete answer (the connection closes without the last chunk)."""
+        self.unwatch()  # a client that leaves once it has the end is no news to wake for
         with self.lock:
             self.handler.exchange.stream_open = False
             if not clean:
@@ -5469,6 +5472,9 @@ class ResponseSink:
     def watch(self) -> None:
         """Let the watchdog see this request: its client leaving, its stream's silences."""
         self.handler.server.watchdog.watch(self.handler)
+
+    def unwatch(self) -> None:
+        self.handler.server.watchdog.forget(self.handler)
 
     def log(self, level: int, message: str, *args) -> None:
         self.handler.log(level, message, *args)
@@ -5795,6 +5801,7 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # a burst of connections waits in the kernel instead of retrying SYNs
+    idle_acceptors = 16  # threads kept waiting for connections between bursts
 
     def __init__(self, config: Config, handler=ProxyHandler):
         self.config = config
@@ -5832,7 +5839,9 @@ class ProxyServer(ThreadingHTTPServer):
         log.addFilter(self.log_filter)
         self.draining = False
         self.connections = 0
+        self.acceptors = 0  # threads waiting in accept(), or about to
         self.connections_lock = threading.Lock()
+        self.stopping, self.stopped = threading.Event(), threading.Event()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
@@ -5843,6 +5852,58 @@ class ProxyServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until shutdown(). Connections are accepted by the threads that serve them
+        (leader/follower): a thread waits in accept(), and once it has a connection another
+        takes its place, one kept from earlier connections or, in a burst, a new one. No
+        thread hands connections over and, between bursts, none is started for one."""
+        self.stopped.clear()
+        try:
+            if not self.stopping.is_set():
+                self.add_acceptor()
+                self.stopping.wait()
+        finally:
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # wakes every thread waiting in accept()
+        except OSError:
+            pass
+        self.stopped.wait()
+
+    def add_acceptor(self) -> None:
+        with self.connections_lock:
+            self.acceptors += 1
+        threading.Thread(target=self.accept_connections, name="connection:%d" % self.server_address[1],
+                         daemon=True).start()
+
+    def accept_connections(self) -> None:
+        """A thread's life: accept a connection, make sure another thread waits for the next,
+        serve this one; again, unless enough threads wait already."""
+        while True:
+            try:
+                request, client_address = self.get_request()
+            except OSError as exc:
+                if self.stopping.is_set():
+                    with self.connections_lock:
+                        self.acceptors -= 1
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    time.sleep(0.1)  # out of descriptors or memory: the backlog waits, nothing spins
+                continue
+            with self.connections_lock:
+                self.acceptors -= 1
+                alone = self.acceptors == 0
+            if alone and not self.stopping.is_set():
+                self.add_acceptor()
+            self.process_request(request, client_address)
+            with self.connections_lock:
+                if self.stopping.is_set() or self.acceptors >= self.idle_acceptors:
+                    return
+                self.acceptors += 1
+
     def process_request(self, request, client_address) -> None:
         # Each connection costs a thread, so there is a limit. At the limit, the connection
         # that has waited longest without a complete request (a slow head, an idle keep-alive)
@@ -5852,7 +5913,14 @@ class ProxyServer(ThreadingHTTPServer):
             admitted = self.connections < self.config.connection_limit or self.watchdog.make_room()
             self.connections += admitted
         if admitted:
-            super().process_request(request, client_address)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                with self.connections_lock:
+                    self.connections -= 1
             return
         body = json.dumps(ProxyError(503, "Too many open connections; retry shortly",
                                      code="server_busy").body()).encode("utf-8")
@@ -5866,13 +5934,6 @@ class ProxyServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.connections_lock:
-                self.connections -= 1
 
     def status(self) -> dict:
         """What GET /status shows: no key in clear, nothing a client sent."""

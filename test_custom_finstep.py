@@ -5776,6 +5776,48 @@ def test_connections_above_the_limit_are_refused_only_when_all_are_busy(make_pro
     assert proxy.request("GET", "/health")[0] == 200
 
 
+def connection_threads(proxy):
+    return [t for t in threading.enumerate() if t.name == "connection:%d" % proxy.port]
+
+
+def test_threads_that_served_a_connection_wait_for_the_next(proxy, upstream, monkeypatch):
+    started = []
+    add_acceptor = proxy.server.add_acceptor
+    monkeypatch.setattr(proxy.server, "add_acceptor", lambda: started.append(1) or add_acceptor())
+    server = proxy.server
+    for _ in range(20):  # one after another: two threads take turns, none is started for a connection
+        assert proxy.chat()[0] == 200
+        wait_until(lambda: server.connections == 0 and server.acceptors == 2, what="both threads waiting")
+    assert len(started) <= 1 and len(connection_threads(proxy)) == 2
+
+
+def test_a_burst_gets_a_thread_each_and_keeps_a_few_for_the_next(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.ProxyServer, "idle_acceptors", 3)
+    proxy = make_proxy()
+    release = threading.Event()
+    streams = []
+    for _ in range(8):
+        upstream.reply(ev("RESPONSING", "text", "a"), release, ev("DONE"))
+        streams.append(open_stream(proxy))  # each answering at once: eight threads serve at the same time
+    assert len(connection_threads(proxy)) >= 9  # and one more waits for the next connection
+    release.set()
+    for conn, response in streams:
+        assert b"[DONE]" in response.read()
+        conn.close()
+    wait_until(lambda: len(connection_threads(proxy)) == 3, what="the burst's threads gone but three")
+    assert proxy.chat()[0] == 200
+
+
+def test_shutdown_ends_the_waiting_threads(make_proxy, upstream):
+    proxy = make_proxy()
+    assert proxy.chat()[0] == 200
+    assert connection_threads(proxy)
+    proxy.server.shutdown()
+    wait_until(lambda: not connection_threads(proxy), what="no thread waiting for connections")
+    with pytest.raises(ConnectionRefusedError):  # and no connection is taken any more
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=1)
+
+
 def slow_head(port, sent=b"POST /v1/chat/completions HTTP/1.1\r\nHost"):
     """A connection that has sent part of a request head and sends no more."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
