@@ -232,6 +232,8 @@ def _keys(raw: str) -> Tuple[str, ...]:
         raise ValueError("must be one key or several separated by commas, none empty")
     if any(ord(c) < 33 or ord(c) == 127 for key in keys for c in key):
         raise ValueError("must not contain spaces or control characters")
+    if any(ord(c) > 255 for key in keys for c in key):
+        raise ValueError("must be characters an HTTP header can carry (Latin-1)")
     return keys
 
 
@@ -807,6 +809,38 @@ def read_headers(rfile) -> Headers:
         field = header_field(line)
         if field is not None:
             fields.append(field)
+
+
+_HEADER_BLOCK = re.compile(rb"(?:" + TOKEN.pattern.encode("ascii") + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+
+
+class WholeHead(NamedTuple):
+    """A request head found whole in what a connection has buffered (split_head)."""
+    request_line: bytes  # with its CRLF, as readline would have returned it
+    field_lines: List[bytes]  # without their CRLF
+    size: int  # bytes of the head, its blank line included
+    malformed: bool  # a field line HeadReader would have refused
+
+
+def split_head(buffered: bytes) -> Optional[WholeHead]:
+    """The request head at the start of `buffered`, if it is all there with CRLF line ends
+    only; None otherwise (it is then read line by line, with the same outcome). One search
+    and one match instead of a readline and a check per line."""
+    end = buffered.find(b"\r\n\r\n")
+    if (end < 0 or end + 4 > MAX_HEAD or buffered.startswith(b"\r\n")
+            or buffered.count(b"\n", 0, end) != buffered.count(b"\r\n", 0, end)):  # a bare LF somewhere
+        return None
+    line_end = buffered.find(b"\r\n") + 2
+    malformed = line_end < end + 2 and _HEADER_BLOCK.fullmatch(buffered, line_end, end + 2) is None
+    fields = buffered[line_end:end].split(b"\r\n") if line_end < end + 2 else []
+    return WholeHead(buffered[:line_end], fields, end + 4, malformed)
+
+
+def fields_of(lines: Sequence[bytes]) -> Headers:
+    """Headers from field lines; OverflowError past MAX_HEAD_FIELDS."""
+    if len(lines) > MAX_HEAD_FIELDS:
+        raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
+    return Headers([field for field in map(header_field, lines) if field is not None])
 
 
 class HeadReader:
@@ -1855,19 +1889,21 @@ DELTA_FIELDS = {TEXT: "content", REASONING: "reasoning_content"}
 
 
 class ChunkFormatter:
-    """Formats one completion's chunks. The frame around a delta's text is built once per
-    request from build_chunk itself, so the fast path cannot drift from the slow one."""
+    """Formats one completion's chunks. Chunks differ only in their delta (and the last in
+    its finish_reason): the bytes around the delta are encoded once per request, from
+    build_chunk itself, so the fast path cannot drift from the slow one."""
 
     def __init__(self, completion_id: str, created: int, model: str):
         self.completion_id, self.created, self.model = completion_id, created, model
-        self.frames = {kind: sse_frame(build_chunk(completion_id, created, model, {field: PLACEHOLDER}))
-                       for kind, field in DELTA_FIELDS.items()}
+        self.head, self.tail = sse_frame(build_chunk(completion_id, created, model, PLACEHOLDER))
+        self.fields = {kind: b'{"' + field.encode("ascii") + b'":' for kind, field in DELTA_FIELDS.items()}
 
     def delta(self, kind: str, text: str) -> bytes:
-        head, tail = self.frames[kind]
-        return head + _dumps(text).encode("utf-8") + tail
+        return self.head + self.fields[kind] + _dumps(text).encode("utf-8") + b"}" + self.tail
 
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> bytes:
+        if finish_reason is None:
+            return self.head + _dumps(delta).encode("utf-8") + self.tail
         return format_sse(build_chunk(self.completion_id, self.created, self.model, delta, finish_reason))
 
     def usage(self, usage: dict) -> bytes:
@@ -1895,8 +1931,8 @@ class ChatCompletionsFormat(WireFormat):
         return self.chunks.chunk({"role": "assistant", "content": ""})
 
     def render(self, events: List[Tuple[str, str]]) -> bytes:
-        delta, frames = self.chunks.delta, self.chunks.frames
-        return b"".join([delta(kind, text) for kind, text in events if kind in frames])
+        delta, fields = self.chunks.delta, self.chunks.fields
+        return b"".join([delta(kind, text) for kind, text in events if kind in fields])
 
     def closing(self, answer: AnswerRouter) -> bytes:
         tail = [self.chunks.chunk({}, chat_finish_reason(answer))]
@@ -3863,7 +3899,7 @@ def split_authority(authority: str, default_port: int) -> Optional[Tuple[str, in
 
 
 MAX_RESPONSE_FIELDS = 100  # header fields in an upstream's (or a tunnelling proxy's) response head
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?")
 
 
 class UpstreamHead(NamedTuple):
@@ -3877,32 +3913,47 @@ class UpstreamHead(NamedTuple):
         return [token.strip().lower() for token in self.fields.get(name, "").split(",") if token.strip()]
 
 
-def read_response_head(reader) -> UpstreamHead:
-    """The status line and header fields of a response, read within MAX_HEAD bytes and
-    MAX_RESPONSE_FIELDS fields; interim 1xx answers are skipped. ConnectionError when the
-    stream ends before the first byte (a kept-alive connection the server had closed),
-    UpstreamHeadError when what came is no response head."""
-    while True:
-        line = reader.readline(MAX_HEAD + 1)
-        if not line:
-            raise ConnectionResetError("the upstream closed the connection without a response")
-        match = _STATUS_LINE.fullmatch(line)
-        if match is None:
-            raise UpstreamHeadError("BadStatusLine")
-        fields, left = {}, MAX_HEAD - len(line)
-        for _ in range(MAX_RESPONSE_FIELDS + 1):
+def read_head_lines(reader) -> List[bytes]:
+    """The lines of one response head, without their line endings, read within MAX_HEAD
+    bytes and MAX_RESPONSE_FIELDS fields: at once when the whole head is in the reader's
+    buffer (as it nearly always is), else line by line."""
+    buffered = reader.peek(MAX_HEAD)
+    end = buffered.find(b"\r\n\r\n")
+    if 0 <= end < MAX_HEAD:
+        lines = reader.read(end + 4).split(b"\r\n")[:-2]
+    else:
+        lines, left = [], MAX_HEAD
+        while True:
             line = reader.readline(left + 1)
             left -= len(line)
+            if not line and not lines:
+                raise ConnectionResetError("the upstream closed the connection without a response")
             if left < 0 or not line.endswith(b"\n"):
                 raise UpstreamHeadError("LineTooLong" if left < 0 else "IncompleteHead")
-            if line in (b"\r\n", b"\n"):
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            if not line and lines:
                 break
+            lines.append(line)
+    if len(lines) > MAX_RESPONSE_FIELDS + 1:
+        raise UpstreamHeadError("TooManyHeaders")
+    return lines
+
+
+def read_response_head(reader) -> UpstreamHead:
+    """The status line and header fields of a response; interim 1xx answers are skipped.
+    ConnectionError when the stream ends before the first byte (a kept-alive connection
+    the server had closed), UpstreamHeadError when what came is no response head."""
+    while True:
+        lines = read_head_lines(reader)
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            raise UpstreamHeadError("BadStatusLine")
+        fields = {}
+        for line in lines[1:]:
             name, colon, value = line.decode("latin-1").partition(":")
             if colon:
                 name, value = name.strip().lower(), value.strip()
                 fields[name] = fields[name] + ", " + value if name in fields else value
-        else:
-            raise UpstreamHeadError("TooManyHeaders")
         status = int(match.group(2))
         if status >= 200 or status == 101:
             return UpstreamHead(status, match.group(1) == b"1", fields)
@@ -3980,6 +4031,10 @@ class _LineReader:
 
     def __init__(self, raw):
         self.raw = raw
+
+    @staticmethod
+    def peek(size: int) -> bytes:
+        return b""  # nothing is buffered: read_head_lines reads line by line
 
     def readline(self, limit: int) -> bytes:
         line = bytearray()
@@ -4243,6 +4298,9 @@ def upstream_error_message(payload, fallback: str) -> str:
     return fallback
 
 
+_HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # no line breaks, no control characters
+
+
 class UpstreamCall:
     """One request to Finstep on a kept-alive connection: open it, iterate its parsed
     events, then recycle it (an answer read to its clean end hands its connection back to
@@ -4303,7 +4361,7 @@ class UpstreamCall:
             key = self.key.encode("latin-1")
         except UnicodeEncodeError:
             key = b"\n"  # refused below, as any key a header cannot carry
-        if any(byte < 32 or byte == 127 for byte in key):
+        if _HEADER_VALUE.fullmatch(key) is None:
             raise ProxyError(401, "The API key has characters an HTTP header cannot carry", code="invalid_api_key")
         return b"%sAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s" % (self.target.head, key, len(self.body),
                                                                          self.body)
@@ -5524,9 +5582,16 @@ class RequestReading:
 
     def read_head(self) -> bool:
         """Read the request line and headers; False when there is no request to serve."""
-        exchange = self.exchange
+        exchange, reader = self.exchange, self.rfile
         try:
-            self.raw_requestline = self.rfile.readline(MAX_HEAD + 1)
+            # The whole head at once when it is all in the buffer, as it nearly always is.
+            whole = split_head(reader.stream.peek(MAX_HEAD)) if not exchange.dropped else None
+            if whole is None:
+                self.raw_requestline, self.field_lines = reader.readline(MAX_HEAD + 1), None
+            else:
+                reader.stream.read(whole.size)
+                self.raw_requestline, self.field_lines = whole.request_line, whole.field_lines
+                reader.malformed = whole.malformed
             exchange.started = time.monotonic()  # timed from its request line, not the wait for it
             parsed = bool(self.raw_requestline) and not exchange.dropped and self.parse_request()
         except HeadTooLong:
@@ -5575,7 +5640,7 @@ class RequestReading:
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")  # not a network path to whatever reads it later
         try:
-            self.headers = read_headers(self.rfile)
+            self.headers = read_headers(self.rfile) if self.field_lines is None else fields_of(self.field_lines)
         except HeadTooLong:
             self.send_error(431, "Line too long")
             return False

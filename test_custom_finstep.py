@@ -550,6 +550,7 @@ def test_flags_override_environment():
     ({"FINSTEP_MAX_QUERY": "many"}, [], "FINSTEP_MAX_QUERY (--max-query) is not a number"),
     ({"FINSTEP_API_KEY": "has space inside"}, [], "FINSTEP_API_KEY (--api-key) must not contain"),
     ({"FINSTEP_API_KEY": "k1,,k2"}, [], "FINSTEP_API_KEY (--api-key) must be one key or several"),
+    ({"FINSTEP_API_KEY": "密钥"}, [], "FINSTEP_API_KEY (--api-key) must be characters an HTTP header can carry"),
     ({"PROXY_API_KEY": "p"}, [], "PROXY_API_KEY (--proxy-key) is set but FINSTEP_API_KEY"),
     ({"FINSTEP_HEARTBEAT": "0"}, [], "FINSTEP_HEARTBEAT (--heartbeat) must be a positive"),
     ({"FINSTEP_MAX_STREAMS": "0"}, [], "FINSTEP_MAX_STREAMS (--max-streams) must be a positive"),
@@ -669,6 +670,46 @@ def test_headers_are_found_in_any_case_first_first():
     assert "x-api-key" in headers and "Nope" not in headers and headers.get("Nope", "d") == "d"
     assert headers.items() == [("Content-Length", "1"), ("content-length", "2"), ("X-Api-Key", "k")]
     assert len(headers) == 3
+
+
+HEADS = [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.0\r\nX:\r\nx: two\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",  # malformed: space before the colon
+    b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",  # malformed: a folded line
+    b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",  # malformed: a bare CR in a value
+    b"GET / HTTP/1.1\r\nX: \x00\r\n\r\n",  # malformed: a control character
+    b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: \xe4\xb8\x80\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", HEADS)
+def test_a_whole_head_reads_as_line_by_line(raw):
+    whole = cf.split_head(raw + b"body")
+    assert whole is not None and whole.size == len(raw)
+    reader = cf.HeadReader(io.BufferedReader(io.BytesIO(raw)))
+    assert whole.request_line == reader.readline(cf.MAX_HEAD + 1)
+    assert cf.fields_of(whole.field_lines).items() == cf.read_headers(reader).items()
+    assert whole.malformed == reader.malformed
+
+
+@pytest.mark.parametrize("buffered", [
+    b"GET / HTTP/1.1\r\nHost: a\r\n",  # not all there yet
+    b"GET / HTTP/1.1\nHost: a\n\n", b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",  # a bare LF: line by line
+    b"\r\nGET / HTTP/1.1\r\n\r\n",  # a stray line first: as http.server has it
+    b"GET / HTTP/1.1\r\nX: " + b"a" * 65536 + b"\r\n\r\n",  # past MAX_HEAD
+    b"",
+])
+def test_split_head_leaves_the_rest_to_the_line_reader(buffered):
+    assert cf.split_head(buffered) is None
+
+
+def test_fields_of_bounds_the_fields():
+    assert len(cf.fields_of([b"X: 1"] * 100)) == 100
+    with pytest.raises(OverflowError):
+        cf.fields_of([b"X: 1"] * 101)
 
 
 @pytest.mark.parametrize("raw, error", [
@@ -1194,6 +1235,15 @@ def test_fast_delta_equals_the_built_chunk(kind, field, text):
     slow = cf.format_sse(cf.build_chunk("chatcmpl-1", 7, "model\"x", {field: text}))
     assert formatter.delta(kind, text) == slow
     assert json.loads(slow[len(b"data: "):])["choices"][0]["delta"] == {field: text}
+
+
+@pytest.mark.parametrize("delta, finish_reason", [
+    ({"role": "assistant", "content": ""}, None), ({}, None), ({}, "stop"), ({}, "length"),
+])
+def test_fast_chunk_equals_the_built_chunk(delta, finish_reason):
+    formatter = cf.ChunkFormatter("chatcmpl-1", 7, "模型\"x")
+    slow = cf.format_sse(cf.build_chunk("chatcmpl-1", 7, "模型\"x", delta, finish_reason))
+    assert formatter.chunk(delta, finish_reason) == slow
 
 
 def test_chunk_shape():
@@ -1915,8 +1965,23 @@ def test_split_authority(authority, default, address):
     assert cf.split_authority(authority, default) == address
 
 
-def response_head(raw):
-    return cf.read_response_head(io.BufferedReader(io.BytesIO(raw)))
+@pytest.mark.parametrize("key, sent", [("sk-1", b"Authorization: sk-1\r\n"), ("a\tb", b"Authorization: a\tb\r\n"),
+                                       ("\xe9", b"Authorization: \xe9\r\n"), ("a\r\nX: y", None), ("a\x00", None),
+                                       ("密", None)])
+def test_request_bytes_carry_a_key_only_as_one_header_value(key, sent):
+    target = cf.upstream_target("http://127.0.0.1:9/c", {})
+    call = cf.UpstreamCall(target, None, None, key, b"{}", 1.0, 1.0)
+    if sent is None:
+        with pytest.raises(cf.ProxyError) as caught:
+            call.request_bytes()
+        assert caught.value.status == 401
+        return
+    request = call.request_bytes()
+    assert request.startswith(target.head) and sent in request and request.endswith(b"Content-Length: 2\r\n\r\n{}")
+
+
+def response_head(raw, buffer_size=8192):
+    return cf.read_response_head(io.BufferedReader(io.BytesIO(raw), buffer_size))
 
 
 @pytest.mark.parametrize("raw, status, http11, fields", [
@@ -1928,8 +1993,9 @@ def response_head(raw):
     (b"HTTP/1.1 200 OK\nSet-Cookie: a\nSET-COOKIE: b\n\n", 200, True, {"set-cookie": "a, b"}),  # bare LF; joined
     (b"HTTP/1.1 200 OK\r\nno colon here\r\nX: 1\r\n\r\n", 200, True, {"x": "1"}),  # a line without a field skipped
 ])
-def test_read_response_head(raw, status, http11, fields):
-    assert response_head(raw) == (status, http11, fields)
+@pytest.mark.parametrize("buffer_size", [8192, 16])  # the whole head in the buffer, or line by line
+def test_read_response_head(raw, status, http11, fields, buffer_size):
+    assert response_head(raw, buffer_size) == (status, http11, fields)
 
 
 @pytest.mark.parametrize("raw, error", [
@@ -1939,9 +2005,15 @@ def test_read_response_head(raw, status, http11, fields):
     (b"HTTP/1.1 200 OK\r\n" + b"X: 1\r\n" * 101 + b"\r\n", cf.UpstreamHeadError),
     (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", cf.UpstreamHeadError),
 ])
-def test_read_response_head_refuses(raw, error):
+@pytest.mark.parametrize("buffer_size", [8192, 16])
+def test_read_response_head_refuses(raw, error, buffer_size):
     with pytest.raises(error):
-        response_head(raw)
+        response_head(raw, buffer_size)
+
+
+def test_read_response_head_leaves_the_body():
+    reader = io.BufferedReader(io.BytesIO(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"))
+    assert cf.read_response_head(reader).status == 200 and reader.read() == b"body"
 
 
 # --- Answers: reasoning modes, output limits, stop sequences, estimates -------------------
