@@ -4095,9 +4095,11 @@ class UpstreamPool:
     answers, at most `max_idle` of them, each for `idle_timeout` seconds: below the 60-75 s
     servers and load balancers allow, so the proxy closes first and seldom meets a
     connection the server has just closed. One background thread closes the expired ones and
-    those the server closed, and keeps the warm connection open (keep_warm)."""
+    those the server closed, and keeps connections warm (keep_warm): as many as the recent peak
+    of upstream requests in flight needs beside those in flight now, at least one."""
 
     max_idle = 32
+    peak_window = 600.0  # how long a peak of requests in flight is remembered for FINSTEP_PREWARM
     probe_interval = 1.0  # how often idle connections are checked for expiry and a server's close
     settle_seconds = 1.0  # how long the end of a response given back may take to come
     warm_retry = 5.0  # after a failed warm connect
@@ -4109,6 +4111,8 @@ class UpstreamPool:
         self.idle = collections.OrderedDict()  # connection -> (route, idle since), oldest first
         self.requests = collections.Counter()  # "true"/"false" (reused) -> upstream requests
         self.retries = 0
+        self.busy = self.peak = 0  # upstream requests in flight now, and their recent peak
+        self.peak_at = clock()
         self.closed = False
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self.run, name="upstream-pool", daemon=True)
@@ -4126,10 +4130,25 @@ class UpstreamPool:
         return route
 
     def keep_warm(self, route: UpstreamRoute, connect) -> None:
-        """Keep one idle connection to `route` open at all times; `connect()` opens one."""
+        """Keep idle connections to `route` open at all times; `connect()` opens one."""
         with self.changed:
             self.warm = (route, connect)
             self.changed.notify()
+
+    def demand(self, busy: int) -> None:
+        """How many upstream requests are in flight now, when connections are kept warm."""
+        if self.warm is None:
+            return
+        with self.changed:
+            now = self.clock()
+            self.busy = busy
+            if busy >= self.peak or now - self.peak_at > self.peak_window:
+                self.peak, self.peak_at = busy, now
+
+    def warm_wanted(self, now: float) -> int:
+        """Idle connections to keep warm: the recent peak's beyond those in flight, at least one."""
+        peak = self.peak if now - self.peak_at <= self.peak_window else 0
+        return min(self.max_idle, max(1, peak - self.busy))
 
     def take(self, route: UpstreamRoute) -> Optional[UpstreamConnection]:
         """The most recently used idle connection to `route` that still works, or None."""
@@ -4180,10 +4199,10 @@ class UpstreamPool:
                 doomed = [conn for conn, (_, since) in self.idle.items() if not self.usable(conn, since, now)]
                 for conn in doomed:
                     del self.idle[conn]
-                # A successor is opened before the warm connection expires: never a moment without one.
-                cold = self.warm is not None and now >= next_warm and not any(
+                # Successors are opened before warm connections expire: never a moment with too few.
+                cold = self.warm is not None and now >= next_warm and sum(
                     route == self.warm_route and now - since < self.idle_timeout - self.warm_margin
-                    for route, since in self.idle.values())
+                    for route, since in self.idle.values()) < self.warm_wanted(now)
             for conn in doomed:
                 close_connection(conn)
             if cold:
@@ -6022,11 +6041,15 @@ class ProxyServer(ThreadingHTTPServer):
             if self.metrics.in_flight >= self.config.max_streams:
                 return False
             self.metrics.in_flight += 1
-            return True
+            in_flight = self.metrics.in_flight
+        self.upstream_pool.demand(in_flight)
+        return True
 
     def end_stream(self) -> None:
         with self.metrics.lock:
             self.metrics.in_flight -= 1
+            in_flight = self.metrics.in_flight
+        self.upstream_pool.demand(in_flight)
 
     def drain(self, seconds: float) -> None:
         """Let requests in flight finish for up to `seconds`, then end the rest with an error."""

@@ -5655,6 +5655,33 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
     assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
 
 
+def test_prewarm_keeps_the_recent_peak_warm(make_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
+    proxy = make_proxy(prewarm=True, upstream_idle=1.0)  # a warm connection gets its successor 0.25 s early
+    pool = proxy.server.upstream_pool
+    wait_until(lambda: len(pool) == 1, what="one warm connection before any request")
+    release = threading.Event()
+    streams = []
+    for _ in range(4):  # a burst: four answers in flight at once
+        upstream.reply(ev("RESPONSING", "text", "a"), release, ev("DONE"))
+        streams.append(open_stream(proxy))
+    release.set()
+    for conn, response in streams:
+        assert b"[DONE]" in response.read()
+        conn.close()
+    wait_until(lambda: len(pool) >= 4, what="the burst's connections idle in the pool")
+    opened = len(upstream.connections)
+    idle = []
+    deadline = time.monotonic() + 2.6  # each of them expires within this, some twice
+    while time.monotonic() < deadline:
+        idle.append(len(pool))
+        time.sleep(0.005)
+    assert min(idle) >= 4  # never fewer than the peak warm: the next burst pays no handshake
+    assert len(upstream.connections) >= opened + 4  # successors, as they expired
+    monkeypatch.setattr(pool, "peak_window", 0.1)  # the peak is history: one warm connection again
+    wait_until(lambda: len(pool) == 1, 5, what="the pool back to one warm connection")
+
+
 def test_the_warm_connection_has_a_successor_before_it_expires(make_proxy, upstream, monkeypatch):
     monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
     # A successor is opened a quarter of the idle time (0.25 s) before expiry; its handshakes
