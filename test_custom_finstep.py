@@ -821,6 +821,13 @@ def test_chunked_decoder_refuses_broken_framing(data):
         cf.ChunkedDecoder().feed(data)
 
 
+def test_chunked_decoder_refuses_a_chunk_without_its_crlf_across_reads():
+    decoder = cf.ChunkedDecoder()
+    assert decoder.feed(b"2\r\nab") == b"ab"
+    with pytest.raises(ValueError):
+        decoder.feed(b"XY")
+
+
 # --- Routes -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, methods, endpoint, wire", [
