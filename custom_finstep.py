@@ -23,9 +23,11 @@ Endpoints: the route table, ROUTES, is the one list.
 
 A request's way through this file, each step with its (section):
 
-  ProxyServer.process_request          accept, within the connection limit (The server)
+  ProxyServer.accept_connections       accepted by the thread that serves it, within the
+                                       connection limit (The server)
   ProxyHandler.handle_one_request      an Exchange, the request's state to its log line (The HTTP handler)
-    HeadReader, request_framing        the head, line by line and bounded (HTTP/1.1 framing)
+    split_head, HeadReader             the head, whole or line by line, bounded (HTTP/1.1 framing)
+    Headers, request_framing           its fields, and how its body is framed (HTTP/1.1 framing)
     Routing.dispatch                   routed by the server's RouteTable (Routes):
       check_browser                    the page's origin and Host: BrowserPolicy (Callers and browsers)
       endpoint, RouteTable.find        its Route: the key where needed, the method, the endpoint
@@ -36,7 +38,8 @@ A request's way through this file, each step with its (section):
       Cancellable                      held while it runs, should another request cancel it (Endpoints)
       AnswerPipeline.run               a stream slot, then (The answer pipeline):
         WireFormat.recall, plan_turn   the caller's memory: continue, fold, name (Conversations)
-        KeyPool.order, UpstreamCall    the upstream, key after key (Keys; Upstream; Shared memory)
+        KeyPool.order, UpstreamCall    the upstream, key after key, on a pooled connection
+                                       (Keys; Upstream; Shared memory)
         AnswerRouter                   each read's events: text, reasoning, steps; limits, stops (Answers)
         WireFormat.render              the events as the client's bytes (Wire formats)
         ResponseSink                   written at once, one chunk a read; heartbeats (The HTTP handler)
@@ -65,6 +68,10 @@ Standard-library internals relied upon, and why:
     BaseHTTPRequestHandler.rfile             swapped for a HeadReader while the head is read, to
                                              bound it (64 KB in all) and check each line
     HTTPServer.server_bind                   skipped for TCPServer's: it resolves the host's FQDN
+    BaseServer.serve_forever, shutdown       replaced: threads accept their own connections; the
+                                             per-connection steps (get_request, finish_request,
+                                             shutdown_request) are socketserver's
+    BaseHTTPRequestHandler.parse_request     replaced: the same checks and answers, without email
     urllib.request.ProxyHandler, Request._tunnel_host   the environment's proxies, read the way
                                              urllib reads them, once: where upstream requests go
     socket.socket.recv on an SSLSocket       peek the TCP stream under TLS: is an idle one closed?
@@ -380,8 +387,9 @@ SETTINGS = (
     Setting("upstream_idle", "FINSTEP_UPSTREAM_IDLE", "--upstream-idle", _positive_float,
             "seconds an unused upstream connection stays open for the next request"),
     Setting("prewarm", "FINSTEP_PREWARM", "--prewarm", _switch,
-            "on: keep one upstream connection open at all times, so even the first request after a quiet "
-            "spell skips the TCP and TLS handshakes"),
+            "on: keep upstream connections open at all times, as many as the last ten minutes' peak of "
+            "requests needs (at least one), so even the first requests after a quiet spell skip the TCP "
+            "and TLS handshakes"),
     Setting("page", "FINSTEP_PAGE", "--page", _switch,
             "on: GET / serves a page to try the proxy and see its status; off: / is a 404"),
     Setting("redis_url", "FINSTEP_REDIS_URL", "--redis-url", _redis_url,
@@ -4345,6 +4353,55 @@ def upstream_error_message(payload, fallback: str) -> str:
 _HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # no line breaks, no control characters
 
 
+def upstream_request(target: UpstreamTarget, key: str, body: bytes) -> bytes:
+    """A whole upstream request, head and body, for one write; the key goes in as one
+    header value or not at all (ProxyError 401)."""
+    try:
+        encoded = key.encode("latin-1")
+    except UnicodeEncodeError:
+        encoded = b"\n"  # refused below, as any key a header cannot carry
+    if _HEADER_VALUE.fullmatch(encoded) is None:
+        raise ProxyError(401, "The API key has characters an HTTP header cannot carry", code="invalid_api_key")
+    return b"%sAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s" % (target.head, encoded, len(body), body)
+
+
+def read_up_to(read, limit: int) -> bytes:
+    """What `read()` gives, up to `limit` bytes, until its end or an error: an error's body."""
+    data = b""
+    try:
+        while len(data) < limit:
+            more = read()
+            if not more:
+                break
+            data += more
+    except (OSError, ValueError, UpstreamBroken):
+        pass
+    return data[:limit]
+
+
+class ResponseFraming(NamedTuple):
+    """How a response's body is framed, and whether its connection may carry another."""
+    chunked: bool
+    length: Optional[int]  # by Content-Length; None: chunked, or to the end of the stream
+    will_close: bool
+
+
+def response_framing(head: UpstreamHead) -> ResponseFraming:
+    """RFC 9112's rules: chunked when the last transfer coding is; else one Content-Length;
+    else the body ends with the stream. A connection closes after `Connection: close`, an
+    HTTP/1.0 answer not kept alive, or a body that ends with the stream."""
+    codings, connection = head.tokens("transfer-encoding"), head.tokens("connection")
+    will_close = "close" in connection or (not head.http11 and "keep-alive" not in connection)
+    if codings:
+        chunked = codings[-1] == "chunked"
+        return ResponseFraming(chunked, None, will_close or not chunked)
+    lengths = {value.strip() for value in head.fields.get("content-length", "").split(",") if value.strip()}
+    length = lengths.pop() if len(lengths) == 1 else ""
+    if length.isascii() and length.isdigit():
+        return ResponseFraming(False, int(length), will_close)
+    return ResponseFraming(False, None, True)  # none, or differing ones: the body ends with the stream
+
+
 class UpstreamCall:
     """One request to Finstep on a kept-alive connection: open it, iterate its parsed
     events, then recycle it (an answer read to its clean end hands its connection back to
@@ -4399,23 +4456,12 @@ class UpstreamCall:
         if sock is not None:
             shut(sock)
 
-    def request_bytes(self) -> bytes:
-        """The whole request, head and body, for one write."""
-        try:
-            key = self.key.encode("latin-1")
-        except UnicodeEncodeError:
-            key = b"\n"  # refused below, as any key a header cannot carry
-        if _HEADER_VALUE.fullmatch(key) is None:
-            raise ProxyError(401, "The API key has characters an HTTP header cannot carry", code="invalid_api_key")
-        return b"%sAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s" % (self.target.head, key, len(self.body),
-                                                                         self.body)
-
     def open(self) -> None:
         """Send the request and wait for the response head; raises ProxyError on any failure."""
         if self.target is None:
             raise ProxyError(502, "The upstream is reached through a proxy of another scheme than its own, "
                                   "which is not supported", code="upstream_unreachable")
-        request, route = self.request_bytes(), self.target.route
+        request, route = upstream_request(self.target, self.key, self.body), self.target.route
         conn = self.pool.take(route)
         while True:
             self.reused = conn is not None
@@ -4457,49 +4503,18 @@ class UpstreamCall:
                                  code="upstream_unreachable") from None
         self.pool.count(self.reused, self.retried)
         self.status = head.status
-        self.frame(head)
+        self.chunked, self.left, self.will_close = response_framing(head)
         if not 200 <= head.status < 300:
-            detail = self.read_detail()
+            detail = read_up_to(self.body_reader(), 4096)
             self.close()
             raise upstream_status_error(head.status, detail, head.fields.get("retry-after"))
         content_type = head.fields.get("content-type", "").lower()
         if "json" in content_type or "html" in content_type:  # an error page, not an event stream
-            detail = self.read_detail()
+            detail = read_up_to(self.body_reader(), 4096)
             self.close()
             message = upstream_error_message(detail, "no message")
             raise ProxyError(502, "The upstream answered %s instead of an event stream: %s"
                              % (content_type.split(";")[0], message), code="upstream_not_streaming")
-
-    def frame(self, head: UpstreamHead) -> None:
-        """How the response's body is framed, and whether its connection may carry another."""
-        codings = head.tokens("transfer-encoding")
-        connection = head.tokens("connection")
-        self.will_close = "close" in connection or (not head.http11 and "keep-alive" not in connection)
-        if codings:
-            if codings[-1] != "chunked":  # read to the end of the stream
-                self.will_close = True
-            self.chunked = codings[-1] == "chunked"
-            return
-        lengths = {value.strip() for value in head.fields.get("content-length", "").split(",") if value.strip()}
-        length = lengths.pop() if len(lengths) == 1 else None
-        if length is not None and length.isascii() and length.isdigit():
-            self.left = int(length)
-        else:  # none, or more than one: the body ends with the stream
-            self.will_close = True
-
-    def read_detail(self) -> bytes:
-        """Up to 4 KB of an error's body, for its message."""
-        detail = b""
-        try:
-            read = self._read = self.body_reader()
-            while len(detail) < 4096:
-                data = read()
-                if not data:
-                    break
-                detail += data
-        except (OSError, ValueError, UpstreamBroken):
-            pass
-        return detail[:4096]
 
     def timeout_error(self) -> ProxyError:
         return ProxyError(504, "The upstream sent nothing for %g seconds" % self.read_timeout,

@@ -1977,14 +1977,53 @@ def test_split_authority(authority, default, address):
                                        ("密", None)])
 def test_request_bytes_carry_a_key_only_as_one_header_value(key, sent):
     target = cf.upstream_target("http://127.0.0.1:9/c", {})
-    call = cf.UpstreamCall(target, None, None, key, b"{}", 1.0, 1.0)
     if sent is None:
         with pytest.raises(cf.ProxyError) as caught:
-            call.request_bytes()
+            cf.upstream_request(target, key, b"{}")
         assert caught.value.status == 401
         return
-    request = call.request_bytes()
+    request = cf.upstream_request(target, key, b"{}")
     assert request.startswith(target.head) and sent in request and request.endswith(b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("head, framing", [
+    ((200, True, {"transfer-encoding": "chunked"}), (True, None, False)),
+    ((200, True, {"transfer-encoding": "gzip, Chunked"}), (True, None, False)),
+    ((200, True, {"transfer-encoding": "chunked, gzip"}), (False, None, True)),  # to the end of the stream
+    ((200, True, {"transfer-encoding": "chunked", "content-length": "5"}), (True, None, False)),
+    ((200, True, {"content-length": "5"}), (False, 5, False)),
+    ((200, True, {"content-length": "5, 5"}), (False, 5, False)),
+    ((200, True, {"content-length": "5, 6"}), (False, None, True)),
+    ((200, True, {"content-length": "-5"}), (False, None, True)),
+    ((200, True, {"content-length": "\u0665"}), (False, None, True)),
+    ((200, True, {}), (False, None, True)),
+    ((200, True, {"content-length": "0", "connection": "keep-alive, Close"}), (False, 0, True)),
+    ((200, False, {"content-length": "0"}), (False, 0, True)),  # HTTP/1.0 closes ...
+    ((200, False, {"content-length": "0", "connection": "Keep-Alive"}), (False, 0, False)),  # unless kept alive
+])
+def test_response_framing(head, framing):
+    assert cf.response_framing(cf.UpstreamHead(*head)) == framing
+
+
+def reads(*parts):
+    """A body reader returning `parts` one by one (raising those that are exceptions), then b""."""
+    left = list(parts)
+
+    def read():
+        part = left.pop(0) if left else b""
+        if isinstance(part, Exception):
+            raise part
+        return part
+    return read
+
+
+@pytest.mark.parametrize("parts, limit, data", [
+    ((b"ab", b"cd"), 10, b"abcd"), ((b"ab", b"cd"), 3, b"abc"), ((), 10, b""),
+    ((b"ab", cf.UpstreamBroken("IncompleteRead"), b"cd"), 10, b"ab"),  # what came before the break
+    ((b"ab", socket.timeout()), 10, b"ab"),
+])
+def test_read_up_to(parts, limit, data):
+    assert cf.read_up_to(reads(*parts), limit) == data
 
 
 def response_head(raw, buffer_size=8192):
