@@ -219,6 +219,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         pass
 
 
+class FakeUpstreamServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # as servers' backlogs are: a burst of connections never waits for a SYN retry
+
+
 class FakeUpstream:
     def __init__(self):
         self.received = []
@@ -230,8 +235,7 @@ class FakeUpstream:
         self.closed_connections = []  # those whose handler has finished
         self.drop_reused = 0  # close this many kept-alive connections when their next request comes
         self.dropped = []  # the requests so dropped, unanswered
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeUpstreamHandler)
-        self.server.daemon_threads = True
+        self.server = FakeUpstreamServer(("127.0.0.1", 0), FakeUpstreamHandler)
         self.server.upstream = self
         self.server.handle_error = self.handle_error
         self.url = "http://127.0.0.1:%d/chat/api/chat/v2/completion" % self.server.server_address[1]
@@ -5703,7 +5707,7 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
 
 def test_prewarm_keeps_the_recent_peak_warm(make_proxy, upstream, monkeypatch):
     monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
-    proxy = make_proxy(prewarm=True, upstream_idle=1.0)  # a warm connection gets its successor 0.25 s early
+    proxy = make_proxy(prewarm=True, upstream_idle=2.0)  # a warm connection gets its successor 0.5 s early
     pool = proxy.server.upstream_pool
     wait_until(lambda: len(pool) == 1, what="one warm connection before any request")
     release = threading.Event()
@@ -5718,7 +5722,7 @@ def test_prewarm_keeps_the_recent_peak_warm(make_proxy, upstream, monkeypatch):
     wait_until(lambda: len(pool) >= 4, what="the burst's connections idle in the pool")
     opened = len(upstream.connections)
     idle = []
-    deadline = time.monotonic() + 2.6  # each of them expires within this, some twice
+    deadline = time.monotonic() + 2.6  # each of them expires within this
     while time.monotonic() < deadline:
         idle.append(len(pool))
         time.sleep(0.005)

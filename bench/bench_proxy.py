@@ -243,22 +243,33 @@ def start_proxy(upstream_port: int, command=None, cwd=None, tls=False, **setting
     return process, port, time.monotonic() - began
 
 
-def footprint(upstream_port: int):
+def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
     """Idle memory and start-up time of both ways to run the proxy: as a script, and as the
-    Docker image does, `python -m custom_finstep` from bytecode compiled at build time."""
-    out = {}
-    with tempfile.TemporaryDirectory() as image:  # laid out as the image is: the script and its bytecode
-        shutil.copy(PROXY_SCRIPT, image)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", image], check=True)
+    Docker image does, `python -m custom_finstep` from bytecode compiled at build time; with
+    several `starts`, the median of each figure (start-up swings by tens of milliseconds).
+    Several `scripts` (versions of custom_finstep.py) take turns, start by start: {script: figures}."""
+    figures = {script: {"script": [], "module": []} for script in scripts}
+    with tempfile.TemporaryDirectory() as root:
+        images = {}
+        for index, script in enumerate(scripts):  # each laid out as the image is: the script and its bytecode
+            images[script] = os.path.join(root, str(index))
+            os.mkdir(images[script])
+            shutil.copy(script, os.path.join(images[script], "custom_finstep.py"))
+            subprocess.run([sys.executable, "-m", "compileall", "-q", images[script]], check=True)
         time.sleep(1.1)  # bytecode from an earlier start (or the image build), as the proxy tells by its age
-        for name, command in (("script", [sys.executable, os.path.join(image, "custom_finstep.py")]),
-                              ("module", [sys.executable, "-m", "custom_finstep"])):
-            process, _, startup = start_proxy(upstream_port, command, cwd=image)
-            time.sleep(0.3)  # settled, idle
-            out[name] = {"idle_rss_mb": memory_kb(process.pid, "VmRSS") / 1024, "startup_ms": startup * 1000}
-            process.kill()
-            process.wait()
-    return out
+        for _ in range(starts):
+            for script, image in images.items():
+                for name, command in (("script", [sys.executable, os.path.join(image, "custom_finstep.py")]),
+                                      ("module", [sys.executable, "-m", "custom_finstep"])):
+                    process, _, startup = start_proxy(upstream_port, command, cwd=image)
+                    time.sleep(0.3)  # settled, idle
+                    figures[script][name].append((memory_kb(process.pid, "VmRSS") / 1024, startup * 1000))
+                    process.kill()
+                    process.wait()
+    return {script: {name: {"idle_rss_mb": statistics.median(rss for rss, _ in runs),
+                            "startup_ms": statistics.median(ms for _, ms in runs), "starts": starts}
+                     for name, runs in ways.items()}
+            for script, ways in figures.items()}
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -519,7 +530,10 @@ def main(argv=None) -> int:
                         help="time to first token over a TLS upstream behind a delayed link (run it inside one, "
                              "with --upstream-port set to the delayed port)")
     parser.add_argument("--proxy-script", metavar="PATH",
-                        help="with --network: another custom_finstep.py measured beside this one (sequential)")
+                        help="another custom_finstep.py measured beside this one: with --network its sequential "
+                             "requests, else its start-up and idle memory, start by start in turns")
+    parser.add_argument("--starts", type=int, default=1, metavar="N",
+                        help="start the proxy N times each way for the start-up and idle figures (their median)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -536,7 +550,9 @@ def main(argv=None) -> int:
     proxy = None
     try:
         wait_for_port(upstream_port, time.monotonic() + 10)
-        results_footprint = footprint(upstream_port)
+        scripts = (PROXY_SCRIPT,) + ((args.proxy_script,) if args.proxy_script else ())
+        footprints = footprint(upstream_port, args.starts, scripts)
+        results_footprint = footprints[PROXY_SCRIPT]
         proxy, proxy_port, _ = start_proxy(upstream_port)
         targets = [openai_target("proxy", proxy_port, "/v1/chat/completions"), direct_target(upstream_port)]
         if args.compare:
@@ -561,6 +577,8 @@ def main(argv=None) -> int:
         results["many"] = concurrency(targets[:2], sizes["many"], sizes["many_chunks"], sizes["many_every"])
         results["many"]["proxy"]["peak_rss_mb"] = memory_kb(proxy.pid, "VmHWM") / 1024
         results["footprint"] = results_footprint
+        if args.proxy_script:
+            results["footprint_other"] = footprints[args.proxy_script]
     finally:
         for process in (proxy, upstream):
             if process is not None:
@@ -599,9 +617,12 @@ def report(results, names) -> None:
     direct = results["many"]["direct"]
     print("\nmany open streams: %d/%d completed through the proxy (%d/%d direct), proxy peak RSS %.1f MB"
           % (many["completed"], many["streams"], direct["completed"], direct["streams"], many["peak_rss_mb"]))
-    for name, label in (("script", "python custom_finstep.py"), ("module", "python -m custom_finstep (Docker)")):
-        print("footprint, %s: idle RSS %.1f MB, start to listening %.0f ms"
-              % (label, foot[name]["idle_rss_mb"], foot[name]["startup_ms"]))
+    for title, figures in (("", foot), ("the other version, ", results.get("footprint_other"))):
+        for name, label in (("script", "python custom_finstep.py"), ("module", "python -m custom_finstep (Docker)")):
+            if figures:
+                print("footprint, %s%s: idle RSS %.1f MB, start to listening %.0f ms%s"
+                      % (title, label, figures[name]["idle_rss_mb"], figures[name]["startup_ms"],
+                         " (medians of %d starts)" % figures[name]["starts"] if figures[name]["starts"] > 1 else ""))
 
 
 if __name__ == "__main__":
