@@ -127,6 +127,7 @@ import email.utils
 import functools
 import hashlib
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -805,14 +806,15 @@ class Headers:
 def read_headers(rfile) -> Headers:
     """The header fields of a request head, up to its blank line; HeadTooLong for a line
     past MAX_HEAD_LINE, OverflowError past MAX_HEAD_FIELDS fields."""
-    fields = []
+    fields, lines = [], 0
     while True:
         line = rfile.readline(MAX_HEAD_LINE + 1)
         if len(line) > MAX_HEAD_LINE:
             raise HeadTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
             return Headers(fields)
-        if len(fields) >= MAX_HEAD_FIELDS:
+        lines += 1  # lines, as http.server counts them, fields or not
+        if lines > MAX_HEAD_FIELDS:
             raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
         field = header_field(line)
         if field is not None:
@@ -3952,15 +3954,15 @@ def read_head_lines(reader) -> List[bytes]:
     buffer (as it nearly always is), else line by line."""
     buffered = reader.peek(MAX_HEAD)
     end = buffered.find(b"\r\n\r\n")
-    if 0 <= end < MAX_HEAD:
-        lines = reader.read(end + 4).split(b"\r\n")[:-2]
+    if 0 <= end < MAX_HEAD and buffered.count(b"\n", 0, end) == buffered.count(b"\r\n", 0, end):
+        lines = reader.read(end + 4).split(b"\r\n")[:-2]  # no bare LF: the lines are these
     else:
         lines, left = [], MAX_HEAD
         while True:
             line = reader.readline(left + 1)
             left -= len(line)
             if not line and not lines:
-                raise ConnectionResetError("the upstream closed the connection without a response")
+                raise http.client.RemoteDisconnected("the upstream closed the connection without a response")
             if left < 0 or not line.endswith(b"\n"):
                 raise UpstreamHeadError("LineTooLong" if left < 0 else "IncompleteHead")
             line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
@@ -4387,11 +4389,13 @@ class ResponseFraming(NamedTuple):
 
 
 def response_framing(head: UpstreamHead) -> ResponseFraming:
-    """RFC 9112's rules: chunked when the last transfer coding is; else one Content-Length;
-    else the body ends with the stream. A connection closes after `Connection: close`, an
+    """RFC 9112's rules: no body for 1xx, 204 and 304; chunked when the last transfer coding
+    is; else one Content-Length; else the body ends with the stream. A connection closes after `Connection: close`, an
     HTTP/1.0 answer not kept alive, or a body that ends with the stream."""
     codings, connection = head.tokens("transfer-encoding"), head.tokens("connection")
     will_close = "close" in connection or (not head.http11 and "keep-alive" not in connection)
+    if head.status < 200 or head.status in (204, 304):  # never a body, whatever the fields say
+        return ResponseFraming(False, 0, will_close)
     if codings:
         chunked = codings[-1] == "chunked"
         return ResponseFraming(chunked, None, will_close or not chunked)
@@ -4641,7 +4645,18 @@ class UpstreamCall:
             return None
         except (OSError, ValueError):
             return False
-        return True
+        return not self.leftover(conn)
+
+    @staticmethod
+    def leftover(conn: UpstreamConnection) -> bool:
+        """Bytes after the response's end, in the reader's buffer or come since, which nobody
+        asked for: such a connection is not reused. Its socket is non-blocking here."""
+        try:
+            return bool(conn.reader.peek(1))
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return False
+        except (OSError, ValueError):
+            return True
 
     def close(self) -> None:
         """End the call and discard its connection: nothing else may come of it."""
@@ -5105,6 +5120,11 @@ class Watchdog:
         with self.lock:
             self.active.add(handler)
             self.hangups.watch(handler.connection, handler)
+
+    def quiet(self, handler) -> None:
+        """No more news of this request's client leaving: its answer's end is going out."""
+        with self.lock:
+            self.hangups.unwatch(handler.connection)
 
     def forget(self, handler) -> None:
         with self.lock:
@@ -5596,7 +5616,9 @@ class ResponseSink:
         self.handler.server.watchdog.watch(self.handler)
 
     def unwatch(self) -> None:
-        self.handler.server.watchdog.forget(self.handler)
+        """Stop watching for the client leaving (it may, once it has the end); the request
+        stays active, for a drain to wait for, until its last bytes are out."""
+        self.handler.server.watchdog.quiet(self.handler)
 
     def log(self, level: int, message: str, *args) -> None:
         self.handler.log(level, message, *args)
@@ -5985,8 +6007,12 @@ class ProxyServer(ThreadingHTTPServer):
         self.stopped.clear()
         try:
             if not self.stopping.is_set():
-                self.add_acceptor()
-                self.stopping.wait()
+                if self.add_acceptor():
+                    self.stopping.wait()
+                else:  # not even one: this thread accepts, until shutdown
+                    with self.connections_lock:
+                        self.acceptors += 1
+                    self.accept_connections(keep=True)
         finally:
             self.stopped.set()
 
@@ -5998,15 +6024,24 @@ class ProxyServer(ThreadingHTTPServer):
             pass
         self.stopped.wait()
 
-    def add_acceptor(self) -> None:
+    def add_acceptor(self) -> bool:
+        """Start a thread waiting for connections; False when none can start (out of threads or
+        memory): the threads there are go on accepting, one connection at a time each."""
         with self.connections_lock:
             self.acceptors += 1
-        threading.Thread(target=self.accept_connections, name="connection:%d" % self.server_address[1],
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self.accept_connections, name="connection:%d" % self.server_address[1],
+                             daemon=True).start()
+        except RuntimeError as exc:
+            with self.connections_lock:
+                self.acceptors -= 1
+            log.error("cannot start a thread for connections: %s", exc)
+            return False
+        return True
 
-    def accept_connections(self) -> None:
+    def accept_connections(self, keep: bool = False) -> None:
         """A thread's life: accept a connection, make sure another thread waits for the next,
-        serve this one; again, unless enough threads wait already."""
+        serve this one; again, unless enough threads wait already (or it must `keep` going)."""
         while True:
             try:
                 request, client_address = self.get_request()
@@ -6025,7 +6060,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self.add_acceptor()
             self.process_request(request, client_address)
             with self.connections_lock:
-                if self.stopping.is_set() or self.acceptors >= self.idle_acceptors:
+                if self.stopping.is_set() or (self.acceptors >= self.idle_acceptors and not keep):
                     return
                 self.acceptors += 1
 

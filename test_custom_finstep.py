@@ -87,6 +87,7 @@ class Reply:
     before_head: object = None  # a float or an Event, waited for before the status line
     length: int = None  # a Content-Length to declare instead of the real one
     status_line_only: bytes = None  # write these bytes of a status line, then close: a broken head
+    raw: bytes = None  # the whole response, head and body, written as it is; the connection kept
 
 
 def wait_until(condition, seconds=2.0, what="the condition"):
@@ -159,6 +160,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         if reply.status_line_only is not None:
             self.wfile.write(reply.status_line_only)
             self.close_connection = True
+            return
+        if reply.raw is not None:
+            self.wfile.write(reply.raw)
             return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
@@ -724,6 +728,16 @@ def test_read_headers_bounds(raw, error):
     assert len(head(b"X: 1\r\n" * 100)) == 100
     with pytest.raises(error):
         head(raw)
+
+
+def test_both_head_readers_count_lines_not_fields():
+    raw = b"GET / HTTP/1.1\r\n" + b"X: 1\r\n" * 99 + b" folded\r\n" * 2 + b"\r\n"  # 101 lines, 99 fields
+    with pytest.raises(OverflowError):
+        cf.fields_of(cf.split_head(raw).field_lines)
+    reader = cf.HeadReader(io.BufferedReader(io.BytesIO(raw)))
+    reader.readline(cf.MAX_HEAD + 1)
+    with pytest.raises(OverflowError):
+        cf.read_headers(reader)
 
 
 @pytest.mark.parametrize("raw, version, framing, status", [
@@ -2004,6 +2018,8 @@ def test_request_bytes_carry_a_key_only_as_one_header_value(key, sent):
     ((200, True, {"content-length": "0", "connection": "keep-alive, Close"}), (False, 0, True)),
     ((200, False, {"content-length": "0"}), (False, 0, True)),  # HTTP/1.0 closes ...
     ((200, False, {"content-length": "0", "connection": "Keep-Alive"}), (False, 0, False)),  # unless kept alive
+    ((204, True, {}), (False, 0, False)), ((304, True, {"content-length": "5"}), (False, 0, False)),  # no body
+    ((101, True, {"transfer-encoding": "chunked"}), (False, 0, False)),
 ])
 def test_response_framing(head, framing):
     assert cf.response_framing(cf.UpstreamHead(*head)) == framing
@@ -5613,6 +5629,23 @@ def test_a_response_saying_connection_close_is_not_reused(proxy, upstream):
     assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
 
 
+@pytest.mark.parametrize("after", [b"\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+def test_bytes_after_a_length_framed_answer_keep_its_connection_out_of_the_pool(proxy, upstream, after):
+    body = b"".join(answer_events("一"))
+    upstream.reply(raw=b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s%s"
+                   % (len(body), body, after))  # a stray line end, or an answer nobody asked for
+    assert ask(proxy, "一") == "一"
+    assert ask(proxy, "二") == "默认回答"  # not the stray bytes read as this request's answer
+    assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
+
+
+def test_an_answer_without_a_body_is_not_waited_for(make_proxy, upstream):
+    proxy = make_proxy(timeout=30)
+    upstream.reply(raw=b"HTTP/1.1 204 No Content\r\n\r\n")
+    status, _, body = proxy.chat()
+    assert_error(status, body, 502, "upstream_empty")  # at once: a 204 has no body to read to its end
+
+
 def all_at_once(calls, gate, upstream, upstream_requests):
     """The results of `calls`, run in threads while the upstream holds its answers behind
     `gate`, which opens once it has seen `upstream_requests` requests in all."""
@@ -5965,6 +5998,43 @@ def test_shutdown_ends_the_waiting_threads(make_proxy, upstream):
     wait_until(lambda: not connection_threads(proxy), what="no thread waiting for connections")
     with pytest.raises(ConnectionRefusedError):  # and no connection is taken any more
         socket.create_connection(("127.0.0.1", proxy.port), timeout=1)
+
+
+def test_a_thread_that_cannot_start_leaves_the_others_accepting(proxy, upstream, monkeypatch):
+    start, failed = threading.Thread.start, []
+
+    def start_unless_the_first_for_connections(thread):
+        if thread.name.startswith("connection:") and not failed:
+            failed.append(thread)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start_unless_the_first_for_connections)
+    for _ in range(3):
+        assert proxy.chat()[0] == 200
+    assert failed  # the thread that took the first connection could not start its successor, and went on
+
+
+def test_a_drain_waits_for_an_answer_still_being_written(proxy, upstream):
+    text = "a" * 100000
+    upstream.reply(*answer_events(*[text] * 80))  # an 8 MB answer: its last write waits for the client to read
+    sock = post_raw(proxy.port, {"model": "m", "messages": [{"role": "user", "content": "问"}]})
+    readable, _, _ = select.select([sock], [], [], 10)
+    assert readable  # the answer has begun going out: its one write is under way
+    drained = threading.Event()
+    threading.Thread(target=lambda: (proxy.server.drain(10), drained.set()), daemon=True).start()
+    assert not drained.wait(0.2) and proxy.server.watchdog.active  # the drain waits for it
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    while len(body) < length:
+        piece = sock.recv(1 << 20)
+        assert piece, "the answer was cut at %d of %d bytes" % (len(body), length)
+        body += piece
+    assert json.loads(body)["choices"][0]["message"]["content"] == text * 80
+    assert drained.wait(5)
+    sock.close()
 
 
 def slow_head(port, sent=b"POST /v1/chat/completions HTTP/1.1\r\nHost"):
