@@ -6117,15 +6117,14 @@ class ProxyServer(ThreadingHTTPServer):
             if self.metrics.in_flight >= self.config.max_streams:
                 return False
             self.metrics.in_flight += 1
-            in_flight = self.metrics.in_flight
-        self.upstream_pool.demand(in_flight)
-        return True
+            # Under the same lock: the pool hears the counts in the order they happened.
+            self.upstream_pool.demand(self.metrics.in_flight)
+            return True
 
     def end_stream(self) -> None:
         with self.metrics.lock:
             self.metrics.in_flight -= 1
-            in_flight = self.metrics.in_flight
-        self.upstream_pool.demand(in_flight)
+            self.upstream_pool.demand(self.metrics.in_flight)
 
     def drain(self, seconds: float) -> None:
         """Let requests in flight finish for up to `seconds`, then end the rest with an error."""

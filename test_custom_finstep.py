@@ -5738,6 +5738,29 @@ def test_prewarm_keeps_one_connection_open(make_proxy, upstream, caplog, monkeyp
     assert ask(proxy) == "默认回答" and upstream.received[-1]["connection"] == 3
 
 
+@pytest.mark.parametrize("demands, later, wanted", [
+    ((), 0, 1),  # no request yet: one
+    ((1, 2, 3, 4, 3, 2, 1, 0), 0, 4),  # a burst of four, over: four
+    ((1, 2, 3, 4), 0, 1),  # the four in flight: one beside them
+    ((1, 2, 1), 0, 1), ((1, 2, 3, 4, 3, 2, 1, 0), 601, 1),  # the peak forgotten after ten minutes
+    ((1, 2, 3, 4, 3, 2, 1, 0, 1, 0), 601, 1),
+    (tuple(range(50)) + (0,), 0, 32),  # never more than the pool holds
+])
+def test_warm_connections_follow_the_recent_peak(demands, later, wanted):
+    now = [1000.0]
+    pool = cf.UpstreamPool(30.0, clock=lambda: now[0])
+    try:
+        def cannot_connect():
+            raise OSError("not in this test")
+        pool.keep_warm(cf.UpstreamRoute("http", "127.0.0.1:9", None, None), cannot_connect)
+        for busy in demands:
+            pool.demand(busy)
+        now[0] += later
+        assert pool.warm_wanted(now[0]) == wanted
+    finally:
+        pool.close()
+
+
 def test_prewarm_keeps_the_recent_peak_warm(make_proxy, upstream, monkeypatch):
     monkeypatch.setattr(cf.UpstreamPool, "probe_interval", 0.05)
     proxy = make_proxy(prewarm=True, upstream_idle=2.0)  # a warm connection gets its successor 0.5 s early
