@@ -6152,26 +6152,28 @@ def test_metrics_count_what_happened(make_proxy, upstream):
     proxy.chat(stream=True)
     proxy.request("GET", "/nowhere")
     proxy.request("GET", "/health")
-    # A request is counted with its log line, just after its response went out.
-    health = 'finstep_proxy_requests_total{path="/health",status="200"} 1'
-    wait_until(lambda: health in proxy.request("GET", "/metrics")[2].decode().splitlines(), what=health)
+    # A request is counted with its log line, just after its response went out: waited for.
+    answered = ['finstep_proxy_requests_total{path="/v1/chat/completions",status="200"} 1',
+                'finstep_proxy_requests_total{path="/v1/chat/completions",status="429"} 1',
+                'finstep_proxy_requests_total{path="/v1/chat/completions",status="502"} 1',
+                'finstep_proxy_requests_total{path="other",status="404"} 1',
+                'finstep_proxy_requests_total{path="/health",status="200"} 1']
+    wait_until(lambda: set(answered) <= set(proxy.request("GET", "/metrics")[2].decode().splitlines()),
+               what="the five requests counted")
     status, headers, body = proxy.request("GET", "/metrics")
     text = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    # The scrapes before this one are counted once their responses are out: perhaps not all yet.
     scrapes = re.search(r'finstep_proxy_requests_total\{path="/metrics",status="200"\} (\d+)', text)
-    for line in ['finstep_proxy_requests_total{path="/v1/chat/completions",status="200"} 1',
-                 'finstep_proxy_requests_total{path="/v1/chat/completions",status="429"} 1',
-                 'finstep_proxy_requests_total{path="/v1/chat/completions",status="502"} 1',
-                 'finstep_proxy_requests_total{path="other",status="404"} 1',
-                 health,
-                 'finstep_proxy_upstream_results_total{outcome="ok"} 1',
-                 'finstep_proxy_upstream_results_total{outcome="rate_limited"} 1',
-                 'finstep_proxy_upstream_results_total{outcome="upstream_error"} 1',
-                 'finstep_proxy_upstream_results_total{outcome="timeout"} 0',
-                 "finstep_proxy_streams_in_flight 0",
-                 'finstep_proxy_upstream_first_byte_seconds_bucket{le="+Inf"} 1',
-                 "finstep_proxy_upstream_first_byte_seconds_count 1",
-                 "finstep_proxy_request_duration_seconds_count %d" % (5 + int(scrapes.group(1)))]:
+    scrapes = int(scrapes.group(1)) if scrapes else 0
+    for line in answered + ['finstep_proxy_upstream_results_total{outcome="ok"} 1',
+                            'finstep_proxy_upstream_results_total{outcome="rate_limited"} 1',
+                            'finstep_proxy_upstream_results_total{outcome="upstream_error"} 1',
+                            'finstep_proxy_upstream_results_total{outcome="timeout"} 0',
+                            "finstep_proxy_streams_in_flight 0",
+                            'finstep_proxy_upstream_first_byte_seconds_bucket{le="+Inf"} 1',
+                            "finstep_proxy_upstream_first_byte_seconds_count 1",
+                            "finstep_proxy_request_duration_seconds_count %d" % (5 + scrapes)]:
         assert line in text.splitlines(), line
 
 
