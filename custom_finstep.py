@@ -694,7 +694,8 @@ MAX_HEAD = 65536  # a request line and all its header lines together
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-_HEADER_LINE = re.compile(TOKEN.pattern.encode("ascii") + rb":[\t\x20-\x7e\x80-\xff]*\r?\n")
+FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"  # a header value: no line breaks, no other control characters
+_HEADER_LINE = re.compile(TOKEN.pattern.encode("ascii") + rb":" + FIELD_VALUE + rb"\r?\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[\t ]*(?:;[^\r\n]*)?")
 NO_BODY, LENGTH, CHUNKED = "none", "length", "chunked"  # how a body is framed: (kind, declared length)
 
@@ -803,25 +804,29 @@ class Headers:
         return len(self.fields)
 
 
+def fields_of(lines: Sequence[bytes]) -> Headers:
+    """Headers from a head's field lines, those that are fields; OverflowError past
+    MAX_HEAD_FIELDS lines, as http.server counts them, fields or not."""
+    if len(lines) > MAX_HEAD_FIELDS:
+        raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
+    return Headers([field for field in map(header_field, lines) if field is not None])
+
+
 def read_headers(rfile) -> Headers:
-    """The header fields of a request head, up to its blank line; HeadTooLong for a line
-    past MAX_HEAD_LINE, OverflowError past MAX_HEAD_FIELDS fields."""
-    fields, lines = [], 0
-    while True:
+    """The header fields of a request head, read line by line up to its blank line;
+    HeadTooLong for a line past MAX_HEAD_LINE, OverflowError past MAX_HEAD_FIELDS lines."""
+    lines = []
+    while len(lines) <= MAX_HEAD_FIELDS:  # one line more is enough for fields_of to refuse
         line = rfile.readline(MAX_HEAD_LINE + 1)
         if len(line) > MAX_HEAD_LINE:
             raise HeadTooLong("header line")
         if line in (b"\r\n", b"\n", b""):
-            return Headers(fields)
-        lines += 1  # lines, as http.server counts them, fields or not
-        if lines > MAX_HEAD_FIELDS:
-            raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
-        field = header_field(line)
-        if field is not None:
-            fields.append(field)
+            break
+        lines.append(line)
+    return fields_of(lines)
 
 
-_HEADER_BLOCK = re.compile(rb"(?:" + TOKEN.pattern.encode("ascii") + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_HEADER_BLOCK = re.compile(rb"(?:" + TOKEN.pattern.encode("ascii") + rb":" + FIELD_VALUE + rb"\r\n)*")
 
 
 class WholeHead(NamedTuple):
@@ -832,25 +837,27 @@ class WholeHead(NamedTuple):
     malformed: bool  # a field line HeadReader would have refused
 
 
-def split_head(buffered: bytes) -> Optional[WholeHead]:
-    """The request head at the start of `buffered`, if it is all there with CRLF line ends
-    only; None otherwise (it is then read line by line, with the same outcome). One search
-    and one match instead of a readline and a check per line."""
+def whole_head_end(buffered: bytes) -> int:
+    """Where a head at the start of `buffered` ends (its blank line's index), when all of it
+    is there within MAX_HEAD with CRLF line ends only; else -1, and it is read line by line,
+    which comes to the same. For request heads and the upstream's response heads alike."""
     end = buffered.find(b"\r\n\r\n")
-    if (end < 0 or end + 4 > MAX_HEAD or buffered.startswith(b"\r\n")
-            or buffered.count(b"\n", 0, end) != buffered.count(b"\r\n", 0, end)):  # a bare LF somewhere
+    if end < 0 or end + 4 > MAX_HEAD or buffered.count(b"\n", 0, end) != buffered.count(b"\r\n", 0, end):
+        return -1  # not all there, too long, or a bare LF somewhere
+    return end
+
+
+def split_head(buffered: bytes) -> Optional[WholeHead]:
+    """The request head at the start of `buffered`, if whole_head_end finds it all there;
+    None otherwise (it is then read line by line, with the same outcome). One search and
+    one match instead of a readline and a check per line."""
+    end = whole_head_end(buffered)
+    if end < 0 or buffered.startswith(b"\r\n"):  # a stray line end first: as http.server reads it
         return None
     line_end = buffered.find(b"\r\n") + 2
     malformed = line_end < end + 2 and _HEADER_BLOCK.fullmatch(buffered, line_end, end + 2) is None
     fields = buffered[line_end:end].split(b"\r\n") if line_end < end + 2 else []
     return WholeHead(buffered[:line_end], fields, end + 4, malformed)
-
-
-def fields_of(lines: Sequence[bytes]) -> Headers:
-    """Headers from field lines; OverflowError past MAX_HEAD_FIELDS."""
-    if len(lines) > MAX_HEAD_FIELDS:
-        raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
-    return Headers([field for field in map(header_field, lines) if field is not None])
 
 
 class HeadReader:
@@ -3952,10 +3959,9 @@ def read_head_lines(reader) -> List[bytes]:
     """The lines of one response head, without their line endings, read within MAX_HEAD
     bytes and MAX_RESPONSE_FIELDS fields: at once when the whole head is in the reader's
     buffer (as it nearly always is), else line by line."""
-    buffered = reader.peek(MAX_HEAD)
-    end = buffered.find(b"\r\n\r\n")
-    if 0 <= end < MAX_HEAD and buffered.count(b"\n", 0, end) == buffered.count(b"\r\n", 0, end):
-        lines = reader.read(end + 4).split(b"\r\n")[:-2]  # no bare LF: the lines are these
+    end = whole_head_end(reader.peek(MAX_HEAD))
+    if end >= 0:
+        lines = reader.read(end + 4).split(b"\r\n")[:-2]
     else:
         lines, left = [], MAX_HEAD
         while True:
@@ -4121,10 +4127,6 @@ def connection_ready(conn: UpstreamConnection) -> Optional[bool]:
     return not idle_connection_closed(conn.sock)
 
 
-def close_connection(conn: UpstreamConnection) -> None:
-    conn.close()
-
-
 class UpstreamPool:
     """Idle persistent upstream connections, by route. A connection is here only between
     answers, at most `max_idle` of them, each for `idle_timeout` seconds: below the 60-75 s
@@ -4197,7 +4199,7 @@ class UpstreamPool:
                     self.changed.notify()  # the warm connection taken: open its successor now
             if connection_ready(conn):  # a connection whose end is still due is not waited for
                 return conn
-            close_connection(conn)
+            conn.close()
 
     def give(self, conn: UpstreamConnection) -> None:
         with self.changed:
@@ -4207,7 +4209,7 @@ class UpstreamPool:
                 if conn is not None:
                     del self.idle[conn]
         if conn is not None:
-            close_connection(conn)
+            conn.close()
 
     def count(self, reused: bool, retried: bool = False) -> None:
         with self.changed:
@@ -4239,7 +4241,7 @@ class UpstreamPool:
                     route == self.warm_route and now - since < self.idle_timeout - self.warm_margin
                     for route, since in self.idle.values()) < self.warm_wanted(now)
             for conn in doomed:
-                close_connection(conn)
+                conn.close()
             if cold:
                 try:
                     _, connect = self.warm
@@ -4260,7 +4262,7 @@ class UpstreamPool:
             doomed, self.idle = list(self.idle), collections.OrderedDict()
             self.changed.notify()
         for conn in doomed:
-            close_connection(conn)
+            conn.close()
         self.thread.join(1.0)
 
     def render_metrics(self) -> List[str]:
@@ -4352,7 +4354,7 @@ def upstream_error_message(payload, fallback: str) -> str:
     return fallback
 
 
-_HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # no line breaks, no control characters
+_HEADER_VALUE = re.compile(FIELD_VALUE)
 
 
 def upstream_request(target: UpstreamTarget, key: str, body: bytes) -> bytes:
@@ -5356,7 +5358,6 @@ class AnswerPipeline:
         answer.finish()
         if turn is not None:
             self.complete(turn, key, answer)
-        self.sink.unwatch()
         self.sink.send(200, self.wire.document(answer))
 
     def answer_locally(self, request: AnswerRequest) -> None:
@@ -5555,6 +5556,7 @@ class ResponseSink:
 
     def document(self, status: int, data: bytes, headers: Sequence[Tuple[str, str]]) -> None:
         """One whole body, its Content-Type among `headers`: the page, the metrics, a JSON document."""
+        self.unwatch()  # a client that leaves once it has the answer is no news to wake for
         handler = self.handler
         handler.send_response(status)
         for name, value in headers:
