@@ -4392,8 +4392,9 @@ class ResponseFraming(NamedTuple):
 
 def response_framing(head: UpstreamHead) -> ResponseFraming:
     """RFC 9112's rules: no body for 1xx, 204 and 304; chunked when the last transfer coding
-    is; else one Content-Length; else the body ends with the stream. A connection closes after `Connection: close`, an
-    HTTP/1.0 answer not kept alive, or a body that ends with the stream."""
+    is; else one Content-Length; else the body ends with the stream. A connection closes
+    after `Connection: close`, an HTTP/1.0 answer not kept alive, or a body that ends with
+    the stream."""
     codings, connection = head.tokens("transfer-encoding"), head.tokens("connection")
     will_close = "close" in connection or (not head.http11 and "keep-alive" not in connection)
     if head.status < 200 or head.status in (204, 304):  # never a body, whatever the fields say
@@ -4401,7 +4402,7 @@ def response_framing(head: UpstreamHead) -> ResponseFraming:
     if codings:
         chunked = codings[-1] == "chunked"
         return ResponseFraming(chunked, None, will_close or not chunked)
-    lengths = {value.strip() for value in head.fields.get("content-length", "").split(",") if value.strip()}
+    lengths = set(head.tokens("content-length"))
     length = lengths.pop() if len(lengths) == 1 else ""
     if length.isascii() and length.isdigit():
         return ResponseFraming(False, int(length), will_close)

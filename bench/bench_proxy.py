@@ -243,6 +243,16 @@ def start_proxy(upstream_port: int, command=None, cwd=None, tls=False, **setting
     return process, port, time.monotonic() - began
 
 
+def lay_out_image(script: str, folder: str) -> str:
+    """`script` copied into `folder` as custom_finstep.py with its bytecode beside it, as the
+    Docker image has them; returns the copy's path. Wait a second before starting it: the
+    proxy tells bytecode from an earlier start (or the image build) by its age."""
+    copy = os.path.join(folder, "custom_finstep.py")
+    shutil.copy(script, copy)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", folder], check=True)
+    return copy
+
+
 def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
     """Idle memory and start-up time of both ways to run the proxy: as a script, and as the
     Docker image does, `python -m custom_finstep` from bytecode compiled at build time; with
@@ -251,11 +261,10 @@ def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
     figures = {script: {"script": [], "module": []} for script in scripts}
     with tempfile.TemporaryDirectory() as root:
         images = {}
-        for index, script in enumerate(scripts):  # each laid out as the image is: the script and its bytecode
+        for index, script in enumerate(scripts):
             images[script] = os.path.join(root, str(index))
             os.mkdir(images[script])
-            shutil.copy(script, os.path.join(images[script], "custom_finstep.py"))
-            subprocess.run([sys.executable, "-m", "compileall", "-q", images[script]], check=True)
+            lay_out_image(script, images[script])
         time.sleep(1.1)  # bytecode from an earlier start (or the image build), as the proxy tells by its age
         for _ in range(starts):
             for script, image in images.items():

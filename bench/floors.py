@@ -29,7 +29,6 @@ Start to listening as a script, medians of alternated starts:
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -62,7 +61,8 @@ def connections(listener: socket.socket, upstream_port: int):
 
 
 def relay_syscalls(listener: socket.socket, upstream_port: int) -> None:
-    request = UPSTREAM_HEAD % (len(upstream_body(bench.FIRST_TOKEN_QUERY)), upstream_body(bench.FIRST_TOKEN_QUERY))
+    body = upstream_body(bench.FIRST_TOKEN_QUERY)
+    request = UPSTREAM_HEAD % (len(body), body)
     while True:
         client, upstream = connections(listener, upstream_port)
         while client.recv(65536):
@@ -148,9 +148,7 @@ def startups(upstream_port: int, starts: int):
     """Medians (ms) of `starts` alternated starts of each way, from an image laid out as the
     Docker image is: the script and its bytecode compiled beforehand."""
     with tempfile.TemporaryDirectory() as image:
-        script = os.path.join(image, "custom_finstep.py")
-        shutil.copy(bench.PROXY_SCRIPT, script)
-        subprocess.run([sys.executable, "-m", "compileall", "-q", image], check=True)
+        script = bench.lay_out_image(bench.PROXY_SCRIPT, image)
         empty = os.path.join(image, "empty.py")
         open(empty, "w").close()
         compiling = "compile(open(%r, 'rb').read(), %r, 'exec')" % (script, script)
