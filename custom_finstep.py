@@ -608,14 +608,15 @@ class RequestLog:
 
     def log_summary(self) -> None:
         exchange = self.exchange
-        path = self.logged_path()
         seconds = time.monotonic() - exchange.started
-        upstream_status = exchange.upstream.status if exchange.upstream else None
-        self.server.metrics.request(self.server.routes.label(path), exchange.status, seconds)
-        quiet = exchange.route is not None and exchange.route.quiet and exchange.status == 200
-        level = logging.DEBUG if quiet else logging.INFO
+        route = exchange.route  # the route found for its path: its label needs no second look
+        label = (route.label or route.path) if route is not None else self.server.routes.label(self.path or "-")
+        self.server.metrics.request(label, exchange.status, seconds)
+        level = logging.DEBUG if route is not None and route.quiet and exchange.status == 200 else logging.INFO
         if not log.isEnabledFor(level):
             return
+        path = self.logged_path()
+        upstream_status = exchange.upstream.status if exchange.upstream else None
         note = exchange.note
         self.log(level, "%s %s %s %s %.1fms upstream=%s chunks=%d%s", self.client_address[0], self.command or "-",
                  path, exchange.status, seconds * 1000, upstream_status or "-", exchange.chunks, note,
@@ -776,13 +777,18 @@ class Headers:
     gives the first of a name (as email.message does, which http.server would have used),
     `get_all` each of them."""
 
-    __slots__ = ("fields", "first")
+    __slots__ = ("fields", "first", "repeated")
 
     def __init__(self, fields: Sequence[Tuple[str, str]] = ()):
         self.fields = list(fields)
-        self.first = {}  # type: Dict[str, str]
+        self.first = first = {}  # type: Dict[str, str]
+        self.repeated = set()  # names (lower case) sent more than once: only they need a search
         for name, value in self.fields:
-            self.first.setdefault(name.lower(), value)
+            name = name.lower()
+            if name in first:
+                self.repeated.add(name)
+            else:
+                first[name] = value
 
     def get(self, name: str, default=None):
         return self.first.get(name.lower(), default)
@@ -795,7 +801,10 @@ class Headers:
 
     def get_all(self, name: str, default=None):
         name = name.lower()
-        return [value for field, value in self.fields if field.lower() == name] or default
+        if name not in self.repeated:
+            value = self.first.get(name)
+            return default if value is None else [value]
+        return [value for field, value in self.fields if field.lower() == name]
 
     def items(self) -> List[Tuple[str, str]]:
         return list(self.fields)
@@ -1674,6 +1683,7 @@ REASONING = "reasoning"  # thinking, where FINSTEP_REASONING=reasoning keeps it 
 STEP = "step"  # the upstream entered a phase; value: its name
 STEP_END = "step_end"  # the upstream left its phase
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring  # what _dumps does with a str, without its type checks
 
 
 PLACEHOLDER = "\x00"
@@ -1923,22 +1933,46 @@ SSE_DONE = b"data: [DONE]\n\n"
 DELTA_FIELDS = {TEXT: "content", REASONING: "reasoning_content"}
 
 
+def chunk_parts(finish_reason: Optional[str]) -> Tuple[bytes, ...]:
+    """The bytes of build_chunk's event around what differs between completions and chunks:
+    (before the id, between id and created, between created and model, between model and
+    delta, after the delta). Split once, from build_chunk itself, so that the fast path
+    cannot drift from the slow one."""
+    marked = format_sse(build_chunk(PLACEHOLDER, 0, PLACEHOLDER, PLACEHOLDER, finish_reason))
+    start, middle, before_delta, after_delta = marked.split(b'"\\u0000"')
+    before_created, before_model = middle.split(b'"created":0')
+    return start, before_created + b'"created":', before_model, before_delta, after_delta
+
+
+CHUNK_PARTS = {reason: chunk_parts(reason) for reason in (None, "stop", "length")}
+ROLE_DELTA = _dumps({"role": "assistant", "content": ""}).encode("utf-8")
+DELTA_FIELDS_JSON = {kind: b'{"' + field.encode("ascii") + b'":' for kind, field in DELTA_FIELDS.items()}
+
+
 class ChunkFormatter:
     """Formats one completion's chunks. Chunks differ only in their delta (and the last in
-    its finish_reason): the bytes around the delta are encoded once per request, from
-    build_chunk itself, so the fast path cannot drift from the slow one."""
+    its finish_reason): the bytes around the delta are joined once per request from
+    CHUNK_PARTS, and each chunk encodes only its delta."""
+
+    fields = DELTA_FIELDS_JSON
 
     def __init__(self, completion_id: str, created: int, model: str):
         self.completion_id, self.created, self.model = completion_id, created, model
-        self.head, self.tail = sse_frame(build_chunk(completion_id, created, model, PLACEHOLDER))
-        self.fields = {kind: b'{"' + field.encode("ascii") + b'":' for kind, field in DELTA_FIELDS.items()}
+        start, before_created, before_model, before_delta, self.tail = CHUNK_PARTS[None]
+        self.head = b"".join((start, _json_string(completion_id).encode("utf-8"), before_created,
+                              b"%d" % created, before_model, _json_string(model).encode("utf-8"), before_delta))
 
     def delta(self, kind: str, text: str) -> bytes:
-        return self.head + self.fields[kind] + _dumps(text).encode("utf-8") + b"}" + self.tail
+        return self.head + self.fields[kind] + _json_string(text).encode("utf-8") + b"}" + self.tail
+
+    def first(self) -> bytes:
+        """The first chunk, which gives the role."""
+        return self.head + ROLE_DELTA + self.tail
 
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> bytes:
-        if finish_reason is None:
-            return self.head + _dumps(delta).encode("utf-8") + self.tail
+        encoded = _dumps(delta).encode("utf-8") if delta else b"{}"
+        if finish_reason in CHUNK_PARTS:
+            return self.head + encoded + CHUNK_PARTS[finish_reason][-1]
         return format_sse(build_chunk(self.completion_id, self.created, self.model, delta, finish_reason))
 
     def usage(self, usage: dict) -> bytes:
@@ -1963,7 +1997,7 @@ class ChatCompletionsFormat(WireFormat):
         return self.named_by_header(chat, headers)
 
     def opening(self) -> bytes:
-        return self.chunks.chunk({"role": "assistant", "content": ""})
+        return self.chunks.first()
 
     def render(self, events: List[Tuple[str, str]]) -> bytes:
         delta, fields = self.chunks.delta, self.chunks.fields
@@ -3092,9 +3126,8 @@ def conversation_fingerprint(key: str, user: Optional[str], turns: Sequence[Tupl
     """A digest of a conversation, keyed by caller and `user`, so callers never share one. Only
     its questions and answers count: system text is instructions, which clients change from
     turn to turn (Claude Code's reminders and agent lists, a date in a system prompt)."""
-    turns = [(role, text) for role, text in turns if role != "system"]
-    material = json.dumps([key, user, turns], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(material.encode("utf-8")).hexdigest()
+    turns = [turn for turn in turns if turn[0] != "system"]
+    return hashlib.sha256(_dumps([key, user, turns]).encode("utf-8")).hexdigest()
 
 
 def explicit_session_id(key: str, caller: str, name: str) -> str:
@@ -3816,43 +3849,45 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> bytes:
         buffer = self.buffer + data if self.buffer else data
         out, position, end = [], 0, len(buffer)
-        while position < end and not self.done:
-            if self.left:
-                take = min(self.left, end - position)
+        left, crlf, trailer, done = self.left, self.crlf, self.trailer, self.done  # locals: once per event
+        find = buffer.find
+        while position < end and not done:
+            if left:
+                take = min(left, end - position)
                 out.append(buffer[position:position + take])
                 position += take
-                self.left -= take
-                self.crlf = not self.left
-            elif self.crlf:
+                left -= take
+                crlf = not left
+            elif crlf:
                 if end - position < 2:
                     break
                 if buffer[position:position + 2] != b"\r\n":
                     raise ValueError("chunk not followed by CRLF")
                 position += 2
-                self.crlf = False
+                crlf = False
             else:
-                newline = buffer.find(b"\n", position)
+                newline = find(b"\n", position)
                 if newline < 0:
                     if end - position > 1024:
                         raise ValueError("chunk size or trailer line too long")
                     break
                 line = buffer[position:newline]
                 position = newline + 1
-                if self.trailer:
-                    self.done = not line.strip()
+                if trailer:
+                    done = not line.strip()
                     continue
                 size = int(line.split(b";", 1)[0].strip(), 16)
                 if size < 0:
                     raise ValueError("negative chunk size")
-                if size and position + size + 2 <= end:  # the whole chunk is here: taken at once
-                    after = position + size
+                after = position + size
+                if size and after + 2 <= end:  # the whole chunk is here: taken at once
                     if buffer[after:after + 2] != b"\r\n":
                         raise ValueError("chunk not followed by CRLF")
                     out.append(buffer[position:after])
                     position = after + 2
                     continue
-                self.left = size
-                self.trailer = size == 0
+                left, trailer = size, size == 0
+        self.left, self.crlf, self.trailer, self.done = left, crlf, trailer, done
         self.buffer = buffer[position:]
         return b"".join(out)
 
@@ -4282,8 +4317,9 @@ class UpstreamPool:
 
 
 def build_upstream_body(user_id: str, session_id: str, query: str, title: str) -> bytes:
-    return json.dumps({"userId": user_id, "sessionId": session_id, "query": query,
-                       "sessionTitle": title}, ensure_ascii=False).encode("utf-8")
+    """The JSON body of an upstream request, as json.dumps writes it, its four strings encoded alone."""
+    return ('{"userId": %s, "sessionId": %s, "query": %s, "sessionTitle": %s}' % (
+        _json_string(user_id), _json_string(session_id), _json_string(query), _json_string(title))).encode("utf-8")
 
 
 # Upstream statuses that matter; every other status is progress and is ignored.
@@ -4334,6 +4370,25 @@ def parse_upstream_event(line: bytes) -> Optional[UpstreamEvent]:
     if "ERROR" in status or "FAIL" in status:
         return ERROR, None, upstream_error_message(event, "Upstream reported " + status)
     return status, None, None
+
+
+# The events that carry no text (THINKING, MSG_START, DONE ...) come as the same few lines in
+# every answer: each such line is parsed once per process. Bounded: a strange upstream cannot
+# grow it past MAX_KNOWN_LINES short lines.
+_known_lines = {}  # type: Dict[bytes, UpstreamEvent]
+MAX_KNOWN_LINES, MAX_KNOWN_LINE = 64, 256
+
+
+def upstream_event(line: bytes) -> Optional[UpstreamEvent]:
+    """parse_upstream_event(line), a textless event's line remembered once parsed."""
+    event = _known_lines.get(line)
+    if event is not None:
+        return event
+    event = parse_upstream_event(line)
+    if (event is not None and event[0] not in (RESPONSING, ERROR) and len(line) <= MAX_KNOWN_LINE
+            and len(_known_lines) < MAX_KNOWN_LINES):
+        _known_lines[line] = event
+    return event
 
 
 def upstream_error_message(payload, fallback: str) -> str:
@@ -4574,7 +4629,7 @@ class UpstreamCall:
                     raise UpstreamBroken("a line longer than %d bytes" % MAX_UPSTREAM_LINE)
                 batch = []
                 for line in lines:
-                    event = parse_upstream_event(line)
+                    event = upstream_event(line)
                     if event is not None:
                         batch.append(event)
                     elif line.startswith(b"data:"):
@@ -4592,7 +4647,7 @@ class UpstreamCall:
             raise UpstreamBroken("aborted")
         if self.left:  # Content-Length promised more than arrived
             raise UpstreamBroken("IncompleteRead")
-        event = parse_upstream_event(pending)
+        event = upstream_event(pending)
         if event is not None:
             self.events_seen += 1
             yield [event]

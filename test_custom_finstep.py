@@ -1271,6 +1271,16 @@ def test_fast_chunk_equals_the_built_chunk(delta, finish_reason):
     assert formatter.chunk(delta, finish_reason) == slow
 
 
+@pytest.mark.parametrize("completion_id, created, model", [
+    ("chatcmpl-1", 7, "m"), ("chatcmpl-\x00", 0, "\x00"), ("id\"\\", 1765000000, "模型 \u2028 😀"),
+])
+def test_first_chunk_equals_the_built_chunk(completion_id, created, model):
+    formatter = cf.ChunkFormatter(completion_id, created, model)
+    role = {"role": "assistant", "content": ""}
+    assert formatter.first() == cf.format_sse(cf.build_chunk(completion_id, created, model, role))
+    assert formatter.chunk({}, "stop") == cf.format_sse(cf.build_chunk(completion_id, created, model, {}, "stop"))
+
+
 def test_chunk_shape():
     chunk = cf.build_chunk("chatcmpl-1", 7, "m", {"content": "x"})
     assert chunk == {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
@@ -1882,6 +1892,27 @@ def test_bad_redis_url_names_the_variable():
 def test_upstream_body_has_the_four_fields():
     body = json.loads(cf.build_upstream_body("u", "s" * 32, "问题", "标题"))
     assert body == {"userId": "u", "sessionId": "s" * 32, "query": "问题", "sessionTitle": "标题"}
+
+
+@pytest.mark.parametrize("text", ["", "plain", 'quote " backslash \\ newline \n', "\x00\x1f\x7f", "中文 😀 \u2028"])
+def test_upstream_body_is_what_json_dumps_writes(text):
+    fields = {"userId": text, "sessionId": "s" * 32, "query": text, "sessionTitle": text[::-1]}
+    assert cf.build_upstream_body(*fields.values()) == json.dumps(fields, ensure_ascii=False).encode("utf-8")
+
+
+def test_textless_upstream_lines_are_parsed_once_and_remembered_within_bounds(monkeypatch):
+    monkeypatch.setattr(cf, "_known_lines", {})
+    monkeypatch.setattr(cf, "MAX_KNOWN_LINES", 2)
+    thinking, answer = b'data:{"status": "THINKING"}', b'data:{"status": "RESPONSING", "type": "text", "text": "x"}'
+    error, long_line = b'data:{"status": "ERROR", "message": "m"}', b'data:{"status": "DONE", "pad": "%s"}' % (b"x" * 300)
+    for line in (thinking, answer, error, long_line, b"data:not json"):
+        assert cf.upstream_event(line) == cf.parse_upstream_event(line)
+    assert list(cf._known_lines) == [thinking]  # not the text, the error, the long line or no event
+    for status in (b"MSG_START", b"MSG_DONE", b"DONE"):
+        line = b'data:{"status": "%s"}' % status
+        assert cf.upstream_event(line) == (status.decode(), None, None)
+    assert len(cf._known_lines) == 2  # at most MAX_KNOWN_LINES
+    assert cf.upstream_event(thinking) == ("THINKING", None, None)
 
 
 @pytest.mark.parametrize("line, event", [
