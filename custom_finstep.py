@@ -5080,6 +5080,10 @@ class HangupWatcher:
             self.selector.register(self.waker, selectors.EVENT_READ)
 
     def watch(self, sock: socket.socket, owner) -> None:
+        fd = self.fds.get(sock)
+        if fd is not None:  # watched already, for an earlier request on its connection
+            self.watched[fd] = (sock, owner)
+            return
         try:
             fd = sock.fileno()
             if self.epoll:
@@ -5161,6 +5165,10 @@ class Watchdog:
         self.client_timeout = client_timeout
         self.hangups = HangupWatcher()
         self.active = set()  # handlers with an answer in progress
+        # Handlers whose client leaving is news: from watch() to quiet(). A connection stays
+        # watched from its first answer to its end (disconnect), not registered and unregistered
+        # for every request; a hang-up between answers only ends that watch.
+        self.listening = set()
         self.deadlines = {}  # handler -> monotonic time its request must be in by, oldest first
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -5177,19 +5185,25 @@ class Watchdog:
     def watch(self, handler) -> None:
         with self.lock:
             self.active.add(handler)
+            self.listening.add(handler)
             self.hangups.watch(handler.connection, handler)
 
     def quiet(self, handler) -> None:
         """No more news of this request's client leaving: its answer's end is going out."""
         with self.lock:
-            self.hangups.unwatch(handler.connection)
+            self.listening.discard(handler)
 
     def forget(self, handler) -> None:
         with self.lock:
             self.deadlines.pop(handler, None)
-            if handler in self.active:
-                self.active.discard(handler)
-                self.hangups.unwatch(handler.connection)
+            self.active.discard(handler)
+            self.listening.discard(handler)
+
+    def disconnect(self, handler) -> None:
+        """The handler's connection ends: it is watched no more."""
+        with self.lock:
+            self.listening.discard(handler)
+            self.hangups.unwatch(handler.connection)
 
     def make_room(self) -> bool:
         """Close the connection that has waited longest without a complete request; False
@@ -5208,6 +5222,7 @@ class Watchdog:
             now = time.monotonic()
             with self.lock:
                 departed = [self.hangups.departed(fd) for fd in ready]
+                departed = [handler for handler in departed if handler in self.listening]
                 streams = [h for h in self.active
                            if h.exchange.stream_open and now - h.exchange.last_write >= self.heartbeat_due]
                 late = []
@@ -5218,8 +5233,7 @@ class Watchdog:
                 for handler in late:
                     del self.deadlines[handler]
             for handler in departed:
-                if handler is not None:
-                    handler.interrupt("client_gone")
+                handler.interrupt("client_gone")
             for handler in streams:
                 handler.heartbeat()
             for handler in late:
@@ -5545,6 +5559,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 EXPOSED_HEADERS = ("Access-Control-Expose-Headers",
                    "X-Request-Id, Retry-After, X-Finstep-Session, X-Finstep-Folded-Dropped, Mcp-Session-Id")
+EXPOSED_FIELD = "%s: %s\r\nX-Request-Id: " % EXPOSED_HEADERS  # what every answer's head ends with
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -5863,7 +5878,8 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
     server_version = "custom_finstep/" + __version__
     sys_version = ""
 
-    http_date = (0, "")  # (second, its Date field): formatted once a second, not for every response
+    # (second, its Date value, the Server and Date fields as bytes): formatted once a second
+    http_date = (0, "", b"")
 
     def version_string(self) -> str:
         return self.server_version
@@ -5871,12 +5887,22 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
     def date_time_string(self, timestamp: Optional[float] = None) -> str:
         if timestamp is not None:
             return super().date_time_string(timestamp)
+        return self.dated()[1]
+
+    def dated(self) -> Tuple[int, str, bytes]:
         now = int(time.time())
-        second, text = ProxyHandler.http_date
-        if second != now:
+        dated = ProxyHandler.http_date
+        if dated[0] != now:
             text = email.utils.formatdate(now, usegmt=True)
-            ProxyHandler.http_date = (now, text)
-        return text
+            dated = ProxyHandler.http_date = (now, text, ("Server: %s\r\nDate: %s\r\n" % (
+                self.version_string(), text)).encode("latin-1"))
+        return dated
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        """http.server's, with its Server and Date fields in one piece."""
+        self.log_request(code)
+        self.send_response_only(code, message)
+        self._headers_buffer.append(self.dated()[2])
 
     def send_response_only(self, code: int, message: Optional[str] = None) -> None:
         if self.request_version == "HTTP/0.9":
@@ -5898,6 +5924,10 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
             super().handle()
         except (ConnectionError, socket.timeout, TimeoutError) as exc:
             log.debug("connection from %s ended: %s", self.client_address[0], exc.__class__.__name__)
+
+    def finish(self) -> None:
+        self.server.watchdog.disconnect(self)  # before the socket closes and its number is reused
+        super().finish()
 
     def handle_one_request(self) -> None:
         now = time.monotonic()
@@ -5959,20 +5989,20 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
     # -- answering
 
     def end_headers(self) -> None:
+        """The fields every answer carries, in one piece, then the head's end."""
         exchange = self.exchange
-        for name, value in exchange.cors:
-            self.send_header(name, value)
-        self.send_header(*EXPOSED_HEADERS)
-        self.send_header("X-Request-Id", exchange.request_id)
+        fields = "".join(["%s: %s\r\n" % field for field in exchange.cors]) if exchange.cors else ""
+        fields += EXPOSED_FIELD + exchange.request_id + "\r\n"
         if exchange.session:
-            self.send_header("X-Finstep-Session", exchange.session)
+            fields += "X-Finstep-Session: %s\r\n" % exchange.session
         if exchange.folded_out:  # FINSTEP_MAX_QUERY left messages out: the client must be able to know
-            self.send_header("X-Finstep-Folded-Dropped", str(exchange.folded_out))
+            fields += "X-Finstep-Folded-Dropped: %d\r\n" % exchange.folded_out
         body = exchange.body
         if self.close_connection or (body is not None and body.unfinished):  # an unread body cannot be skipped
-            self.close_connection = True
-            self.send_header("Connection", "close")  # and http.server closes after the response
-        super().end_headers()
+            self.close_connection = True  # and http.server closes after the response
+            fields += "Connection: close\r\n"
+        self._headers_buffer.append(fields.encode("latin-1", "strict") + b"\r\n")
+        self.flush_headers()
 
     def flush_headers(self) -> None:
         if not self.exchange.head_held:

@@ -2808,6 +2808,49 @@ def test_keep_alive_serves_several_requests_on_one_connection(proxy, upstream):
     conn.close()
 
 
+@pytest.mark.parametrize("epoll", [True, False])
+def test_a_kept_alive_connection_is_watched_once_and_its_client_leaving_still_stops_its_answer(
+        make_proxy, upstream, monkeypatch, epoll):
+    monkeypatch.setattr(cf.HangupWatcher, "use_epoll", epoll)
+    proxy = make_proxy(heartbeat=30)
+    watched = proxy.server.watchdog.hangups.watched
+    body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body), body)
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    for text in ("one", "two"):
+        upstream.reply(*answer_events(text))
+        sock.sendall(request)
+        answer = b""
+        while not answer.endswith(b"0\r\n\r\n"):
+            piece = sock.recv(65536)
+            assert piece, answer
+            answer += piece
+        assert b'"content":"%s"' % text.encode() in answer
+    assert len(watched) == 1  # one registration for the connection, kept between its requests
+    upstream.reply(ev("THINKING"), HOLD)
+    sock.sendall(request)
+    wait_until(lambda: len(upstream.received) == 3, what="the third upstream request")
+    wait_until(lambda: len(watched) == 1, what="the connection watched")
+    sock.close()
+    assert_upstream_closed_within_a_second(upstream, time.monotonic())
+    wait_until(lambda: not watched, what="the connection watched no more once it ended")
+
+
+def test_a_client_leaving_between_answers_disturbs_nothing(proxy, upstream):
+    conn = proxy.connect()
+    upstream.reply(*answer_events("one"))
+    conn.request("POST", "/v1/chat/completions", json.dumps(
+        {"stream": True, "messages": [{"role": "user", "content": "q"}]}), {"Content-Type": "application/json"})
+    assert joined(sse_payloads(conn.getresponse().read())) == "one"
+    conn.close()  # the kept-alive connection's client leaves while it has no request
+    watched = proxy.server.watchdog.hangups.watched
+    wait_until(lambda: not watched, what="the departed connection watched no more")
+    upstream.reply(*answer_events("two"))
+    status, _, body = proxy.chat()
+    assert status == 200 and "two" in body.decode()
+
+
 def test_http_10_client_gets_an_unchunked_stream(proxy, upstream):
     upstream.reply(*answer_events("旧"))
     body = json.dumps({"stream": True, "messages": [{"role": "user", "content": "q"}]}).encode()
