@@ -119,6 +119,7 @@ if __name__ == "__main__":
 
 import argparse
 import base64
+import bisect
 import collections
 import dataclasses
 import datetime
@@ -4980,10 +4981,9 @@ class Histogram:
         self.count = 0
 
     def observe(self, seconds: float) -> None:
-        for index, bound in enumerate(_BUCKETS):
-            if seconds <= bound:
-                self.counts[index] += 1
-                break
+        index = bisect.bisect_left(_BUCKETS, seconds)  # the first bucket whose bound is >= seconds
+        if index < len(_BUCKETS):
+            self.counts[index] += 1
         self.total += seconds
         self.count += 1
 
@@ -5773,11 +5773,10 @@ class RequestReading:
             return False
         if len(words) >= 3:
             version = words[-1]
-            number = version[5:].split(".") if version.startswith("HTTP/") else ()
-            if len(number) != 2 or not all(part.isascii() and part.isdigit() and len(part) <= 10 for part in number):
+            number = (1, 1) if version == "HTTP/1.1" else self.version_number(version)  # nearly always 1.1
+            if number is None:
                 self.send_error(400, "Bad request version (%r)" % version)
                 return False
-            number = int(number[0]), int(number[1])
             if number >= (2, 0):
                 self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
                 return False
@@ -5818,6 +5817,14 @@ class RequestReading:
             self.fail(exc)
             return False
         return True
+
+    @staticmethod
+    def version_number(version: str) -> Optional[Tuple[int, int]]:
+        """(major, minor) of an "HTTP/x.y" request version, as http.server reads it; None if it is none."""
+        number = version[5:].split(".") if version.startswith("HTTP/") else ()
+        if len(number) != 2 or not all(part.isascii() and part.isdigit() and len(part) <= 10 for part in number):
+            return None
+        return int(number[0]), int(number[1])
 
     def check_head(self) -> None:
         """Checks of the whole head, once, before anything answers it (100 Continue included)."""

@@ -2589,6 +2589,15 @@ def test_many_tiny_chunks_decode_into_the_body(proxy, upstream):
     assert upstream.received[-1]["body"]["query"] == "细" * 3000
 
 
+@pytest.mark.parametrize("version, number", [
+    ("HTTP/1.1", (1, 1)), ("HTTP/1.0", (1, 0)), ("HTTP/2.0", (2, 0)), ("HTTP/01.10", (1, 10)),
+    ("HTTP/1", None), ("HTTP/1.1.1", None), ("http/1.1", None), ("HTTP/1.x", None), ("HTTP/-1.1", None),
+    ("HTTP/1.²", None), ("HTTP/1.%s" % ("1" * 11), None), ("HTTP/ 1.1", None), ("", None),
+])
+def test_request_version_number(version, number):
+    assert cf.ProxyHandler.version_number(version) == number
+
+
 @pytest.mark.parametrize("raw, status", [
     (b"GET\r\n\r\n", 400),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 \r\n\r\n", 400),
@@ -6215,6 +6224,16 @@ def test_slowloris_is_dropped_while_others_are_served(make_proxy, upstream):
 
 
 # --- End to end: metrics and logs ---------------------------------------------------------
+
+def test_histogram_counts_each_observation_in_the_first_bucket_that_holds_it():
+    histogram = cf.Histogram()
+    for seconds in (0.0, 0.005, 0.0051, 0.3, 300.0, 301.0):
+        histogram.observe(seconds)
+    counts = dict(zip(cf._BUCKETS, histogram.counts))
+    assert counts[0.005] == 2 and counts[0.01] == 1 and counts[0.5] == 1 and counts[300.0] == 1
+    assert sum(histogram.counts) == 5 and histogram.count == 6  # above the last bound: only in +Inf
+    assert histogram.total == pytest.approx(601.3101)
+
 
 def test_metrics_count_what_happened(make_proxy, upstream):
     proxy = make_proxy()
