@@ -819,7 +819,7 @@ def fields_of(lines: Sequence[bytes]) -> Headers:
     MAX_HEAD_FIELDS lines, as http.server counts them, fields or not."""
     if len(lines) > MAX_HEAD_FIELDS:
         raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
-    return Headers([field for field in map(header_field, lines) if field is not None])
+    return Headers(filter(None, map(header_field, lines)))  # a line that is no field gives None
 
 
 def read_headers(rfile) -> Headers:
@@ -3877,7 +3877,7 @@ class ChunkedDecoder:
                 if trailer:
                     done = not line.strip()
                     continue
-                size = int(line.split(b";", 1)[0].strip(), 16)
+                size = int(line if b";" not in line else line.split(b";", 1)[0], 16)  # int() strips whitespace
                 if size < 0:
                     raise ValueError("negative chunk size")
                 after = position + size
@@ -5073,6 +5073,9 @@ class HangupWatcher:
         self.watched = {}  # fd -> (socket, owner)
         self.fds = {}  # socket -> fd, since a closed socket forgets its fd
         self.epoll = select.epoll() if self.use_epoll else None
+        # Whether a socket may stay watched between its connection's requests: with epoll only
+        # a hang-up wakes the loop; elsewhere the next request's bytes would, every time.
+        self.lasting = self.epoll is not None
         self.selector = None if self.epoll else selectors.DefaultSelector()
         if self.epoll:
             self.epoll.register(self.waker.fileno(), select.EPOLLIN)
@@ -5165,9 +5168,9 @@ class Watchdog:
         self.client_timeout = client_timeout
         self.hangups = HangupWatcher()
         self.active = set()  # handlers with an answer in progress
-        # Handlers whose client leaving is news: from watch() to quiet(). A connection stays
-        # watched from its first answer to its end (disconnect), not registered and unregistered
-        # for every request; a hang-up between answers only ends that watch.
+        # Handlers whose client leaving is news: from watch() to quiet(). With epoll a connection
+        # stays watched from its first answer to its end (disconnect), not registered and
+        # unregistered for every request; a hang-up between answers only ends that watch.
         self.listening = set()
         self.deadlines = {}  # handler -> monotonic time its request must be in by, oldest first
         self.lock = threading.Lock()
@@ -5192,12 +5195,16 @@ class Watchdog:
         """No more news of this request's client leaving: its answer's end is going out."""
         with self.lock:
             self.listening.discard(handler)
+            if not self.hangups.lasting:
+                self.hangups.unwatch(handler.connection)
 
     def forget(self, handler) -> None:
         with self.lock:
             self.deadlines.pop(handler, None)
             self.active.discard(handler)
             self.listening.discard(handler)
+            if not self.hangups.lasting:
+                self.hangups.unwatch(handler.connection)
 
     def disconnect(self, handler) -> None:
         """The handler's connection ends: it is watched no more."""

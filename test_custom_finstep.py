@@ -2836,7 +2836,9 @@ def test_a_kept_alive_connection_is_watched_once_and_its_client_leaving_still_st
             assert piece, answer
             answer += piece
         assert b'"content":"%s"' % text.encode() in answer
-    assert len(watched) == 1  # one registration for the connection, kept between its requests
+    # With epoll one registration for the connection, kept between its requests; elsewhere
+    # readiness also means the next request's bytes, so each answer is watched on its own.
+    assert len(watched) == (1 if epoll else 0)
     upstream.reply(ev("THINKING"), HOLD)
     sock.sendall(request)
     wait_until(lambda: len(upstream.received) == 3, what="the third upstream request")
