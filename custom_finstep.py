@@ -3425,6 +3425,8 @@ class KeyPool:
         """The keys to try, each once: the key whose digest is `prefer` first, then from the
         hash of `name` on, or in round-robin order without a name; those cooling down are left
         out, and when all are cooling down only the one that recovers soonest remains."""
+        if len(self.keys) == 1:  # whatever the name, preference or cool-down: that key
+            return list(self.keys)
         with self._lock:
             if name is None:
                 start, self._next = self._next, (self._next + 1) % len(self.keys)

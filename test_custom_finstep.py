@@ -1801,6 +1801,13 @@ def test_key_pool_order():
     assert "a" in pool.order() and "b" not in pool.order()
 
 
+def test_a_key_pool_of_one_key_always_offers_it():
+    pool = cf.KeyPool(("only",))
+    assert pool.order() == pool.order("conv", prefer=cf.key_digest("other")) == ["only"]
+    pool.cool_down("only", 10)
+    assert pool.order() == ["only"]  # all cooling down: the one that recovers soonest
+
+
 def test_key_pool_order_for_a_named_conversation_is_stable_and_prefers_its_key():
     pool = cf.KeyPool(("a", "b", "c"))
     start = cf.stable_index("conv", 3)
