@@ -3854,6 +3854,23 @@ class ChunkedDecoder:
         out, position, end = [], 0, len(buffer)
         left, crlf, trailer, done = self.left, self.crlf, self.trailer, self.done  # locals: once per event
         find = buffer.find
+        if not (left or crlf or trailer or done):
+            # Whole chunks, as an upstream writes them an event each, taken in a short loop; the
+            # first that is not (cut off, the last, with an extension, malformed) is left to
+            # the loop below, which reads anything.
+            while True:
+                newline = find(b"\n", position)
+                if newline < 0:
+                    break
+                try:
+                    size = int(buffer[position:newline], 16)
+                except ValueError:
+                    break
+                after = newline + 1 + size
+                if size <= 0 or after + 2 > end or buffer[after:after + 2] != b"\r\n":
+                    break
+                out.append(buffer[newline + 1:after])
+                position = after + 2
         while position < end and not done:
             if left:
                 take = min(left, end - position)
@@ -5733,7 +5750,7 @@ class ResponseSink:
             data = b"".join(handler._headers_buffer) + data
             handler._headers_buffer = []
         try:
-            handler.wfile.write(data)
+            handler.connection.sendall(data)  # what the unbuffered wfile does, without its layer
         except (ConnectionError, socket.timeout, TimeoutError, ValueError):
             raise ClientGone() from None
         exchange.last_write = time.monotonic()

@@ -814,6 +814,20 @@ def test_chunked_decoder_any_split(cut):
     assert first + decoder.feed(CHUNKED[cut:]) == b"hello, world!" and decoder.done
 
 
+MANY_CHUNKS = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (b"data: one\n", b"x" * 300, b"\r\n" * 3)) + (
+    b"A;name=value\r\n0123456789\r\n 3 \r\nabc\r\n" + b"".join(b"%X\r\n%s\r\n" % (len(part), part) for part in (
+        b"data: two\n", b"y" * 17)) + b"0\r\n\r\n")
+MANY_PAYLOAD = b"data: one\n" + b"x" * 300 + b"\r\n" * 3 + b"0123456789abcdata: two\n" + b"y" * 17
+
+
+@pytest.mark.parametrize("cut", range(0, len(MANY_CHUNKS) + 1, 7))
+def test_chunked_decoder_whole_chunks_and_the_rest_any_split(cut):
+    decoder = cf.ChunkedDecoder()
+    first = decoder.feed(MANY_CHUNKS[:cut])
+    assert first == MANY_PAYLOAD[:len(first)]
+    assert first + decoder.feed(MANY_CHUNKS[cut:]) == MANY_PAYLOAD and decoder.done and decoder.buffer == b""
+
+
 def test_chunked_decoder_byte_by_byte():
     decoder = cf.ChunkedDecoder()
     out = b"".join(decoder.feed(CHUNKED[i:i + 1]) for i in range(len(CHUNKED)))

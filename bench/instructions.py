@@ -1,0 +1,79 @@
+"""Instructions the proxy executes per request, counted by valgrind (callgrind): unlike CPU
+time, the count hardly moves between runs (about 1 %: how the upstream's writes happen to
+be read), so a change of a few per cent shows in one run.
+
+    python bench/instructions.py [--requests 400] [--warm 50] [--proxy-script PATH]
+
+It starts the proxy under valgrind twice, each time against the benchmark's fake upstream,
+and sends sequential streaming chat requests on one kept-alive connection (WARM, then
+WARM + REQUESTS); the difference of the two totals, divided by REQUESTS, is the user-space
+instructions of a request, the start-up and the first requests left out. Needs valgrind
+(Debian: apt-get install valgrind); takes about a minute. Never run by CI.
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import bench_proxy as bench
+
+
+def instructions(script: str, upstream_port: int, requests: int) -> int:
+    """The instructions valgrind counted for one start of `script` and `requests` requests."""
+    port = bench.free_port()
+    env = dict(os.environ, FINSTEP_API_KEY="k-0123456789", HOST="127.0.0.1", PORT=str(port),
+               FINSTEP_API_URL="http://127.0.0.1:%d/c" % upstream_port, LOG_LEVEL="WARNING")
+    with tempfile.TemporaryDirectory() as folder:
+        bench.lay_out_image(script, folder)
+        proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--cache-sim=no",
+                                  "--callgrind-out-file=" + os.path.join(folder, "callgrind.out"),
+                                  sys.executable, "-m", "custom_finstep"], cwd=folder, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            bench.wait_for_port(port, time.monotonic() + 120)
+            request = bench.openai_target("proxy", port, "/v1/chat/completions").request(bench.FIRST_TOKEN_QUERY)
+            request = request.replace(b"Connection: close\r\n", b"")  # one kept-alive connection
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                for _ in range(requests):
+                    sock.sendall(request)
+                    answer = b""
+                    while not answer.endswith(b"0\r\n\r\n"):
+                        piece = sock.recv(65536)
+                        if not piece:
+                            raise SystemExit("the proxy closed the connection")
+                        answer += piece
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+            report = proxy.communicate(timeout=120)[1].decode("utf-8", "replace")
+    found = re.search(r"Collected : (\d+)", report)
+    if found is None:
+        raise SystemExit("valgrind reported no count:\n" + report[-2000:])
+    return int(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400, help="requests counted (default 400)")
+    parser.add_argument("--warm", type=int, default=50, help="requests before them, left out (default 50)")
+    parser.add_argument("--proxy-script", default=bench.PROXY_SCRIPT, help="the custom_finstep.py to count")
+    args = parser.parse_args()
+    upstream, upstream_port = bench.start_upstream(0)
+    try:
+        bench.wait_for_port(upstream_port, time.monotonic() + 10)
+        before = instructions(args.proxy_script, upstream_port, args.warm)
+        after = instructions(args.proxy_script, upstream_port, args.warm + args.requests)
+    finally:
+        upstream.kill()
+    print("%s: %.0f instructions a request (%d sequential streaming requests, kept alive, after %d)"
+          % (args.proxy_script, (after - before) / args.requests, args.requests, args.warm))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
