@@ -4393,10 +4393,10 @@ def parse_upstream_event(line: bytes) -> Optional[UpstreamEvent]:
 
 
 # The events that carry no text (THINKING, MSG_START, DONE ...) come as the same few lines in
-# every answer: each such line is parsed once per process. Bounded: a strange upstream cannot
-# grow it past MAX_KNOWN_LINES short lines.
+# every answer: each such line is parsed once per process. Only short lines (a status and
+# little else: nothing of one caller's answer is kept), at most MAX_KNOWN_LINES of them.
 _known_lines = {}  # type: Dict[bytes, UpstreamEvent]
-MAX_KNOWN_LINES, MAX_KNOWN_LINE = 64, 256
+MAX_KNOWN_LINES, MAX_KNOWN_LINE = 64, 64
 
 
 def upstream_event(line: bytes) -> Optional[UpstreamEvent]:
