@@ -384,6 +384,14 @@ class TlsUpstreamClient:
             return self.on(sock, began)
 
 
+def ask_in_turn(port: int, target: "Target", count: int) -> None:
+    """`target`'s first-token request `count` times in turn on one kept-alive connection."""
+    request = target.request(FIRST_TOKEN_QUERY).replace(b"Connection: close\r\n", b"")
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for _ in range(count):
+            ask_kept_alive(sock, request, target.answer_marker)
+
+
 def ask_kept_alive(sock: socket.socket, request: bytes, marker: bytes, began=None) -> float:
     """Seconds from `began` (default: now) to the first answer event of `request` on a kept-alive
     connection; the chunked response is read to its end, ready for the next question."""

@@ -15,7 +15,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,17 +36,7 @@ def instructions(script: str, upstream_port: int, requests: int) -> int:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             bench.wait_for_port(port, time.monotonic() + 120)
-            request = bench.openai_target("proxy", port, "/v1/chat/completions").request(bench.FIRST_TOKEN_QUERY)
-            request = request.replace(b"Connection: close\r\n", b"")  # one kept-alive connection
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                for _ in range(requests):
-                    sock.sendall(request)
-                    answer = b""
-                    while not answer.endswith(b"0\r\n\r\n"):
-                        piece = sock.recv(65536)
-                        if not piece:
-                            raise SystemExit("the proxy closed the connection")
-                        answer += piece
+            bench.ask_in_turn(port, bench.openai_target("proxy", port, "/v1/chat/completions"), requests)
         finally:
             proxy.send_signal(signal.SIGTERM)
             report = proxy.communicate(timeout=120)[1].decode("utf-8", "replace")
