@@ -492,13 +492,24 @@ def key_runs(key: str) -> Tuple[str, ...]:
     return tuple(dict.fromkeys(key[start:start + KEY_RUN] for start in range(len(key) - KEY_RUN + 1)))
 
 
+@functools.lru_cache(maxsize=64)  # as key_runs: a few keys' runs each
+def any_key_run(keys: Tuple[str, ...]):
+    """One search for every run of `keys` (key_runs) in lower-cased text, or None if they have none."""
+    runs = sorted({run for key in keys for run in key_runs(key)})
+    return re.compile("|".join(map(re.escape, runs))).search if runs else None
+
+
 def hide_keys(text: str, keys: Sequence[str]) -> str:
     """`text` with every stretch that holds KEY_RUN or more characters of a key in a row, in
     any letter case, replaced by `****`: a key echoed whole, cut short or upper-cased alike."""
-    lowered, spans = None, []
+    search = any_key_run(tuple(keys))
+    if search is None:
+        return text
+    lowered, spans = text.lower(), []
+    if search(lowered) is None:  # as nearly always: one search instead of one per run
+        return text
     for key in keys:
         for run in key_runs(key):
-            lowered = lowered or text.lower()
             start = lowered.find(run)
             while start >= 0:
                 spans.append((start, start + len(run)))

@@ -608,6 +608,16 @@ def test_hide_keys(text, hidden):
     assert cf.hide_keys(text, (KEY, "short-1", "k", "8charKEY")) == hidden
 
 
+@pytest.mark.parametrize("keys, text, hidden", [
+    (("short-1", "k"), "short-1 and k stay", "short-1 and k stay"),  # no key long enough to look for
+    (("a.b*c+d(e)f[g]|h\\",), "x A.B*C+D(E)F[G]|H\\ y", "x **** y"),  # regular-expression characters are text
+    (("a.b*c+d(e)f[g]|h",), "axb*c+d(e)f[g]|h", "ax****"),  # "." matches itself only
+    (("first-key-0001", "second-key-002"), "one SECOND-KEY-002, then first-key-0001.", "one ****, then ****."),
+])
+def test_hide_keys_searches_once_for_every_key(keys, text, hidden):
+    assert cf.hide_keys(text, keys) == hidden
+
+
 @pytest.mark.parametrize("text, shown", [
     ("plain text, 中文", "plain text, 中文"),
     ("\x1b[31mred", "\\x1b[31mred"),
