@@ -572,10 +572,18 @@ class KeyFilter(logging.Filter):
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = printable(self.hide(text, secret) if hiding else text, lines=True)
         fields = getattr(record, "fields", None)
-        if fields:
+        if fields and self.to_clean([value for value in fields.values() if isinstance(value, str)], secret):
             record.fields = {name: printable(self.hide(value, secret) if hiding else value)
                              if isinstance(value, str) else value for name, value in fields.items()}
         return True
+
+    def to_clean(self, texts: List[str], secret: Optional[str]) -> bool:
+        """Whether any of `texts` holds a control character or a key: one look at them all,
+        joined by a space (printable) for the controls, by NUL (in no key) for the keys."""
+        if _UNPRINTABLE.search(" ".join(texts)):
+            return True
+        search = any_key_run(self.keys + (secret,) if secret else self.keys)
+        return search is not None and search("\x00".join(texts).lower()) is not None
 
 
 class _RequestIdFilter(logging.Filter):
@@ -599,6 +607,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(config: Config) -> None:
+    # What no line of the proxy shows is not gathered for every record: the caller's file and
+    # line (a walk up the stack), thread and process (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else

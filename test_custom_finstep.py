@@ -618,6 +618,19 @@ def test_hide_keys_searches_once_for_every_key(keys, text, hidden):
     assert cf.hide_keys(text, keys) == hidden
 
 
+@pytest.mark.parametrize("fields, secret, shown", [
+    ({"path": "/v1/x", "status": 200, "note": "session=new"}, None, {"path": "/v1/x", "status": 200, "note": "session=new"}),
+    ({"path": "/v1/\x1b[31m", "status": 200}, None, {"path": "/v1/\\x1b[31m", "status": 200}),
+    ({"path": "/v1/x", "error": "upstream said " + KEY.upper()}, None, {"path": "/v1/x", "error": "upstream said ****"}),
+    ({"note": "client key client-key-0123456789 refused"}, "client-key-0123456789", {"note": "client key **** refused"}),
+    ({"a": KEY[:7], "b": KEY[7:14]}, None, {"a": KEY[:7], "b": KEY[7:14]}),  # no run of a key spans two fields
+])
+def test_log_fields_are_cleaned_when_they_need_it(fields, secret, shown):
+    record = logging.LogRecord("custom_finstep", logging.INFO, __file__, 1, "line", (), None)
+    record.fields, record.secret = fields, secret
+    assert cf.KeyFilter((KEY,)).filter(record) and record.fields == shown
+
+
 @pytest.mark.parametrize("text, shown", [
     ("plain text, 中文", "plain text, 中文"),
     ("\x1b[31mred", "\\x1b[31mred"),
