@@ -5946,11 +5946,11 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
         return self.dated()[1]
 
     def dated(self) -> Tuple[int, str, bytes]:
-        now = int(time.time())
-        dated = ProxyHandler.http_date
+        now, kind = int(time.time()), type(self)
+        dated = kind.__dict__.get("http_date", (0, "", b""))  # each class its own: a subclass has its Server
         if dated[0] != now:
             text = email.utils.formatdate(now, usegmt=True)
-            dated = ProxyHandler.http_date = (now, text, ("Server: %s\r\nDate: %s\r\n" % (
+            dated = kind.http_date = (now, text, ("Server: %s\r\nDate: %s\r\n" % (
                 self.version_string(), text)).encode("latin-1"))
         return dated
 

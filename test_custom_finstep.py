@@ -2633,6 +2633,15 @@ def test_many_tiny_chunks_decode_into_the_body(proxy, upstream):
     assert upstream.received[-1]["body"]["query"] == "细" * 3000
 
 
+def test_each_handler_class_sends_its_own_server_field():
+    class Other(cf.ProxyHandler):
+        server_version = "other/9"
+    ours, other = cf.ProxyHandler.__new__(cf.ProxyHandler), Other.__new__(Other)
+    for _ in range(2):  # whichever fills its second's fields first, the other keeps its own
+        assert ours.dated()[2].startswith(b"Server: custom_finstep/%s\r\nDate: " % cf.__version__.encode())
+        assert other.dated()[2].startswith(b"Server: other/9\r\nDate: ")
+
+
 @pytest.mark.parametrize("version, number", [
     ("HTTP/1.1", (1, 1)), ("HTTP/1.0", (1, 0)), ("HTTP/2.0", (2, 0)), ("HTTP/01.10", (1, 10)),
     ("HTTP/1", None), ("HTTP/1.1.1", None), ("http/1.1", None), ("HTTP/1.x", None), ("HTTP/-1.1", None),

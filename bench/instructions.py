@@ -23,23 +23,27 @@ import time
 import bench_proxy as bench
 
 
-def instructions(script: str, upstream_port: int, requests: int) -> int:
+def instructions(script: str, upstream_port: int, requests: int, log_level: str = "WARNING") -> int:
     """The instructions valgrind counted for one start of `script` and `requests` requests."""
     port = bench.free_port()
     env = dict(os.environ, FINSTEP_API_KEY="k-0123456789", HOST="127.0.0.1", PORT=str(port),
-               FINSTEP_API_URL="http://127.0.0.1:%d/c" % upstream_port, LOG_LEVEL="WARNING")
+               FINSTEP_API_URL="http://127.0.0.1:%d/c" % upstream_port, LOG_LEVEL=log_level)
     with tempfile.TemporaryDirectory() as folder:
         bench.lay_out_image(script, folder)
+        errors = open(os.path.join(folder, "stderr"), "w+b")  # a file, not a pipe: log lines never block
         proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--cache-sim=no",
                                   "--callgrind-out-file=" + os.path.join(folder, "callgrind.out"),
                                   sys.executable, "-m", "custom_finstep"], cwd=folder, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 stdout=subprocess.DEVNULL, stderr=errors)
         try:
             bench.wait_for_port(port, time.monotonic() + 120)
             bench.ask_in_turn(port, bench.openai_target("proxy", port, "/v1/chat/completions"), requests)
         finally:
             proxy.send_signal(signal.SIGTERM)
-            report = proxy.communicate(timeout=120)[1].decode("utf-8", "replace")
+            proxy.wait(timeout=120)
+            with errors:
+                errors.seek(0)
+                report = errors.read().decode("utf-8", "replace")
     found = re.search(r"Collected : (\d+)", report)
     if found is None:
         raise SystemExit("valgrind reported no count:\n" + report[-2000:])
@@ -51,16 +55,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400, help="requests counted (default 400)")
     parser.add_argument("--warm", type=int, default=50, help="requests before them, left out (default 50)")
     parser.add_argument("--proxy-script", default=bench.PROXY_SCRIPT, help="the custom_finstep.py to count")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="the proxy's LOG_LEVEL (default WARNING, as the benchmark runs it: no line per request; "
+                             "INFO, the proxy's default, writes one)")
     args = parser.parse_args()
     upstream, upstream_port = bench.start_upstream(0)
     try:
         bench.wait_for_port(upstream_port, time.monotonic() + 10)
-        before = instructions(args.proxy_script, upstream_port, args.warm)
-        after = instructions(args.proxy_script, upstream_port, args.warm + args.requests)
+        before = instructions(args.proxy_script, upstream_port, args.warm, args.log_level)
+        after = instructions(args.proxy_script, upstream_port, args.warm + args.requests, args.log_level)
     finally:
         upstream.kill()
-    print("%s: %.0f instructions a request (%d sequential streaming requests, kept alive, after %d)"
-          % (args.proxy_script, (after - before) / args.requests, args.requests, args.warm))
+    print("%s: %.0f instructions a request (%d sequential streaming requests, kept alive, after %d; LOG_LEVEL=%s)"
+          % (args.proxy_script, (after - before) / args.requests, args.requests, args.warm, args.log_level))
     return 0
 
 
