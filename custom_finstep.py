@@ -6392,15 +6392,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return 1
-    stop = threading.Event()
+    # The handler takes no lock: it runs in the main thread between two of its steps, and setting
+    # an Event there deadlocked when the signal came while wait() held that Event's own lock.
+    # The interpreter writes each signal's number to `wakeup` at once, which ends the wait.
+    stopping = []  # the signals received
+    wakeup, woken = socket.socketpair()
+    wakeup.setblocking(False)
+    woken.setblocking(False)
 
     def on_signal(signum, frame) -> None:
-        if stop.is_set():
+        if stopping:
             os._exit(0)  # a second signal: the operator wants out now
-        stop.set()
+        stopping.append(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
+    signal.set_wakeup_fd(woken.fileno())
     worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
     worker.start()
     log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s, sessions=%s",
@@ -6415,8 +6422,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("listening on %s with FINSTEP_API_KEY and no PROXY_API_KEY: anyone who reaches this "
                     "port spends your Finstep key; set PROXY_API_KEY", config.host)
     release_freed_memory()
-    while not stop.wait(1.0):
-        pass
+    while not stopping:
+        select.select([wakeup], [], [], 1.0)
+        try:
+            wakeup.recv(64)
+        except (BlockingIOError, InterruptedError):
+            pass
+    signal.set_wakeup_fd(-1)
+    wakeup.close()
+    woken.close()
     log.info("stopping: requests in flight have %gs to finish", config.drain_seconds)
     server.shutdown()
     server.socket.close()  # refuse new connections while draining
