@@ -499,15 +499,18 @@ def any_key_run(keys: Tuple[str, ...]):
     return re.compile("|".join(map(re.escape, runs))).search if runs else None
 
 
+def holds_key(text: str, keys: Sequence[str]) -> bool:
+    """Whether `text` holds a run of a key (what hide_keys hides): one search for them all."""
+    search = any_key_run(tuple(keys))
+    return search is not None and search(text.lower()) is not None
+
+
 def hide_keys(text: str, keys: Sequence[str]) -> str:
     """`text` with every stretch that holds KEY_RUN or more characters of a key in a row, in
     any letter case, replaced by `****`: a key echoed whole, cut short or upper-cased alike."""
-    search = any_key_run(tuple(keys))
-    if search is None:
+    if not holds_key(text, keys):  # as nearly always: one search instead of one per run
         return text
     lowered, spans = text.lower(), []
-    if search(lowered) is None:  # as nearly always: one search instead of one per run
-        return text
     for key in keys:
         for run in key_runs(key):
             start = lowered.find(run)
@@ -559,7 +562,10 @@ class KeyFilter(logging.Filter):
     def hide(self, text: str, secret: Optional[str] = None) -> str:
         """`text` with the configured keys and `secret` hidden: for log lines and for every
         error message a client is sent."""
-        return hide_keys(text, self.keys + (secret,) if secret else self.keys)
+        return hide_keys(text, self.keys_with(secret))
+
+    def keys_with(self, secret: Optional[str]) -> Tuple[str, ...]:
+        return self.keys + (secret,) if secret else self.keys
 
     def filter(self, record: logging.LogRecord) -> bool:
         secret = getattr(record, "secret", None)
@@ -580,10 +586,7 @@ class KeyFilter(logging.Filter):
     def to_clean(self, texts: List[str], secret: Optional[str]) -> bool:
         """Whether any of `texts` holds a control character or a key: one look at them all,
         joined by a space (printable) for the controls, by NUL (in no key) for the keys."""
-        if _UNPRINTABLE.search(" ".join(texts)):
-            return True
-        search = any_key_run(self.keys + (secret,) if secret else self.keys)
-        return search is not None and search("\x00".join(texts).lower()) is not None
+        return bool(_UNPRINTABLE.search(" ".join(texts))) or holds_key("\x00".join(texts), self.keys_with(secret))
 
 
 class _RequestIdFilter(logging.Filter):
@@ -1994,9 +1997,8 @@ class ChunkFormatter:
         return self.head + ROLE_DELTA + self.tail
 
     def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> bytes:
-        encoded = _dumps(delta).encode("utf-8") if delta else b"{}"
         if finish_reason in CHUNK_PARTS:
-            return self.head + encoded + CHUNK_PARTS[finish_reason][-1]
+            return self.head + (_dumps(delta).encode("utf-8") if delta else b"{}") + CHUNK_PARTS[finish_reason][-1]
         return format_sse(build_chunk(self.completion_id, self.created, self.model, delta, finish_reason))
 
     def usage(self, usage: dict) -> bytes:
@@ -6394,11 +6396,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     # The handler takes no lock: it runs in the main thread between two of its steps, and setting
     # an Event there deadlocked when the signal came while wait() held that Event's own lock.
-    # The interpreter writes each signal's number to `wakeup` at once, which ends the wait.
+    # The interpreter writes each signal's number to `wake_writer` at once, which ends the wait.
     stopping = []  # the signals received
-    wakeup, woken = socket.socketpair()
-    wakeup.setblocking(False)
-    woken.setblocking(False)
+    wake_reader, wake_writer = socket.socketpair()
+    wake_reader.setblocking(False)
+    wake_writer.setblocking(False)
 
     def on_signal(signum, frame) -> None:
         if stopping:
@@ -6407,7 +6409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    signal.set_wakeup_fd(woken.fileno())
+    signal.set_wakeup_fd(wake_writer.fileno())
     worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
     worker.start()
     log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s, sessions=%s",
@@ -6423,14 +6425,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "port spends your Finstep key; set PROXY_API_KEY", config.host)
     release_freed_memory()
     while not stopping:
-        select.select([wakeup], [], [], 1.0)
+        select.select([wake_reader], [], [], 1.0)
         try:
-            wakeup.recv(64)
+            wake_reader.recv(64)
         except (BlockingIOError, InterruptedError):
             pass
     signal.set_wakeup_fd(-1)
-    wakeup.close()
-    woken.close()
+    wake_reader.close()
+    wake_writer.close()
     log.info("stopping: requests in flight have %gs to finish", config.drain_seconds)
     server.shutdown()
     server.socket.close()  # refuse new connections while draining
