@@ -4030,18 +4030,21 @@ class UpstreamHead(NamedTuple):
     status: int
     http11: bool
     fields: Dict[str, str]
+    in_hand: int = 0  # bytes after the head that came with it, in the reader's buffer (0: none or unknown)
 
     def tokens(self, name: str) -> List[str]:
         return [token.strip().lower() for token in self.fields.get(name, "").split(",") if token.strip()]
 
 
-def read_head_lines(reader) -> List[bytes]:
+def read_head_lines(reader) -> Tuple[List[bytes], int]:
     """The lines of one response head, without their line endings, read within MAX_HEAD
     bytes and MAX_RESPONSE_FIELDS fields: at once when the whole head is in the reader's
-    buffer (as it nearly always is), else line by line."""
-    end = whole_head_end(reader.peek(MAX_HEAD))
+    buffer (as it nearly always is), else line by line. With them, how many bytes after the
+    head are in the buffer (0 when it was read line by line: not known)."""
+    buffered = reader.peek(MAX_HEAD)
+    end, in_hand = whole_head_end(buffered), 0
     if end >= 0:
-        lines = reader.read(end + 4).split(b"\r\n")[:-2]
+        lines, in_hand = reader.read(end + 4).split(b"\r\n")[:-2], len(buffered) - end - 4
     else:
         lines, left = [], MAX_HEAD
         while True:
@@ -4057,7 +4060,7 @@ def read_head_lines(reader) -> List[bytes]:
             lines.append(line)
     if len(lines) > MAX_RESPONSE_FIELDS + 1:
         raise UpstreamHeadError("TooManyHeaders")
-    return lines
+    return lines, in_hand
 
 
 def read_response_head(reader) -> UpstreamHead:
@@ -4065,7 +4068,7 @@ def read_response_head(reader) -> UpstreamHead:
     ConnectionError when the stream ends before the first byte (a kept-alive connection
     the server had closed), UpstreamHeadError when what came is no response head."""
     while True:
-        lines = read_head_lines(reader)
+        lines, in_hand = read_head_lines(reader)
         match = _STATUS_LINE.fullmatch(lines[0])
         if match is None:
             raise UpstreamHeadError("BadStatusLine")
@@ -4077,7 +4080,7 @@ def read_response_head(reader) -> UpstreamHead:
                 fields[name] = fields[name] + ", " + value if name in fields else value
         status = int(match.group(2))
         if status >= 200 or status == 101:
-            return UpstreamHead(status, match.group(1) == b"1", fields)
+            return UpstreamHead(status, match.group(1) == b"1", fields, in_hand)
 
 
 class UpstreamConnection:
@@ -4528,6 +4531,8 @@ class UpstreamCall:
         self.chunked = self.will_close = False
         self.left = None  # type: Optional[int]  # body bytes still due by Content-Length; None: to the stream's end
         self.events_seen = 0
+        self.in_hand = False  # body bytes came with the head: the first read of the body waits for nothing
+        self.before_wait = None  # called before a read of the body that may wait (the pipeline sends what it holds)
         self.last_skipped = b""  # the last `data:` line that was no event: an error, perhaps
         self._read = None  # the body reader, once the body is being read
         self._decoder = None  # type: Optional[ChunkedDecoder]
@@ -4609,7 +4614,7 @@ class UpstreamCall:
                 raise ProxyError(502, "The upstream closed the connection before answering (%s)" % name,
                                  code="upstream_unreachable") from None
         self.pool.count(self.reused, self.retried)
-        self.status = head.status
+        self.status, self.in_hand = head.status, head.in_hand > 0
         self.chunked, self.left, self.will_close = response_framing(head)
         if not 200 <= head.status < 300:
             detail = read_up_to(self.body_reader(), 4096)
@@ -4634,12 +4639,23 @@ class UpstreamCall:
 
         Each read first peeks, which fills the socket reader's own buffer when it is empty:
         read1 on an empty buffer allocates a fresh READ_SIZE bytes object per read instead,
-        which across a thousand streams' threads costs some 40 MB of heap."""
+        which across a thousand streams' threads costs some 40 MB of heap. A read takes all
+        the buffer holds, so only the first (when bytes came with the head) never waits."""
         buffered = self.connection.reader
+
+        def about_to_read() -> None:
+            if self.in_hand:
+                self.in_hand = False
+            elif self.before_wait is not None:
+                self.before_wait()
+
         if not self.chunked:  # Content-Length, or to the stream's end
             def read() -> bytes:
                 left = self.left
-                if left == 0 or not buffered.peek(1):
+                if left == 0:
+                    return b""
+                about_to_read()
+                if not buffered.peek(1):
                     return b""
                 data = buffered.read1(READ_SIZE if left is None else min(left, READ_SIZE))
                 if left is not None:
@@ -4650,6 +4666,7 @@ class UpstreamCall:
 
         def read_chunked() -> bytes:
             while not decoder.done:
+                about_to_read()
                 if not buffered.peek(1):
                     raise UpstreamBroken("IncompleteRead")
                 payload = decoder.feed(buffered.read1(READ_SIZE))
@@ -5320,6 +5337,7 @@ class AnswerPipeline:
         self.config = server.config
         self.slot_held = False
         self.first_byte = None  # type: Optional[float]
+        self.last_batch = False  # relay's batch is the answer's last: no upstream read follows
 
     def run(self, request: AnswerRequest, caller: Caller) -> None:
         exchange, server, config = self.exchange, self.server, self.config
@@ -5428,9 +5446,11 @@ class AnswerPipeline:
                             delivered += 1
                         if answer.cut:  # a limit or stop sequence ended it: the rest is not wanted
                             upstream.close()
+                            self.last_batch = True
                             yield events
                             return
                     elif status == DONE:
+                        self.last_batch = True
                         yield events
                         return
                     elif status == ERROR:
@@ -5461,13 +5481,22 @@ class AnswerPipeline:
 
     def stream(self, turn: Optional[Turn], key: str, answer: AnswerRouter, batches=None) -> None:
         """Write each batch of events the moment it comes (the upstream's reads, by default),
-        then the end; the turn is remembered before the end goes out."""
+        then the end; the turn is remembered before the end goes out. Bytes with no wait
+        between them leave in one write: the opening with the events that came with the
+        upstream's head, the last events with the end (unless remembering the turn may wait,
+        for Redis), a local answer whole. Before the upstream is read again, the sink sends
+        what it holds."""
         sink, wire = self.sink, self.wire
+        upstream = self.exchange.upstream if batches is None else None
+        if upstream is not None:
+            upstream.before_wait = sink.flush
         if not wire.opens_at_once:
-            sink.open()
+            sink.open(hold=upstream is None or upstream.in_hand)
         render, write = wire.render, sink.write_rendered
+        self.last_batch = upstream is None
+        hold_last = turn is None or self.server.redis is None
         for events in self.relay(answer) if batches is None else batches:
-            write(render, events)
+            write(render, events, hold=hold_last and self.last_batch)
         closing = answer.finish()
         if turn is not None:
             self.complete(turn, key, answer)
@@ -5632,6 +5661,7 @@ class Exchange:
     stream_open: bool = False  # an event stream whose end has not been sent: heartbeats go to it
     chunked: Optional[bool] = None  # set when the event-stream head goes out
     head_held: bool = False  # the event-stream head waits for the first bytes of the body
+    held: bytes = b""  # stream bytes written with `hold`: they leave with the next write (ResponseSink)
     interrupted: Optional[str] = None  # "client_gone", "cancelled" or "shutdown", from another thread
     dropped: Optional[str] = None  # why its connection was dropped before the request was in
     # What the log line says of its answer:
@@ -5665,7 +5695,8 @@ class ResponseSink:
     """How a request is answered, for the pipeline and the handler alike: one JSON document
     (send), or an event stream (open, write, end: properly, or cut off). Writes to a stream
     hold a lock: the watchdog writes keep-alives to it too (heartbeat). The response head of
-    a stream is held and leaves with its first body bytes, in one write."""
+    a stream is held and leaves with its first body bytes, in one write; so do bytes written
+    with `hold`, which the next write takes along, or flush() before the request waits."""
 
     def __init__(self, handler: "ProxyHandler"):
         self.handler = handler
@@ -5688,23 +5719,30 @@ class ResponseSink:
         if handler.command != "HEAD":
             handler.wfile.write(data)
 
-    def open(self) -> None:
+    def open(self, hold: bool = False) -> None:
         """Send the event-stream head, unless a heartbeat did, and the wire format's opening."""
         with self.lock:
             self.start_locked()
-            self.write_locked(self.handler.exchange.wire.opening())
+            self.write_locked(self.handler.exchange.wire.opening(), hold=hold)
 
     def write(self, data: bytes) -> None:
         with self.lock:
             self.write_locked(data)
 
-    def write_rendered(self, render, events: List[Tuple[str, str]]) -> None:
+    def write_rendered(self, render, events: List[Tuple[str, str]], hold: bool = False) -> None:
         """Render a batch of events and write it, under the lock the heartbeats take: a format
         whose keep-alives are numbered (MCP's progress) sends its numbers in order."""
         with self.lock:
             data = render(events)
             if data:
-                self.write_locked(data)
+                self.write_locked(data, hold=hold)
+
+    def flush(self) -> None:
+        """Send what is held: the request is about to wait."""
+        if self.handler.exchange.held:
+            with self.lock:
+                if self.handler.exchange.held:
+                    self.write_locked(b"")
 
     def end(self, data: bytes, clean: bool = True) -> None:
         """Send the stream's last bytes and end it: properly, or cut off, which no client can
@@ -5764,8 +5802,10 @@ class ResponseSink:
         exchange.head_held = True
         handler.end_headers()  # held: the head leaves with the first bytes of the body, in one write
 
-    def write_locked(self, data: bytes, last: bool = False) -> None:
-        """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk)."""
+    def write_locked(self, data: bytes, last: bool = False, hold: bool = False) -> None:
+        """Send bytes to the client at once, as one HTTP chunk (and the final empty chunk), with
+        what was held before them; or, with `hold`, keep them for the next write (which comes
+        before the request waits for anything: the pipeline sees to it)."""
         handler, exchange = self.handler, self.handler.exchange
         if exchange.chunked:
             end = b"0\r\n\r\n" if last else b""
@@ -5774,6 +5814,11 @@ class ResponseSink:
             exchange.head_held = False
             data = b"".join(handler._headers_buffer) + data
             handler._headers_buffer = []
+        if exchange.held:
+            data, exchange.held = exchange.held + data, b""
+        if hold:
+            exchange.held = data
+            return
         try:
             handler.connection.sendall(data)  # what the unbuffered wfile does, without its layer
         except (ConnectionError, socket.timeout, TimeoutError, ValueError):

@@ -87,7 +87,8 @@ class Reply:
     before_head: object = None  # a float or an Event, waited for before the status line
     length: int = None  # a Content-Length to declare instead of the real one
     status_line_only: bytes = None  # write these bytes of a status line, then close: a broken head
-    raw: bytes = None  # the whole response, head and body, written as it is; the connection kept
+    raw: object = None  # the whole response, head and body, written as it is; the connection kept. A
+    # tuple: its parts, each in one write, with waits (a float, an Event) between them
 
 
 def wait_until(condition, seconds=2.0, what="the condition"):
@@ -99,6 +100,44 @@ def wait_until(condition, seconds=2.0, what="the condition"):
             return value
         assert time.monotonic() < deadline, "timed out waiting for " + what
         time.sleep(0.01)
+
+
+def chunked(*lines):
+    """The lines as HTTP chunks, one each, as the fake upstream writes them."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines)
+
+
+EVENT_STREAM_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def count_client_writes(monkeypatch):
+    """The bytes of each write the proxy makes to its clients' sockets, from now on."""
+    writes = []
+
+    class CountingSocket(socket.socket):
+        __slots__ = ()
+
+        def sendall(self, data, *args):
+            writes.append(bytes(data))
+            return super().sendall(data, *args)
+
+    setup = cf.ProxyHandler.setup
+
+    def counting_setup(handler):
+        setup(handler)
+        handler.connection.__class__ = CountingSocket  # the same socket, its writes counted
+
+    monkeypatch.setattr(cf.ProxyHandler, "setup", counting_setup)
+    return writes
+
+
+def recv_until(sock, marker, data=b""):
+    """Read from `sock` until `marker` is in what came; fails if the connection ends first."""
+    while marker not in data:
+        piece = sock.recv(65536)
+        assert piece, "the connection ended before %r" % marker
+        data += piece
+    return data
 
 
 def post_raw(port, payload, path="/v1/chat/completions"):
@@ -162,7 +201,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if reply.raw is not None:
-            self.wfile.write(reply.raw)
+            for part in reply.raw if isinstance(reply.raw, tuple) else (reply.raw,):
+                if isinstance(part, bytes):
+                    self.wfile.write(part)
+                else:
+                    wait_step(part)
             return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
@@ -2136,7 +2179,7 @@ def response_head(raw, buffer_size=8192):
 ])
 @pytest.mark.parametrize("buffer_size", [8192, 16])  # the whole head in the buffer, or line by line
 def test_read_response_head(raw, status, http11, fields, buffer_size):
-    assert response_head(raw, buffer_size) == (status, http11, fields)
+    assert response_head(raw, buffer_size)[:3] == (status, http11, fields)
 
 
 @pytest.mark.parametrize("raw, error", [
@@ -2152,9 +2195,16 @@ def test_read_response_head_refuses(raw, error, buffer_size):
         response_head(raw, buffer_size)
 
 
-def test_read_response_head_leaves_the_body():
-    reader = io.BufferedReader(io.BytesIO(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"))
-    assert cf.read_response_head(reader).status == 200 and reader.read() == b"body"
+@pytest.mark.parametrize("buffer_size, in_hand", [(8192, 4), (16, 0)])  # line by line: not known
+def test_read_response_head_leaves_the_body(buffer_size, in_hand):
+    reader = io.BufferedReader(io.BytesIO(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"), buffer_size)
+    head = cf.read_response_head(reader)
+    assert (head.status, head.in_hand) == (200, in_hand) and reader.read() == b"body"
+
+
+def test_read_response_head_in_hand_counts_what_follows_the_final_head():
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"
+    assert response_head(raw).in_hand == 0 and response_head(raw + b"5\r\n").in_hand == 3
 
 
 # --- Answers: reasoning modes, output limits, stop sequences, estimates -------------------
@@ -3678,6 +3728,39 @@ def test_without_stop_sequences_nothing_waits(proxy, upstream):
             piece = sock.recv(65536)
             assert piece
             data += piece
+    finally:
+        gate.set()
+        sock.close()
+
+
+def test_an_answer_that_came_in_one_read_leaves_in_one_write(proxy, upstream, monkeypatch):
+    writes = count_client_writes(monkeypatch)
+    upstream.reply(raw=EVENT_STREAM_HEAD + chunked(*answer_events("一次")) + b"0\r\n\r\n")
+    status, _, body = proxy.chat(stream=True)
+    assert status == 200 and "".join(p["choices"][0]["delta"].get("content") or "" for p in sse_payloads(body)
+                                      if p != "[DONE]") == "一次"
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 OK") and writes[0].endswith(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize("with_head", ["events", "no event", "part of a chunk"])
+def test_what_came_with_the_upstream_head_leaves_before_the_upstream_is_read_again(proxy, upstream, with_head):
+    """The opening waits for the events that came with the upstream's head, to leave with them
+    in one write, but never for the upstream: what is held goes out before the next read."""
+    first = chunked(ev("MSG_START"), ev("RESPONSING", "text", "先到"))
+    parts = {"events": (first, b""), "no event": (chunked(b": ping\n"), first),
+             "part of a chunk": (first[:12], first[12:])}[with_head]
+    gate = threading.Event()
+    upstream.reply(raw=(EVENT_STREAM_HEAD + parts[0], gate,
+                        parts[1] + chunked(ev("RESPONSING", "text", "后到"), ev("DONE")) + b"0\r\n\r\n"))
+    sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
+    try:
+        data = recv_until(sock, b'"role":"assistant"')  # while the upstream waits
+        if with_head == "events":
+            data = recv_until(sock, "先到".encode(), data)
+        assert not gate.is_set()
+        gate.set()
+        data = recv_until(sock, b"data: [DONE]", data)
+        assert "先到".encode() in data and "后到".encode() in data
     finally:
         gate.set()
         sock.close()
@@ -5387,6 +5470,17 @@ def test_two_replicas_racing_for_one_follow_up_continue_it_once(replicas, upstre
     all_at_once([lambda proxy=proxy: follow_up(proxy) for proxy in replicas], gate, upstream, 3)
     queries = sorted(r["body"]["query"] for r in upstream.received[1:])
     assert queries == ["User: 你好\n\nAssistant: 默认回答\n\nUser: 再问", "再问"]
+
+
+def test_with_redis_the_last_events_leave_before_the_turn_is_remembered(make_proxy, upstream, redis_server,
+                                                                        monkeypatch):
+    """Remembering the turn waits for Redis: the answer's last events do not wait with it (the
+    end still leaves after it); without Redis the answer came in one read and leaves in one write."""
+    proxy = make_proxy(redis_url=redis_server.url)
+    writes = count_client_writes(monkeypatch)
+    upstream.reply(raw=EVENT_STREAM_HEAD + chunked(*answer_events("一次")) + b"0\r\n\r\n")
+    assert proxy.chat(stream=True)[0] == 200
+    assert len(writes) == 2 and "一次".encode() in writes[0] and b"[DONE]" in writes[1]
 
 
 def test_a_key_refused_on_one_replica_rests_on_all(make_proxy, upstream, redis_server, monkeypatch):
