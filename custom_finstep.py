@@ -4176,6 +4176,11 @@ def idle_connection_closed(sock: Optional[socket.socket]) -> bool:
     is consumed and leaves the connection usable."""
     if sock is None:
         return True
+    try:
+        if not socket_ready(sock):  # nothing came, nor the end: the usual answer, in one poll
+            return False
+    except (OSError, ValueError):  # closed here
+        return True
     timeout = sock.gettimeout()  # 0 for a connection in the pool: no system calls to switch it
     try:
         if timeout != 0:
@@ -4234,7 +4239,9 @@ class UpstreamPool:
         self.busy = self.peak = 0  # upstream requests in flight now, and their recent peak
         self.peak_at = clock()
         self.closed = False
-        self.changed = threading.Condition()
+        # Requests take the lock itself (a C call); the pool's thread waits on the condition.
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.thread = threading.Thread(target=self.run, name="upstream-pool", daemon=True)
         self.thread.start()
 
@@ -4259,7 +4266,7 @@ class UpstreamPool:
         """How many upstream requests are in flight now, when connections are kept warm."""
         if self.warm is None:
             return
-        with self.changed:
+        with self.lock:
             now = self.clock()
             self.busy = busy
             if busy >= self.peak or now - self.peak_at > self.peak_window:
@@ -4273,7 +4280,7 @@ class UpstreamPool:
     def take(self, route: UpstreamRoute) -> Optional[UpstreamConnection]:
         """The most recently used idle connection to `route` that still works, or None."""
         while True:
-            with self.changed:
+            with self.lock:
                 conn = next((c for c, (r, _) in reversed(self.idle.items()) if r == route), None)
                 if conn is None:
                     return None
@@ -4285,7 +4292,7 @@ class UpstreamPool:
             conn.close()
 
     def give(self, conn: UpstreamConnection) -> None:
-        with self.changed:
+        with self.lock:
             if not self.closed:  # not woken: its next look, within probe_interval, sees this one
                 self.idle[conn] = (conn.route, self.clock())
                 conn = next(iter(self.idle)) if len(self.idle) > self.max_idle else None  # the oldest
@@ -4295,7 +4302,7 @@ class UpstreamPool:
             conn.close()
 
     def count(self, reused: bool, retried: bool = False) -> None:
-        with self.changed:
+        with self.lock:
             self.requests["true" if reused else "false"] += 1
             self.retries += retried
 
@@ -4554,7 +4561,8 @@ class UpstreamCall:
     def use(self, conn: UpstreamConnection) -> None:
         """Send this call on `conn`: its reads may take the read timeout, and abort() shuts it."""
         self.connection = conn
-        conn.sock.settimeout(self.read_timeout)
+        if conn.sock.gettimeout() != self.read_timeout:  # a connection reused has it, mostly
+            conn.sock.settimeout(self.read_timeout)
         with self._lock:
             self._sock = conn.sock
             aborted = self._aborted
@@ -4731,7 +4739,6 @@ class UpstreamCall:
         if not usable or conn is None or conn.sock is None or self._read is None:
             self.close()
             return
-        conn.sock.settimeout(0)  # idle in the pool, it is only ever peeked at: never wait
         settled = self.read_rest()
         if settled is False:
             self.close()
@@ -4746,6 +4753,8 @@ class UpstreamCall:
         is due, False when the connection cannot be reused."""
         conn = conn or self.connection
         sock, reader = conn.sock, conn.reader
+        if self._decoder is None or not self.body_done():  # reads to come: they never wait
+            sock.settimeout(0)  # (a connection read to its end keeps its timeout: no system call)
         try:
             while not self.body_done():
                 if self._decoder is not None and self._decoder.done:  # bytes after the end
@@ -4767,10 +4776,17 @@ class UpstreamCall:
             return False
         return not self.leftover(conn)
 
-    @staticmethod
-    def leftover(conn: UpstreamConnection) -> bool:
-        """Bytes after the response's end, in the reader's buffer or come since, which nobody
-        asked for: such a connection is not reused. Its socket is non-blocking here."""
+    def leftover(self, conn: UpstreamConnection) -> bool:
+        """Bytes after the response's end, which nobody asked for: such a connection is not
+        reused. Here, those already read: in the reader's buffer (a body of known length may
+        end within it; a chunked body's decoder takes all it holds) or decrypted by TLS and
+        not yet read. Those that come later the pool finds before reuse (idle_connection_closed).
+        Its socket is non-blocking here."""
+        sock = conn.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        if self._decoder is not None:
+            return False
         try:
             return bool(conn.reader.peek(1))
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):

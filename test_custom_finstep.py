@@ -88,7 +88,7 @@ class Reply:
     length: int = None  # a Content-Length to declare instead of the real one
     status_line_only: bytes = None  # write these bytes of a status line, then close: a broken head
     raw: object = None  # the whole response, head and body, written as it is; the connection kept. A
-    # tuple: its parts, each in one write, with waits (a float, an Event) between them
+    # tuple: its parts, each in one write, with waits (a float, an Event) and calls between them
 
 
 def wait_until(condition, seconds=2.0, what="the condition"):
@@ -204,6 +204,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             for part in reply.raw if isinstance(reply.raw, tuple) else (reply.raw,):
                 if isinstance(part, bytes):
                     self.wfile.write(part)
+                elif callable(part):
+                    part()
                 else:
                     wait_step(part)
             return
@@ -5869,6 +5871,19 @@ def test_bytes_after_a_length_framed_answer_keep_its_connection_out_of_the_pool(
     upstream.reply(raw=b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s%s"
                    % (len(body), body, after))  # a stray line end, or an answer nobody asked for
     assert ask(proxy, "一") == "一"
+    assert ask(proxy, "二") == "默认回答"  # not the stray bytes read as this request's answer
+    assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
+
+
+@pytest.mark.parametrize("later", [False, True])  # in the write that ends the answer, or after it
+def test_bytes_after_a_chunked_answer_keep_its_connection_out_of_the_pool(proxy, upstream, later):
+    gate, written = threading.Event(), threading.Event()
+    whole = EVENT_STREAM_HEAD + chunked(*answer_events("一")) + b"0\r\n\r\n"
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"  # an answer nobody asked for
+    upstream.reply(raw=(whole, gate, stray, written.set) if later else (whole + stray, written.set))
+    assert ask(proxy, "一") == "一"
+    gate.set()
+    assert written.wait(5)  # the stray bytes are in the proxy's socket before the next request
     assert ask(proxy, "二") == "默认回答"  # not the stray bytes read as this request's answer
     assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
 
