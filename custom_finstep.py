@@ -1692,13 +1692,16 @@ _OPENING_TAG = re.compile(r"<([A-Za-z][\w-]{0,63})(?:\s[^<>]{0,1024})?>")
 def session_title(text: str, limit: int = SESSION_TITLE_LIMIT) -> str:
     """A session title from a message: whitespace collapsed, cut to `limit` characters. Only
     the words the title needs are looked at, however long the message."""
-    words, size = [], -1
-    for match in _WORDS.finditer(text):
-        words.append(match.group())
-        size += len(words[-1]) + 1
-        if size > limit:
-            break
-    title = " ".join(words)
+    if len(text) <= 4 * limit:  # short, as most are: split at once (str.split's whitespace is \s)
+        title = " ".join(text.split())
+    else:
+        words, size = [], -1
+        for match in _WORDS.finditer(text):
+            words.append(match.group())
+            size += len(words[-1]) + 1
+            if size > limit:
+                break
+        title = " ".join(words)
     return title if len(title) <= limit else title[:limit - 1] + "…"
 
 
@@ -2663,7 +2666,7 @@ class MessagesFormat(WireFormat):
         return (self.close()
                 + anthropic_event("message_delta", delta={"stop_reason": final["stop_reason"],
                                                           "stop_sequence": final["stop_sequence"]},
-                                  usage={"output_tokens": final["usage"]["output_tokens"]})
+                                  usage=final["usage"])  # message_start's usage is 0: this is what counts
                 + anthropic_event("message_stop"))
 
     def failure(self, error: ProxyError) -> bytes:
@@ -4033,7 +4036,8 @@ class UpstreamHead(NamedTuple):
     in_hand: int = 0  # bytes after the head that came with it, in the reader's buffer (0: none or unknown)
 
     def tokens(self, name: str) -> List[str]:
-        return [token.strip().lower() for token in self.fields.get(name, "").split(",") if token.strip()]
+        value = self.fields.get(name)
+        return [token.strip().lower() for token in value.split(",") if token.strip()] if value else []
 
 
 def read_head_lines(reader) -> Tuple[List[bytes], int]:
@@ -4281,8 +4285,10 @@ class UpstreamPool:
         """The most recently used idle connection to `route` that still works, or None."""
         while True:
             with self.lock:
-                conn = next((c for c, (r, _) in reversed(self.idle.items()) if r == route), None)
-                if conn is None:
+                for conn, (idle_route, _) in reversed(self.idle.items()):
+                    if idle_route == route:
+                        break
+                else:
                     return None
                 del self.idle[conn]
                 if self.warm is not None and route == self.warm_route:
@@ -5658,16 +5664,13 @@ EXPOSED_HEADERS = ("Access-Control-Expose-Headers",
 EXPOSED_FIELD = "%s: %s\r\nX-Request-Id: " % EXPOSED_HEADERS  # what every answer's head ends with
 
 
-@dataclasses.dataclass(eq=False, repr=False)
 class Exchange:
     """One request's state, from its request line to its log line. The handler owns it; the
     pipeline sets what it learns of the answer in its fields (session, key, conn, chunks ...)
     and answers through a ResponseSink; the watchdog reads it; the log line is built from its
-    named fields."""
-    request_id: str
-    started: float  # when its request line came (monotonic)
-    last_write: float  # when the client was last sent bytes: heartbeats fill the silences
-    cors: Tuple[Tuple[str, str], ...] = ()  # the CORS headers of its answers
+    named fields. A field not set since the request began reads its default from the class:
+    a request sets a few of them, and its start costs no more than those."""
+
     route: Optional[Route] = None
     wire: Optional[WireFormat] = None  # the format that parses it and shapes its errors
     caller: Optional[Caller] = None  # once authenticated
@@ -5690,6 +5693,12 @@ class Exchange:
     marks: Tuple[Tuple[str, str], ...] = ()  # what the wire format saw of the request: task=title, thinking=1/1
     folded_out: int = 0  # messages of the conversation its folded query had to leave out
     chunks: int = 0  # upstream answer events delivered
+
+    def __init__(self, request_id: str, started: float, cors: Tuple[Tuple[str, str], ...] = ()):
+        self.request_id = request_id
+        self.started = started  # when its request line came (monotonic)
+        self.last_write = started  # when the client was last sent bytes: heartbeats fill the silences
+        self.cors = cors  # the CORS headers of its answers
 
     @property
     def note(self) -> str:
@@ -6050,7 +6059,7 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
 
     def handle_one_request(self) -> None:
         now = time.monotonic()
-        self.exchange = exchange = Exchange(random_hex(8), now, now, self.server.browser.static_headers)
+        self.exchange = exchange = Exchange(random_hex(8), now, self.server.browser.static_headers)
         self.command = self.path = None  # not known until the request line is read
         self.raw_requestline, self.requestline, self.request_version = b"", "", self.default_request_version
         watchdog, stream = self.server.watchdog, self.rfile

@@ -1236,6 +1236,16 @@ def test_session_title(text, title):
     assert len(cf.session_title(text)) <= cf.SESSION_TITLE_LIMIT
 
 
+@pytest.mark.parametrize("separator", [" ", "\t", "\r\n", "\u3000", "\xa0", "\x1c", "\u2028", "\x85"])
+@pytest.mark.parametrize("words", [3, 60])  # a short text split at once, a long one word by word
+def test_session_title_sees_the_same_whitespace_in_short_and_long_texts(separator, words):
+    text = separator + separator.join("词%d" % i for i in range(words)) + separator
+    collapsed = " ".join(re.findall(r"\S+", text))
+    title = collapsed if len(collapsed) <= 50 else collapsed[:49] + "…"
+    assert len(text) > 200 if words == 60 else len(text) < 200
+    assert cf.session_title(text) == title
+
+
 @pytest.mark.parametrize("payload, param, code", [
     ({"n": 2}, "n", "unsupported_parameter"),
     ({"n": True}, "n", "unsupported_parameter"),
@@ -4590,7 +4600,10 @@ def test_messages_stream_of_an_answer_with_thinking(proxy, upstream):
     assert frames[5]["content_block"] == {"type": "text", "text": ""}
     assert [f["delta"]["text"] for f in frames[6:8]] == ["答", "案"]
     assert frames[9]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
-    assert frames[9]["usage"]["output_tokens"] == 3
+    # Cumulative, as Anthropic's are: the SDKs take input_tokens from here (message_start's is 0)
+    upstream.reply(*answer_events("答", "案", thinking=["想"]))
+    _, _, document = proxy.messages()
+    assert frames[9]["usage"] == json.loads(document)["usage"] and frames[9]["usage"]["output_tokens"] == 3
 
 
 def test_messages_stream_of_a_plain_answer(proxy, upstream):
