@@ -3883,8 +3883,8 @@ class ChunkedDecoder:
         left, crlf, trailer, done = self.left, self.crlf, self.trailer, self.done  # locals: once per event
         find = buffer.find
         if not (left or crlf or trailer or done):
-            # Whole chunks, as an upstream writes them an event each, taken in a short loop; the
-            # first that is not (cut off, the last, with an extension, malformed) is left to
+            # Whole chunks, as an upstream writes them (an event each), taken in a short loop;
+            # the first that is not (cut off, the last, with an extension, malformed) is left to
             # the loop below, which reads anything.
             while True:
                 newline = find(b"\n", position)
@@ -3899,6 +3899,9 @@ class ChunkedDecoder:
                     break
                 out.append(buffer[newline + 1:after])
                 position = after + 2
+            if position == end:  # nothing else came: nothing else to look at
+                self.buffer = b""
+                return b"".join(out)
         while position < end and not done:
             if left:
                 take = min(left, end - position)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import select
 import signal
@@ -894,6 +895,55 @@ def test_chunked_decoder_whole_chunks_and_the_rest_any_split(cut):
     first = decoder.feed(MANY_CHUNKS[:cut])
     assert first == MANY_PAYLOAD[:len(first)]
     assert first + decoder.feed(MANY_CHUNKS[cut:]) == MANY_PAYLOAD and decoder.done and decoder.buffer == b""
+
+
+def random_chunked(rng):
+    """A chunked body as servers write it, or nearly: sizes in either case, with leading zeros,
+    extensions or spaces; CRLFs and digits in payloads; a trailer; bytes after the end; a
+    size that lies, a stray zero chunk, an early end, a letter past f, a CRLF missing."""
+    out = []
+    odd = rng.random() < 0.3  # else as servers write them: hex sizes, payloads without CRLF
+    for _ in range(rng.randint(0, 6)):
+        payload = bytes(rng.choice(b"ab0\r\n:" if odd else b"ab0\n:") for _ in range(rng.randint(1, 20)))
+        size = rng.choice(["%x", "%X", "0%x", "%x;ext=1", " %x", "%x "] if odd else ["%x", "%X"]) % len(payload)
+        out.append(size.encode() + b"\r\n" + payload + b"\r\n")
+    flaw = rng.randrange(10)
+    if flaw == 0:
+        out.insert(rng.randint(0, len(out)), b"3\r\nab\r\n")  # a size that lies
+    elif flaw == 1:
+        out.insert(rng.randint(0, len(out)), b"0\r\n")  # the last chunk, early
+    elif flaw == 4:
+        out.insert(rng.randint(0, len(out)), b"0\r\n\r\n")  # the end, and more after it
+    elif flaw == 2:
+        out.append(b"g\r\nx\r\n")  # not hex
+    elif flaw == 3 and out:
+        out[-1] = out[-1][:-2]  # the CRLF after a payload missing
+    if rng.random() < 0.8:
+        out.append(rng.choice([b"0\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"0\r\n\r\nHTTP/1.1"]))
+    return b"".join(out)
+
+
+def dechunked(feeds):
+    decoder, out = cf.ChunkedDecoder(), b""
+    try:
+        for data in feeds:
+            out += decoder.feed(data)
+    except ValueError:
+        return "ValueError"  # what came before it in the same read is lost with it, as it should
+    return out, decoder.done, decoder.buffer
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunked_decoder_whole_reads_decode_as_byte_by_byte(seed):
+    """A read of whole chunks is taken in the decoder's short loop; the byte-by-byte reads go
+    through the loop that reads anything: both must find the same payload, end and leftover,
+    or both refuse."""
+    rng = random.Random(seed)
+    for _ in range(50):
+        body = random_chunked(rng)
+        slow = dechunked([body[i:i + 1] for i in range(len(body))])
+        cut = rng.randint(0, len(body))
+        assert dechunked([body]) == slow and dechunked([body[:cut], body[cut:]]) == slow, body
 
 
 def test_chunked_decoder_byte_by_byte():
