@@ -799,6 +799,9 @@ def header_field(line: bytes) -> Optional[Tuple[str, str]]:
     return name, value.strip(" \t\r\n")
 
 
+_NO_NAMES = frozenset()
+
+
 class Headers:
     """A request's header fields in their order, looked up without regard to case: `get`
     gives the first of a name (as email.message does, which http.server would have used),
@@ -807,15 +810,13 @@ class Headers:
     __slots__ = ("fields", "first", "repeated")
 
     def __init__(self, fields: Sequence[Tuple[str, str]] = ()):
-        self.fields = list(fields)
-        self.first = first = {}  # type: Dict[str, str]
-        self.repeated = set()  # names (lower case) sent more than once: only they need a search
-        for name, value in self.fields:
-            name = name.lower()
-            if name in first:
-                self.repeated.add(name)
-            else:
-                first[name] = value
+        self.fields = fields = list(fields)
+        self.first = first = {name.lower(): value for name, value in reversed(fields)}  # the first wins
+        # Names (lower case) sent more than once: only they need a search.
+        self.repeated = _NO_NAMES
+        if len(first) < len(fields):
+            names = collections.Counter(name.lower() for name, _ in fields)
+            self.repeated = frozenset(name for name, count in names.items() if count > 1)
 
     def get(self, name: str, default=None):
         return self.first.get(name.lower(), default)

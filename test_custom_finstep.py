@@ -2530,6 +2530,11 @@ ADVERSARIAL = {  # name: (the input, built untimed; the work it is given to)
         lambda body: pytest.raises(cf.ProxyError, cf.parse_chat_request, body, "m")),
     "a 256-character key hidden in a long message": (lambda: "k" * 100000,
                                                      lambda text: cf.hide_keys(text, ("k" * 256,))),
+    # A request head is 64 KB at most; a quadratic search of one would take seconds.
+    "blanks within a header name": (lambda: [b"a" + b" \t" * 32000 + b"b: v"] * 1, cf.fields_of),
+    "blanks within a header name without its colon": (lambda: [b"a" + b" " * 64000 + b"b"], cf.fields_of),
+    "blanks within a header value": (lambda: [b"X: a" + b" \t\r" * 21000 + b"b"], cf.fields_of),
+    "a hundred header lines of blanks": (lambda: [b"a" + b" " * 640 + b"b"] * 100, cf.fields_of),
 }
 
 
