@@ -8,7 +8,8 @@ bench_proxy.py counts the proxy's), for three processes in one run, on the same 
 Finstep upstream as bench_proxy.py:
   syscalls         a relay of a few lines of Python that makes the proxy's system calls for
                    each request (read the request; one upstream request on a kept-alive
-                   connection; the response head, one chunk per upstream read, the end;
+                   connection; one write per upstream read: a chunk, the response head
+                   with the first, the end with the last;
                    sockets with timeouts, as the proxy's) and does nothing else;
   syscalls + JSON  the same relay doing also the JSON that every request needs: the question
                    read from the request's JSON, the upstream request's JSON body, the answer
@@ -71,9 +72,9 @@ def relay_syscalls(listener: socket.socket, upstream_port: int) -> None:
             while not received.endswith(b"0\r\n\r\n"):
                 data = upstream.recv(65536)
                 received += data
-                client.sendall(head + b"%x\r\n%s\r\n" % (len(data), data))
+                end = b"0\r\n\r\n" if received.endswith(b"0\r\n\r\n") else b""  # with the last read's
+                client.sendall(head + b"%x\r\n%s\r\n" % (len(data), data) + end)
                 head = b""
-            client.sendall(b"0\r\n\r\n")
 
 
 def relay_json(listener: socket.socket, upstream_port: int) -> None:
@@ -99,10 +100,11 @@ def relay_json(listener: socket.socket, upstream_port: int) -> None:
                             "choices": [{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}],
                         }).encode()
                         out += b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                if received.endswith(b"0\r\n\r\n"):
+                    out += b"0\r\n\r\n"  # the end leaves with the last read's chunk
                 if out:
                     client.sendall(out)
                     out = b""
-            client.sendall(b"0\r\n\r\n")
 
 
 RELAYS = {"syscalls": relay_syscalls, "syscalls + JSON": relay_json}
