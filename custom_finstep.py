@@ -4745,6 +4745,7 @@ class UpstreamCall:
         with self._lock:
             self._sock = None  # from now on an abort leaves the connection alone
             usable = not self._aborted and not self.will_close
+        self.before_wait = None  # a connection settling in the pool keeps this call, not the request's sink
         conn = self.connection
         if not usable or conn is None or conn.sock is None or self._read is None:
             self.close()

@@ -5956,6 +5956,22 @@ def test_bytes_after_a_chunked_answer_keep_its_connection_out_of_the_pool(proxy,
     assert len(upstream.connections) == 2 and metric(proxy, REUSED) == 0
 
 
+def test_a_connection_settling_in_the_pool_keeps_no_request_alive(proxy, upstream):
+    """The end of the body is still due when the answer is complete: the pool keeps the call
+    that reads it, but not the finished request's sink (nor its handler, through it)."""
+    gate = threading.Event()
+    pool = proxy.server.upstream_pool
+    pool.settle_seconds = 60.0  # the pool's probe keeps it however slow this machine is
+    upstream.reply(raw=(EVENT_STREAM_HEAD + chunked(*answer_events("一")), gate, b"0\r\n\r\n"))
+    try:
+        status, _, body = proxy.chat(stream=True)
+        assert status == 200 and "一".encode() in body
+        (conn,) = list(pool.idle)
+        assert conn.settle is not None and conn.settle.func.__self__.before_wait is None
+    finally:
+        gate.set()
+
+
 def test_an_answer_without_a_body_is_not_waited_for(make_proxy, upstream):
     proxy = make_proxy(timeout=30)
     upstream.reply(raw=b"HTTP/1.1 204 No Content\r\n\r\n")
