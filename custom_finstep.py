@@ -571,9 +571,8 @@ class KeyFilter(logging.Filter):
         secret = getattr(record, "secret", None)
         hiding = self.keys or secret
         message = record.getMessage()
-        shown = printable(self.hide(message, secret) if hiding else message)
-        if shown != message:
-            record.msg, record.args = shown, ()
+        # The line as shown, once: the formatter takes it as it is (no second % of the arguments).
+        record.msg, record.args = printable(self.hide(message, secret) if hiding else message), ()
         if record.exc_info and not record.exc_text:  # a traceback is text too
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = printable(self.hide(text, secret) if hiding else text, lines=True)

@@ -691,6 +691,19 @@ def test_printable_escapes_control_characters(text, shown):
     assert cf.printable(text) == shown
 
 
+@pytest.mark.parametrize("text, shown", [("plain", "a plain"), ("k-secret \x1b", "a **** \\x1b")])
+def test_a_log_line_is_formatted_once(text, shown):
+    class Counted:
+        calls = 0
+
+        def __str__(self):
+            Counted.calls += 1
+            return text
+    record = logging.LogRecord("custom_finstep", logging.INFO, __file__, 1, "a %s", (Counted(),), None)
+    assert cf.KeyFilter(("k-secret",)).filter(record)
+    assert logging.Formatter("%(message)s").format(record) == shown and Counted.calls == 1
+
+
 def test_printable_keeps_the_lines_of_a_traceback():
     assert cf.printable("Traceback\n  x\x1b\n", lines=True) == "Traceback\n  x\\x1b\n"
 
