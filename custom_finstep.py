@@ -5668,13 +5668,16 @@ EXPOSED_HEADERS = ("Access-Control-Expose-Headers",
 EXPOSED_FIELD = "%s: %s\r\nX-Request-Id: " % EXPOSED_HEADERS  # what every answer's head ends with
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class Exchange:
     """One request's state, from its request line to its log line. The handler owns it; the
     pipeline sets what it learns of the answer in its fields (session, key, conn, chunks ...)
     and answers through a ResponseSink; the watchdog reads it; the log line is built from its
-    named fields. A field not set since the request began reads its default from the class:
-    a request sets a few of them, and its start costs no more than those."""
-
+    named fields."""
+    request_id: str
+    started: float  # when its request line came (monotonic)
+    last_write: float  # when the client was last sent bytes: heartbeats fill the silences
+    cors: Tuple[Tuple[str, str], ...] = ()  # the CORS headers of its answers
     route: Optional[Route] = None
     wire: Optional[WireFormat] = None  # the format that parses it and shapes its errors
     caller: Optional[Caller] = None  # once authenticated
@@ -5697,12 +5700,6 @@ class Exchange:
     marks: Tuple[Tuple[str, str], ...] = ()  # what the wire format saw of the request: task=title, thinking=1/1
     folded_out: int = 0  # messages of the conversation its folded query had to leave out
     chunks: int = 0  # upstream answer events delivered
-
-    def __init__(self, request_id: str, started: float, cors: Tuple[Tuple[str, str], ...] = ()):
-        self.request_id = request_id
-        self.started = started  # when its request line came (monotonic)
-        self.last_write = started  # when the client was last sent bytes: heartbeats fill the silences
-        self.cors = cors  # the CORS headers of its answers
 
     @property
     def note(self) -> str:
@@ -6063,7 +6060,7 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
 
     def handle_one_request(self) -> None:
         now = time.monotonic()
-        self.exchange = exchange = Exchange(random_hex(8), now, self.server.browser.static_headers)
+        self.exchange = exchange = Exchange(random_hex(8), now, now, self.server.browser.static_headers)
         self.command = self.path = None  # not known until the request line is read
         self.raw_requestline, self.requestline, self.request_version = b"", "", self.default_request_version
         watchdog, stream = self.server.watchdog, self.rfile
