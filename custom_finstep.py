@@ -5160,9 +5160,6 @@ class HangupWatcher:
         self.watched = {}  # fd -> (socket, owner)
         self.fds = {}  # socket -> fd, since a closed socket forgets its fd
         self.epoll = select.epoll() if self.use_epoll else None
-        # Whether a socket may stay watched between its connection's requests: with epoll only
-        # a hang-up wakes the loop; elsewhere the next request's bytes would, every time.
-        self.lasting = self.epoll is not None
         self.selector = None if self.epoll else selectors.DefaultSelector()
         if self.epoll:
             self.epoll.register(self.waker.fileno(), select.EPOLLIN)
@@ -5183,6 +5180,13 @@ class HangupWatcher:
         except (KeyError, ValueError, OSError):
             return
         self.watched[fd], self.fds[sock] = (sock, owner), fd
+
+    def answered(self, sock: socket.socket) -> None:
+        """An answer on `sock`'s connection is over. With epoll the socket stays watched until its
+        connection ends (unwatch): only a hang-up wakes the loop. Elsewhere readiness also means
+        the next request's bytes, which would wake it every time: each answer is watched alone."""
+        if not self.epoll:
+            self.unwatch(sock)
 
     def unwatch(self, sock: socket.socket) -> None:
         fd = self.fds.pop(sock, None)
@@ -5282,16 +5286,14 @@ class Watchdog:
         """No more news of this request's client leaving: its answer's end is going out."""
         with self.lock:
             self.listening.discard(handler)
-            if not self.hangups.lasting:
-                self.hangups.unwatch(handler.connection)
+            self.hangups.answered(handler.connection)
 
     def forget(self, handler) -> None:
         with self.lock:
             self.deadlines.pop(handler, None)
             self.active.discard(handler)
             self.listening.discard(handler)
-            if not self.hangups.lasting:
-                self.hangups.unwatch(handler.connection)
+            self.hangups.answered(handler.connection)
 
     def disconnect(self, handler) -> None:
         """The handler's connection ends: it is watched no more."""
@@ -5998,6 +6000,9 @@ class RequestReading:
         return super().handle_expect_100()
 
 
+NOT_DATED = (0, "", b"")  # ProxyHandler.http_date before its first answer
+
+
 class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPRequestHandler):
     """One client connection, its requests one after another: each head read and checked,
     routed by the server's route table, refused by the browser policy or the key where it
@@ -6008,7 +6013,7 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
     sys_version = ""
 
     # (second, its Date value, the Server and Date fields as bytes): formatted once a second
-    http_date = (0, "", b"")
+    http_date = NOT_DATED
 
     def version_string(self) -> str:
         return self.server_version
@@ -6020,7 +6025,7 @@ class ProxyHandler(RequestReading, Routing, Endpoints, RequestLog, BaseHTTPReque
 
     def dated(self) -> Tuple[int, str, bytes]:
         now, kind = int(time.time()), type(self)
-        dated = kind.__dict__.get("http_date", (0, "", b""))  # each class its own: a subclass has its Server
+        dated = kind.__dict__.get("http_date", NOT_DATED)  # each class its own: a subclass has its Server
         if dated[0] != now:
             text = email.utils.formatdate(now, usegmt=True)
             dated = kind.http_date = (now, text, ("Server: %s\r\nDate: %s\r\n" % (

@@ -3803,11 +3803,7 @@ def test_without_stop_sequences_nothing_waits(proxy, upstream):
                    ev("DONE"))
     sock = post_raw(proxy.port, {"stream": True, "messages": [{"role": "user", "content": "q"}]})
     try:
-        data = b""
-        while "结尾是X".encode() not in data:  # arrives while the upstream is still held
-            piece = sock.recv(65536)
-            assert piece
-            data += piece
+        recv_until(sock, "结尾是X".encode())  # arrives while the upstream is still held
     finally:
         gate.set()
         sock.close()
@@ -3852,17 +3848,10 @@ def test_with_stop_sequences_only_a_possible_beginning_waits(proxy, upstream):
                    ev("DONE"))
     sock = post_raw(proxy.port, {"stream": True, "stop": ["XY"], "messages": [{"role": "user", "content": "q"}]})
     try:
-        data = b""
-        while "结尾是".encode() not in data:
-            piece = sock.recv(65536)
-            assert piece
-            data += piece
+        data = recv_until(sock, "结尾是".encode())
         assert b"X" not in data.partition(b"\r\n\r\n")[2].replace(b"X-", b"")  # held: it may begin XY
         gate.set()
-        while b"data: [DONE]" not in data:
-            piece = sock.recv(65536)
-            assert piece
-            data += piece
+        data = recv_until(sock, b"data: [DONE]", data)
         assert '"content":"XZ"' in data.decode()  # sent with the delta that showed it was no stop
     finally:
         gate.set()
