@@ -117,7 +117,6 @@ if __name__ == "__main__":
     restart_as_module()  # before the imports below, which would otherwise be done twice
 
 
-import argparse
 import base64
 import bisect
 import collections
@@ -423,7 +422,8 @@ def default_text(field: str) -> str:
     return str(value)
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser() -> "argparse.ArgumentParser":
+    import argparse  # here, not above: a start without flags (the usual one) needs none of it
     parser = argparse.ArgumentParser(
         prog="custom_finstep.py",
         description="Serve Finstep's chat API as an OpenAI-compatible API. "
@@ -442,10 +442,10 @@ def load_config(environ: Mapping[str, str], argv: Sequence[str]) -> Config:
 
     Flags override environment variables; an empty variable counts as unset.
     Raises ConfigError naming the bad setting (argparse exits on bad flags)."""
-    args = build_arg_parser().parse_args(list(argv))
-    values = {"demo": args.demo}
+    flags = vars(build_arg_parser().parse_args(list(argv))) if argv else {}
+    values = {"demo": flags.get("demo", False)}
     for setting in SETTINGS:
-        from_flag = getattr(args, setting.field)
+        from_flag = flags.get(setting.field)
         raw = from_flag if from_flag is not None else environ.get(setting.env, "")
         if from_flag is None and not raw.strip():
             continue
@@ -4111,10 +4111,51 @@ class UpstreamConnection:
 
 class UpstreamConnector:
     """Opens upstream connections: TCP, through a CONNECT tunnel where the route has one,
-    then TLS for https (certificates checked by `context`)."""
+    then TLS for https (certificates checked by `context`).
 
-    def __init__(self, context: Optional[ssl.SSLContext]):
-        self.context = context
+    Loading the system's CA bundle takes tens of milliseconds (and 1.3 MB): for a `tls`
+    upstream it is loaded on a thread of its own from the start, so the port opens without
+    waiting for it, and the first connection waits for it if it is not there yet; an http
+    upstream never loads it."""
+
+    make_context = staticmethod(ssl.create_default_context)  # the certificates trusted: the system's
+
+    def __init__(self, tls: bool):
+        self.tls = tls
+        self._context = None  # type: Optional[ssl.SSLContext]
+        self._failure = None  # type: Optional[Exception]
+        self._lock = threading.Lock()
+        self._loaded = threading.Event()
+        if tls:  # not a daemon: the interpreter must not finalise OpenSSL under it (a crash)
+            threading.Thread(target=self._load, name="tls-setup").start()
+        else:
+            self._loaded.set()
+
+    def _load(self) -> None:
+        context, failure = None, None
+        try:
+            context = self.make_context()
+        except Exception as exc:  # an upstream connection reports it, each time
+            failure = exc
+            log.error("cannot load the certificates to check the upstream's with: %s", exc)
+        with self._lock:
+            if not self._loaded.is_set():  # unless one was set meanwhile
+                self._context, self._failure = context, failure
+                self._loaded.set()
+
+    @property
+    def context(self) -> Optional[ssl.SSLContext]:
+        """The TLS context of https connections, once loaded (None for an http upstream)."""
+        self._loaded.wait()
+        if self._failure is not None:
+            raise OSError("no certificates to check the upstream's with: %s" % self._failure)
+        return self._context
+
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        with self._lock:
+            self._context, self._failure = context, None
+            self._loaded.set()
 
     def connect(self, route: UpstreamRoute, timeout: float) -> UpstreamConnection:
         """A new connection to `route`, connected (tunnelled, TLS set up) within `timeout`."""
@@ -6175,11 +6216,8 @@ class ProxyServer(ThreadingHTTPServer):
     def __init__(self, config: Config, handler=ProxyHandler):
         self.config = config
         self.started = int(time.time())
-        # Loading the CA bundle costs about 1.3 MB: only an https upstream needs it.
-        https = config.upstream_url.lower().startswith("https:")
-        self.ssl_context = ssl.create_default_context() if https else None
+        connector = self.upstream_connector = UpstreamConnector(config.upstream_url.lower().startswith("https:"))
         self.upstream_pool = UpstreamPool(config.upstream_idle)
-        connector = self.upstream_connector = UpstreamConnector(self.ssl_context)
         target = self.upstream_target = upstream_target(config.upstream_url, urllib.request.getproxies())
         if target is None:
             log.warning("the upstream is reached through a proxy of another scheme than its own, which is "
@@ -6215,6 +6253,11 @@ class ProxyServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
         self.watchdog = Watchdog(config.heartbeat, config.client_timeout)
+
+    @property
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        """The upstream's TLS context, once loaded; None for an http upstream."""
+        return self.upstream_connector.context
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.

@@ -586,6 +586,16 @@ def test_flags_override_environment():
     assert (config.port, config.reasoning, config.api_keys, config.demo) == (2, "content", ("b",), True)
 
 
+def test_no_flags_same_as_environment_alone_and_without_argparse():
+    env = {"PORT": "7", "FINSTEP_REASONING": "drop", "FINSTEP_API_KEY": "a"}
+    assert cf.load_config(env, []) == cf.load_config(env, ["--port", "7"])
+    assert cf.load_config(env, []).demo is False
+    check = ("import sys, custom_finstep as cf; config = cf.load_config({'PORT': '7'}, []); "
+             "print(config.port, 'argparse' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-S", "-c", check], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert ran.stdout.split() == ["7", "False"], ran.stderr  # a start without flags never imports it
+
+
 @pytest.mark.parametrize("env, argv, named", [
     ({"PORT": "abc"}, [], "PORT (--port) is not a number"),
     ({"PORT": "70000"}, [], "PORT (--port) must be from 0 to 65535"),
@@ -3876,8 +3886,16 @@ def test_tools_with_tool_choice_auto_are_accepted(proxy, upstream):
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "默认回答"
 
 
-def test_no_tls_context_for_an_http_upstream(proxy):
-    assert proxy.server.ssl_context is None
+def test_no_tls_context_for_an_http_upstream(monkeypatch):
+    loads = []
+    monkeypatch.setattr(cf.UpstreamConnector, "make_context", staticmethod(lambda: loads.append(1)))
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url="http://127.0.0.1:9/c", host="127.0.0.1", port=0))
+    try:
+        assert proxy.server.ssl_context is None and not proxy.server.upstream_connector.tls
+        assert proxy.request("GET", "/health")[0] == 200
+        assert loads == []  # the CA bundle is never loaded
+    finally:
+        proxy.close()
 
 
 def read_until_last_chunk(sock):
@@ -5820,6 +5838,47 @@ def test_https_upstream_streams(tls_upstream):
         status, _, body = proxy.chat(stream=True)
         assert status == 200 and joined(sse_payloads(body)) == "加密通道"
         assert tls_upstream.received[-1]["headers"]["Authorization"] == ENV_KEY
+    finally:
+        proxy.close()
+
+
+def test_https_port_opens_before_the_ca_bundle_is_loaded_and_the_first_connection_waits(tls_upstream, monkeypatch):
+    release, calls = threading.Event(), []
+
+    def slow_load():
+        calls.append(threading.current_thread().name)
+        release.wait(10)
+        return ssl.create_default_context(cadata=TEST_CERT)
+    monkeypatch.setattr(cf.UpstreamConnector, "make_context", staticmethod(slow_load))
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1", port=0,
+                            timeout=5.0))
+    try:
+        assert proxy.request("GET", "/health")[0] == 200  # served while the bundle is still loading
+        assert calls == ["tls-setup"]  # loaded once, on a thread of its own
+        tls_upstream.reply(*answer_events("等", "到"))
+        answers = []
+        asking = threading.Thread(target=lambda: answers.append(proxy.chat(stream=True)))
+        asking.start()
+        assert wait_until(lambda: proxy.server.metrics.in_flight == 1)  # asking, before the bundle is there
+        release.set()
+        asking.join(10)
+        status, _, body = answers[0]
+        assert status == 200 and joined(sse_payloads(body)) == "等到" and calls == ["tls-setup"]
+    finally:
+        release.set()
+        proxy.close()
+
+
+def test_https_upstream_when_the_ca_bundle_fails_to_load_is_502_and_logged(tls_upstream, monkeypatch, caplog):
+    def failing_load():
+        raise MemoryError("no room for the bundle")
+    monkeypatch.setattr(cf.UpstreamConnector, "make_context", staticmethod(failing_load))
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1", port=0))
+    try:
+        status, _, body = proxy.chat()
+        error = assert_error(status, body, 502, "upstream_unreachable")
+        assert "no room for the bundle" in error["message"] and not tls_upstream.received
+        wait_for_log(caplog, "cannot load the certificates")
     finally:
         proxy.close()
 
