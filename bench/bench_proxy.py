@@ -227,14 +227,16 @@ def start_upstream(port: int, tls: bool = False):
     return process, port
 
 
-def start_proxy(upstream_port: int, command=None, cwd=None, tls=False, **settings):
+def start_proxy(upstream_port: int, command=None, cwd=None, tls=False, system_ca=False, **settings):
     """The proxy as a user runs it (`python custom_finstep.py` unless `command` says otherwise);
-    returns (process, port, seconds from start to listening)."""
+    returns (process, port, seconds from start to listening). With `tls` its upstream is
+    https and trusts the fake upstream's certificate; `system_ca` leaves it the system's
+    CA bundle instead, as in a deployment (no request then reaches the fake upstream)."""
     port = free_port()
     environment = dict(os.environ, FINSTEP_API_KEY="bench-key", FINSTEP_API_URL="%s://127.0.0.1:%d/completion"
                        % ("https" if tls else "http", upstream_port), HOST="127.0.0.1", PORT=str(port),
                        FINSTEP_MAX_STREAMS="4000", LOG_LEVEL="WARNING", **settings)
-    if tls:
+    if tls and not system_ca:
         environment["SSL_CERT_FILE"] = CERTIFICATE  # trust the fake upstream's certificate, as a CA
     began = time.monotonic()
     process = subprocess.Popen(command or [sys.executable, PROXY_SCRIPT], env=environment,
@@ -253,12 +255,18 @@ def lay_out_image(script: str, folder: str) -> str:
     return copy
 
 
+# The ways the proxy is started for its footprint: (name, as a module, an https upstream with
+# the system's CA bundle as a deployment has it; the benchmark's own upstream is plain http).
+START_WAYS = (("script", False, False), ("module", True, False), ("module_https", True, True))
+
+
 def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
-    """Idle memory and start-up time of both ways to run the proxy: as a script, and as the
-    Docker image does, `python -m custom_finstep` from bytecode compiled at build time; with
-    several `starts`, the median of each figure (start-up swings by tens of milliseconds).
-    Several `scripts` (versions of custom_finstep.py) take turns, start by start: {script: figures}."""
-    figures = {script: {"script": [], "module": []} for script in scripts}
+    """Idle memory and start-up time of the ways to run the proxy (START_WAYS): as a script,
+    and as the Docker image does, `python -m custom_finstep` from bytecode compiled at build
+    time; with several `starts`, the median of each figure (start-up swings by tens of
+    milliseconds). Several `scripts` (versions of custom_finstep.py) take turns, start by
+    start: {script: figures}."""
+    figures = {script: {name: [] for name, _, _ in START_WAYS} for script in scripts}
     with tempfile.TemporaryDirectory() as root:
         images = {}
         for index, script in enumerate(scripts):
@@ -268,9 +276,10 @@ def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
         time.sleep(1.1)  # bytecode from an earlier start (or the image build), as the proxy tells by its age
         for _ in range(starts):
             for script, image in images.items():
-                for name, command in (("script", [sys.executable, os.path.join(image, "custom_finstep.py")]),
-                                      ("module", [sys.executable, "-m", "custom_finstep"])):
-                    process, _, startup = start_proxy(upstream_port, command, cwd=image)
+                for name, as_module, https in START_WAYS:
+                    command = [sys.executable] + (["-m", "custom_finstep"] if as_module else
+                                                  [os.path.join(image, "custom_finstep.py")])
+                    process, _, startup = start_proxy(upstream_port, command, cwd=image, tls=https, system_ca=True)
                     time.sleep(0.3)  # settled, idle
                     figures[script][name].append((memory_kb(process.pid, "VmRSS") / 1024, startup * 1000))
                     process.kill()
@@ -635,8 +644,9 @@ def report(results, names) -> None:
     print("\nmany open streams: %d/%d completed through the proxy (%d/%d direct), proxy peak RSS %.1f MB"
           % (many["completed"], many["streams"], direct["completed"], direct["streams"], many["peak_rss_mb"]))
     for title, figures in (("", foot), ("the other version, ", results.get("footprint_other"))):
-        for name, label in (("script", "python custom_finstep.py"), ("module", "python -m custom_finstep (Docker)")):
-            if figures:
+        for name, label in (("script", "python custom_finstep.py"), ("module", "python -m custom_finstep (Docker)"),
+                            ("module_https", "python -m custom_finstep, https upstream (its CA bundle)")):
+            if figures and name in figures:
                 print("footprint, %s%s: idle RSS %.1f MB, start to listening %.0f ms%s"
                       % (title, label, figures[name]["idle_rss_mb"], figures[name]["startup_ms"],
                          " (medians of %d starts)" % figures[name]["starts"] if figures[name]["starts"] > 1 else ""))
