@@ -3155,8 +3155,11 @@ def conversation_fingerprint(key: str, user: Optional[str], turns: Sequence[Tupl
     """A digest of a conversation, keyed by caller and `user`, so callers never share one. Only
     its questions and answers count: system text is instructions, which clients change from
     turn to turn (Claude Code's reminders and agent lists, a date in a system prompt)."""
-    turns = [turn for turn in turns if turn[0] != "system"]
-    return hashlib.sha256(_dumps([key, user, turns]).encode("utf-8")).hexdigest()
+    # _dumps([key, user, turns]) written out, byte for byte: a digest remembered (in Redis too)
+    # by an earlier version still matches.
+    material = "[%s,%s,[%s]]" % (_json_string(key), "null" if user is None else _json_string(user), ",".join([
+        "[%s,%s]" % (_json_string(role), _json_string(text)) for role, text in turns if role != "system"]))
+    return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
 def explicit_session_id(key: str, caller: str, name: str) -> str:
@@ -3883,9 +3886,9 @@ class ChunkedDecoder:
         left, crlf, trailer, done = self.left, self.crlf, self.trailer, self.done  # locals: once per event
         find = buffer.find
         if not (left or crlf or trailer or done):
-            # Whole chunks, as an upstream writes them (an event each), taken in a short loop;
-            # the first that is not (cut off, the last, with an extension, malformed) is left to
-            # the loop below, which reads anything.
+            # Whole chunks, as an upstream writes them (an event each), and the last chunk with
+            # no trailer, taken in a short loop; the first that is not (cut off, with an
+            # extension or a trailer, malformed) is left to the loop below, which reads anything.
             while True:
                 newline = find(b"\n", position)
                 if newline < 0:
@@ -3896,6 +3899,9 @@ class ChunkedDecoder:
                     break
                 after = newline + 1 + size
                 if size <= 0 or after + 2 > end or buffer[after:after + 2] != b"\r\n":
+                    if size == 0 and buffer[newline + 1:newline + 3] == b"\r\n":  # the last chunk, no trailer
+                        self.done, self.buffer = True, buffer[newline + 3:]
+                        return b"".join(out)
                     break
                 out.append(buffer[newline + 1:after])
                 position = after + 2
@@ -4517,14 +4523,21 @@ def upstream_error_message(payload, fallback: str) -> str:
 _HEADER_VALUE = re.compile(FIELD_VALUE)
 
 
-def upstream_request(target: UpstreamTarget, key: str, body: bytes) -> bytes:
-    """A whole upstream request, head and body, for one write; the key goes in as one
-    header value or not at all (ProxyError 401)."""
+@functools.lru_cache(maxsize=64)  # as key_digest: the same few keys, request after request
+def key_as_header_value(key: str) -> Optional[bytes]:
+    """A key as the bytes of a header value, or None when a header cannot carry it."""
     try:
         encoded = key.encode("latin-1")
     except UnicodeEncodeError:
-        encoded = b"\n"  # refused below, as any key a header cannot carry
-    if _HEADER_VALUE.fullmatch(encoded) is None:
+        return None
+    return encoded if _HEADER_VALUE.fullmatch(encoded) else None
+
+
+def upstream_request(target: UpstreamTarget, key: str, body: bytes) -> bytes:
+    """A whole upstream request, head and body, for one write; the key goes in as one
+    header value or not at all (ProxyError 401)."""
+    encoded = key_as_header_value(key)
+    if encoded is None:
         raise ProxyError(401, "The API key has characters an HTTP header cannot carry", code="invalid_api_key")
     return b"%sAuthorization: %s\r\nContent-Length: %d\r\n\r\n%s" % (target.head, encoded, len(body), body)
 
@@ -5997,9 +6010,9 @@ class RequestReading:
         if exchange.body is not None:
             return
         exchange.body = BodyReader((NO_BODY, 0), self.server.config.max_body, self.server.body_budget)
-        given = (self.headers.get("X-Request-Id") or "").strip()
-        if _REQUEST_ID.fullmatch(given):
-            exchange.request_id = given
+        given = self.headers.get("X-Request-Id")
+        if given and _REQUEST_ID.fullmatch(given.strip()):
+            exchange.request_id = given.strip()
         if self.rfile.malformed or self.request_version == "HTTP/0.9":
             self.close_connection = True
             raise _invalid("Malformed header line" if self.rfile.malformed else "HTTP/0.9 is not supported", None)

@@ -1714,6 +1714,20 @@ def test_fingerprint_depends_on_key_user_and_turns():
     assert base != cf.conversation_fingerprint("k", None, turns[:1])
 
 
+@pytest.mark.parametrize("key, user, turns", [
+    ("k", None, ()),
+    ("caller:1", "u", (("user", "q"), ("assistant", "a"))),
+    ("c", None, (("system", "s"), ("user", "q"), ("system", "agents"), ("assistant", "a"), ("user", "again"))),
+    ('k"\\', 'u"\n\t\x00\x1f\x7f', (("user", '引号 " 反斜杠 \\ 换行\n \u2028 \U0001F600'), ("assistant", "</script>"))),
+    ("", "", (("user", ""),)),
+])
+def test_fingerprint_is_the_digest_of_the_json_earlier_versions_remembered(key, user, turns):
+    # Digests remembered (in Redis too) by a version that hashed json.dumps of these must still match.
+    earlier = json.dumps([key, user, [list(turn) for turn in turns if turn[0] != "system"]], ensure_ascii=False,
+                         separators=(",", ":"))
+    assert cf.conversation_fingerprint(key, user, turns) == hashlib.sha256(earlier.encode("utf-8")).hexdigest()
+
+
 def test_explicit_session_id_is_stable_hex_and_per_key_and_caller():
     sid = cf.explicit_session_id("k", "caller-a", "conv-1")
     assert re.fullmatch(r"[0-9a-f]{32}", sid) and sid == cf.explicit_session_id("k", "caller-a", "conv-1")
