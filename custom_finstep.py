@@ -848,6 +848,16 @@ def fields_of(lines: Sequence[bytes]) -> Headers:
     return Headers(filter(None, map(header_field, lines)))  # a line that is no field gives None
 
 
+def checked_fields_of(lines: Sequence[bytes]) -> Headers:
+    """fields_of for lines that split_head found all to be fields (_HEADER_BLOCK matched
+    them: a token, a colon, a value of no control character but tab), with its bound: none
+    is skipped, and only the blanks around a value are stripped."""
+    if len(lines) > MAX_HEAD_FIELDS:
+        raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
+    return Headers([(name, value.strip(" \t")) for name, _, value in
+                     [line.decode("latin-1").partition(":") for line in lines]])
+
+
 def read_headers(rfile) -> Headers:
     """The header fields of a request head, read line by line up to its blank line;
     HeadTooLong for a line past MAX_HEAD_LINE, OverflowError past MAX_HEAD_FIELDS lines."""
@@ -5972,7 +5982,10 @@ class RequestReading:
         if self.path.startswith("//"):
             self.path = "/" + self.path.lstrip("/")  # not a network path to whatever reads it later
         try:
-            self.headers = read_headers(self.rfile) if self.field_lines is None else fields_of(self.field_lines)
+            if self.field_lines is None:
+                self.headers = read_headers(self.rfile)
+            else:  # found whole by split_head: checked already, unless malformed
+                self.headers = (fields_of if self.rfile.malformed else checked_fields_of)(self.field_lines)
         except HeadTooLong:
             self.send_error(431, "Line too long")
             return False

@@ -795,6 +795,26 @@ def test_a_whole_head_reads_as_line_by_line(raw):
     assert whole.malformed == reader.malformed
 
 
+@pytest.mark.parametrize("raw", [raw for raw in HEADS if not cf.split_head(raw).malformed] + [
+    b"GET / HTTP/1.1\r\nX-A:\t a b \t\r\nx-a: 2\r\nHost:a\r\nE: \xff\x80\r\nN:\r\nW: \xa0v\x85\r\n"
+    + b"K: v\r\n" * 94 + b"\r\n",  # \xa0 and \x85: blanks to str.strip(), not to HTTP
+    b"GET / HTTP/1.1\r\n" + b"K: v\r\n" * 101 + b"\r\n",  # one field too many
+])
+def test_checked_fields_are_the_fields_of_a_whole_head_that_is_not_malformed(raw):
+    # A malformed head is read by fields_of alone (and refused).
+    whole = cf.split_head(raw)
+    assert not whole.malformed
+    try:
+        expected = cf.fields_of(whole.field_lines)
+    except OverflowError:
+        with pytest.raises(OverflowError):
+            cf.checked_fields_of(whole.field_lines)
+        return
+    checked = cf.checked_fields_of(whole.field_lines)
+    assert checked.items() == expected.items() and checked.first == expected.first
+    assert checked.repeated == expected.repeated
+
+
 @pytest.mark.parametrize("buffered", [
     b"GET / HTTP/1.1\r\nHost: a\r\n",  # not all there yet
     b"GET / HTTP/1.1\nHost: a\n\n", b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",  # a bare LF: line by line
