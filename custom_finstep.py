@@ -572,14 +572,20 @@ class KeyFilter(logging.Filter):
         hiding = self.keys or secret
         message = record.getMessage()
         # The line as shown, once: the formatter takes it as it is (no second % of the arguments).
-        record.msg, record.args = printable(self.hide(message, secret) if hiding else message), ()
+        shown = printable(self.hide(message, secret) if hiding else message)
+        record.msg, record.args = shown, ()
         if record.exc_info and not record.exc_text:  # a traceback is text too
             text = logging.Formatter().formatException(record.exc_info)
             record.exc_text = printable(self.hide(text, secret) if hiding else text, lines=True)
         fields = getattr(record, "fields", None)
-        if fields and self.to_clean([value for value in fields.values() if isinstance(value, str)], secret):
-            record.fields = {name: printable(self.hide(value, secret) if hiding else value)
-                             if isinstance(value, str) else value for name, value in fields.items()}
+        if fields:
+            texts = [value for value in fields.values() if isinstance(value, str)]
+            # Part of a line that needed no cleaning, a text needs none: a request's fields are
+            # pieces of its line (client, path, note ...), so this is one look, not a search.
+            clean = shown == message and all(text in message for text in texts)
+            if not clean and self.to_clean(texts, secret):
+                record.fields = {name: printable(self.hide(value, secret) if hiding else value)
+                                 if isinstance(value, str) else value for name, value in fields.items()}
         return True
 
     def to_clean(self, texts: List[str], secret: Optional[str]) -> bool:

@@ -687,6 +687,23 @@ def test_log_fields_are_cleaned_when_they_need_it(fields, secret, shown):
     assert cf.KeyFilter((KEY,)).filter(record) and record.fields == shown
 
 
+@pytest.mark.parametrize("message, fields, shown", [
+    # A line that needed no cleaning, its fields pieces of it: nothing to clean.
+    ("1.2.3.4 POST /v1/x 200 session=new", {"client": "1.2.3.4", "path": "/v1/x", "note": "session=new", "n": 3},
+     {"client": "1.2.3.4", "path": "/v1/x", "note": "session=new", "n": 3}),
+    # A clean line, and a field that is no piece of it: cleaned all the same.
+    ("1.2.3.4 POST /v1/x 200", {"path": "/v1/x", "error": "said " + KEY}, {"path": "/v1/x", "error": "said ****"}),
+    ("1.2.3.4 GET /", {"path": "/v1/\x1b[31m"}, {"path": "/v1/\\x1b[31m"}),
+    # A line that needed cleaning, its fields pieces of it: they are cleaned too.
+    ("GET /v1/\x1b[31m 200", {"path": "/v1/\x1b[31m"}, {"path": "/v1/\\x1b[31m"}),
+    ("GET /" + KEY + " 200", {"path": "/" + KEY}, {"path": "/****"}),
+])
+def test_log_fields_that_are_pieces_of_a_clean_line_are_clean(message, fields, shown):
+    record = logging.LogRecord("custom_finstep", logging.INFO, __file__, 1, "%s", (message,), None)
+    record.fields, record.secret = fields, None
+    assert cf.KeyFilter((KEY,)).filter(record) and record.fields == shown
+
+
 @pytest.mark.parametrize("text, shown", [
     ("plain text, 中文", "plain text, 中文"),
     ("\x1b[31mred", "\\x1b[31mred"),
