@@ -4518,6 +4518,24 @@ def upstream_event(line: bytes) -> Optional[UpstreamEvent]:
     return event
 
 
+def events_of_read(pending: bytes, data: bytes) -> Tuple[List[UpstreamEvent], List[bytes], bytes]:
+    """The events of an upstream read `data` that follows `pending` (the start of a line it
+    ends): (the events, the `data:` lines that carried none, the start of the line after
+    them); UpstreamBroken past MAX_UPSTREAM_LINE bytes of a line."""
+    lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
+    rest = lines.pop()
+    if len(rest) > MAX_UPSTREAM_LINE:
+        raise UpstreamBroken("a line longer than %d bytes" % MAX_UPSTREAM_LINE)
+    events, skipped = [], []
+    for line in lines:
+        event = upstream_event(line)
+        if event is not None:
+            events.append(event)
+        elif line.startswith(b"data:"):
+            skipped.append(line)
+    return events, skipped, rest
+
+
 def upstream_error_message(payload, fallback: str) -> str:
     """The human message in an upstream error payload (a dict or raw bytes), cut short."""
     if isinstance(payload, bytes):
@@ -4621,6 +4639,10 @@ class UpstreamCall:
         self.before_wait = None  # called before a read of the body that may wait (the pipeline sends what it holds)
         self.last_skipped = b""  # the last `data:` line that was no event: an error, perhaps
         self._read = None  # the body reader, once the body is being read
+        self._reader = None  # the connection's buffered reader, once the body is being read
+        self._pending = b""  # the start of a line whose end is still to come
+        self._ended = False  # the body's end was read: next_events has no more
+        self._debug = False  # skipped lines are logged
         self._decoder = None  # type: Optional[ChunkedDecoder]
         self._recycled = False  # the connection went back to the pool: no longer ours to close
         self._rest_budget = MAX_SETTLE_BYTES
@@ -4728,78 +4750,80 @@ class UpstreamCall:
         read1 on an empty buffer allocates a fresh READ_SIZE bytes object per read instead,
         which across a thousand streams' threads costs some 40 MB of heap. A read takes all
         the buffer holds, so only the first (when bytes came with the head) never waits."""
-        buffered = self.connection.reader
-
-        def about_to_read() -> None:
-            if self.in_hand:
-                self.in_hand = False
-            elif self.before_wait is not None:
-                self.before_wait()
-
+        self._reader = self.connection.reader
         if not self.chunked:  # Content-Length, or to the stream's end
-            def read() -> bytes:
-                left = self.left
-                if left == 0:
-                    return b""
-                about_to_read()
-                if not buffered.peek(1):
-                    return b""
-                data = buffered.read1(READ_SIZE if left is None else min(left, READ_SIZE))
-                if left is not None:
-                    self.left = left - len(data)
-                return data
-            return read
-        decoder = self._decoder = ChunkedDecoder()
+            return self.read_plain
+        self._decoder = ChunkedDecoder()
+        return self.read_chunked
 
-        def read_chunked() -> bytes:
-            while not decoder.done:
-                about_to_read()
-                if not buffered.peek(1):
-                    raise UpstreamBroken("IncompleteRead")
-                payload = decoder.feed(buffered.read1(READ_SIZE))
-                if payload:
-                    return payload
+    def about_to_read(self) -> None:
+        if self.in_hand:
+            self.in_hand = False
+        elif self.before_wait is not None:
+            self.before_wait()
+
+    def read_plain(self) -> bytes:
+        left = self.left
+        if left == 0:
             return b""
-        return read_chunked
+        self.about_to_read()
+        reader = self._reader
+        if not reader.peek(1):
+            return b""
+        data = reader.read1(READ_SIZE if left is None else min(left, READ_SIZE))
+        if left is not None:
+            self.left = left - len(data)
+        return data
 
-    def events(self) -> Iterator[List[UpstreamEvent]]:
-        """The parsed events of each read, as soon as a read returns."""
-        pending = b""
-        debug = log.isEnabledFor(logging.DEBUG)
-        try:
+    def read_chunked(self) -> bytes:
+        decoder, reader = self._decoder, self._reader
+        while not decoder.done:
+            self.about_to_read()
+            if not reader.peek(1):
+                raise UpstreamBroken("IncompleteRead")
+            payload = decoder.feed(reader.read1(READ_SIZE))
+            if payload:
+                return payload
+        return b""
+
+    def next_events(self) -> Optional[List[UpstreamEvent]]:
+        """The parsed events of the next read that brings any, the moment it returns; None
+        once the body has ended. (Not a generator: one left at DONE, as nearly every answer
+        leaves it, would be closed by an exception thrown into it.)"""
+        if self._ended:
+            return None
+        read = self._read
+        if read is None:
             read = self._read = self.body_reader()
+            self._debug = log.isEnabledFor(logging.DEBUG)
+        try:
             while True:
                 data = read()
                 if not data:
                     break
-                lines = (pending + data).split(b"\n") if pending else data.split(b"\n")
-                pending = lines.pop()
-                if len(pending) > MAX_UPSTREAM_LINE:
-                    raise UpstreamBroken("a line longer than %d bytes" % MAX_UPSTREAM_LINE)
-                batch = []
-                for line in lines:
-                    event = upstream_event(line)
-                    if event is not None:
-                        batch.append(event)
-                    elif line.startswith(b"data:"):
-                        self.last_skipped = line[5:4101]
-                        if debug:
+                batch, skipped, self._pending = events_of_read(self._pending, data)
+                if skipped:
+                    self.last_skipped = skipped[-1][5:4101]
+                    if self._debug:
+                        for line in skipped:
                             log.debug("skipped upstream line: %r", line[:200], extra={"secret": self.key})
                 if batch:
                     self.events_seen += len(batch)
-                    yield batch
+                    return batch
         except (socket.timeout, TimeoutError):
             raise self.timeout_error() from None
         except (OSError, ValueError) as exc:
             raise UpstreamBroken(exc.__class__.__name__) from None
+        self._ended = True
         if self._aborted:
             raise UpstreamBroken("aborted")
         if self.left:  # Content-Length promised more than arrived
             raise UpstreamBroken("IncompleteRead")
-        event = upstream_event(pending)
-        if event is not None:
-            self.events_seen += 1
-            yield [event]
+        event = upstream_event(self._pending)
+        if event is None:
+            return None
+        self.events_seen += 1
+        return [event]
 
     def body_done(self) -> bool:
         """The response was read to its clean end, and nothing came after it."""
@@ -5531,7 +5555,9 @@ class AnswerPipeline:
         upstream, route = exchange.upstream, answer.route
         phase, delivered = None, 0
         try:
-            for batch in upstream.events():
+            next_events = upstream.next_events
+            batch = next_events()
+            while batch is not None:
                 events = []
                 for status, kind, text in batch:
                     if status == RESPONSING:
@@ -5564,6 +5590,7 @@ class AnswerPipeline:
                         phase = None
                 if events:
                     yield events
+                batch = next_events()
         except UpstreamBroken as exc:
             raise ProxyError(502, "The upstream connection broke before the answer was complete (%s)"
                              % exc, code="upstream_disconnected") from None

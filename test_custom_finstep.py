@@ -2179,6 +2179,29 @@ def test_parse_upstream_event(line, event):
     assert cf.parse_upstream_event(line) == event
 
 
+TEXT_LINE = b'data:{"status": "RESPONSING", "type": "text", "text": "a"}'
+
+
+@pytest.mark.parametrize("pending, data, events, skipped, rest", [
+    (b"", b"", [], [], b""),
+    (b"", TEXT_LINE + b"\n", [("RESPONSING", "text", "a")], [], b""),
+    (b"", TEXT_LINE[:9], [], [], TEXT_LINE[:9]),  # a line's start: kept for the next read
+    (TEXT_LINE[:9], TEXT_LINE[9:] + b"\ndata:{\"status\": \"DONE\"}\n",
+     [("RESPONSING", "text", "a"), ("DONE", None, None)], [], b""),
+    (b"", b'data: oops\n: ping\nevent: x\n\ndata:{"status": "THINKING"}\r\ndata:{"stat', [("THINKING", None, None)],
+     [b"data: oops"], b'data:{"stat'),  # a comment, another field, a blank line: skipped, not reported
+    (b"", b"data: [1]\ndata: {}\n", [], [b"data: [1]", b"data: {}"], b""),
+])
+def test_events_of_read(pending, data, events, skipped, rest):
+    assert cf.events_of_read(pending, data) == (events, skipped, rest)
+
+
+def test_events_of_read_refuses_an_endless_line():
+    assert cf.events_of_read(b"x" * cf.MAX_UPSTREAM_LINE, b"\n")[2] == b""
+    with pytest.raises(cf.UpstreamBroken):
+        cf.events_of_read(b"x" * cf.MAX_UPSTREAM_LINE, b"y")
+
+
 @pytest.mark.parametrize("payload, message", [
     ({"message": "m"}, "m"), ({"msg": "m2"}, "m2"), ({"error": {"message": "nested"}}, "nested"),
     ({"code": 1}, "fallback"), (b'{"msg": "from bytes"}', "from bytes"), (b"plain text", "plain text"),
