@@ -1440,7 +1440,9 @@ class BrowserPolicy:
 
 # --- Wire formats: a request body in, the pipeline's events out as bytes ------------------
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen, though nothing changes a request once parsed (replace() makes another): a frozen
+# dataclass's __init__ sets each field through object.__setattr__, 5 us a request here, not 1.
+@dataclasses.dataclass
 class AnswerRequest:
     """What the pipeline needs of a request, whatever its wire format."""
     messages: Tuple[Tuple[str, str], ...]  # (role, text), in order; at least one user message has text
@@ -1868,7 +1870,7 @@ class WireFormat:
 
 # --- Wire formats: OpenAI's chat completions ----------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ChatRequest(AnswerRequest):
     model: str = ""
     include_usage: bool = False
@@ -2068,7 +2070,7 @@ class ChatCompletionsFormat(WireFormat):
 AGUI_ROLES = ("user", "assistant", "system", "developer")  # tool, reasoning, activity: not conversation
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class AguiRequest(AnswerRequest):
     thread_id: str = ""
     run_id: str = ""
@@ -2172,7 +2174,7 @@ RESPONSES_ECHO = ("instructions", "metadata", "parallel_tool_calls", "tool_choic
                   "top_p", "max_output_tokens", "store", "user", "truncation", "reasoning", "service_tier")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ResponsesRequest(AnswerRequest):
     model: str = ""
     new_input: Tuple[Tuple[str, str], ...] = ()  # this request's own input items, as (role, text)
@@ -2499,7 +2501,7 @@ ANTHROPIC_SKIPPED_BLOCKS = ("thinking", "redacted_thinking", "tool_use", "tool_r
                             "web_search_tool_result")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class MessagesRequest(AnswerRequest):
     model: str = ""
     thinking: Tuple[Tuple[str, str], ...] = ()  # (text, signature) of the thinking blocks sent back
