@@ -6320,6 +6320,10 @@ class ProxyServer(ThreadingHTTPServer):
         """The upstream's TLS context, once loaded; None for an http upstream."""
         return self.upstream_connector.context
 
+    @ssl_context.setter
+    def ssl_context(self, context: ssl.SSLContext) -> None:
+        self.upstream_connector.context = context
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, a DNS lookup that can stall start-up.
         socketserver.TCPServer.server_bind(self)

@@ -5901,7 +5901,7 @@ def tls_proxy(tls_upstream, **overrides):
     proxy = Proxy(cf.Config(**dict(dict(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1",
                                         port=0, timeout=2.0, client_timeout=1.0), **overrides)))
     assert proxy.server.ssl_context is not None  # an https upstream gets a TLS context
-    proxy.server.upstream_connector.context = ssl.create_default_context(cadata=TEST_CERT)  # trust it
+    proxy.server.ssl_context = ssl.create_default_context(cadata=TEST_CERT)  # trust it
     return proxy
 
 
