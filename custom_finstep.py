@@ -4170,7 +4170,12 @@ class UpstreamConnector:
     @property
     def context(self) -> Optional[ssl.SSLContext]:
         """The TLS context of https connections, once loaded (None for an http upstream)."""
-        self._loaded.wait()
+        return self.context_within(None)
+
+    def context_within(self, timeout: Optional[float]) -> Optional[ssl.SSLContext]:
+        """`context`, waiting at most `timeout` seconds for it (OSError after that)."""
+        if not self._loaded.wait(timeout):
+            raise OSError("the certificates to check the upstream's with did not load within %g seconds" % timeout)
         if self._failure is not None:
             raise OSError("no certificates to check the upstream's with: %s" % self._failure)
         return self._context
@@ -4187,6 +4192,7 @@ class UpstreamConnector:
         address = split_authority(route.host, 443 if https else 80)
         if address is None:
             raise OSError("no valid host and port in %r" % route.host)
+        context = self.context_within(timeout) if https else None
         sock = socket.create_connection(address, timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the request is one write
@@ -4194,7 +4200,7 @@ class UpstreamConnector:
             if route.tunnel:
                 server_name = self.tunnel(sock, route)
             if https:
-                sock = self.context.wrap_socket(sock, server_hostname=server_name)
+                sock = context.wrap_socket(sock, server_hostname=server_name)
         except BaseException:
             sock.close()
             raise
@@ -6569,18 +6575,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exc:  # argparse: --help, --version, an unknown flag
         return exc.code if isinstance(exc.code, int) else 2
     configure_logging(config)
-    if config.demo:
-        demo = start_demo_upstream()
-        config = dataclasses.replace(config, api_keys=config.api_keys or ("demo-key",),
-                                     upstream_url="http://127.0.0.1:%d/demo" % demo.server_address[1])
-    try:
-        server = ProxyServer(config)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
-        return 1
-    # The handler takes no lock: it runs in the main thread between two of its steps, and setting
-    # an Event there deadlocked when the signal came while wait() held that Event's own lock.
-    # The interpreter writes each signal's number to `wake_writer` at once, which ends the wait.
+    # Stop signals are caught before the port opens, so one that comes as it opens stops the
+    # proxy cleanly. The handler takes no lock: it runs in the main thread between two of its
+    # steps, and setting an Event there deadlocked when the signal came while wait() held that
+    # Event's own lock. The interpreter writes each signal's number to `wake_writer` at once,
+    # which ends the wait.
     stopping = []  # the signals received
     wake_reader, wake_writer = socket.socketpair()
     wake_reader.setblocking(False)
@@ -6594,6 +6593,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
     signal.set_wakeup_fd(wake_writer.fileno())
+    if config.demo:
+        demo = start_demo_upstream()
+        config = dataclasses.replace(config, api_keys=config.api_keys or ("demo-key",),
+                                     upstream_url="http://127.0.0.1:%d/demo" % demo.server_address[1])
+    try:
+        server = ProxyServer(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return 1
     worker = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="server")
     worker.start()
     log.info("custom_finstep %s listening on http://%s:%d%s, upstream %s, key %s, reasoning=%s, sessions=%s",

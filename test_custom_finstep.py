@@ -5943,6 +5943,29 @@ def test_https_port_opens_before_the_ca_bundle_is_loaded_and_the_first_connectio
         proxy.close()
 
 
+def test_a_ca_bundle_that_does_not_load_in_time_is_a_502_within_the_connect_timeout(tls_upstream, monkeypatch):
+    release = threading.Event()
+
+    def hung_load():
+        release.wait(10)  # a stuck mount, say
+        return ssl.create_default_context(cadata=TEST_CERT)
+    monkeypatch.setattr(cf.UpstreamConnector, "make_context", staticmethod(hung_load))
+    proxy = Proxy(cf.Config(api_keys=(ENV_KEY,), upstream_url=tls_upstream.url, host="127.0.0.1", port=0,
+                            connect_timeout=0.2))
+    try:
+        status, _, body = proxy.chat()
+        error = assert_error(status, body, 502, "upstream_unreachable")
+        assert "did not load within 0.2 seconds" in error["message"] and not tls_upstream.received
+        release.set()
+        assert proxy.server.ssl_context is not None  # loaded now
+        tls_upstream.reply(*answer_events("后", "来"))
+        status, _, body = proxy.chat()
+        assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == "后来"
+    finally:
+        release.set()
+        proxy.close()
+
+
 def test_https_upstream_when_the_ca_bundle_fails_to_load_is_502_and_logged(tls_upstream, monkeypatch, caplog):
     def failing_load():
         raise MemoryError("no room for the bundle")
@@ -6872,6 +6895,30 @@ def test_signal_stops_the_server_cleanly(signum):
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_the_moment_the_port_opens_stops_cleanly(signum):
+    # The handlers are in place before the port opens: a signal then used to kill the proxy
+    # (SIGTERM) or end it with a traceback (SIGINT), most often with an https upstream, whose
+    # CA bundle loads beside the start.
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FINSTEP_", "PROXY_", "LOG_"))}
+    environment.update(FINSTEP_API_KEY=ENV_KEY, FINSTEP_API_URL="https://127.0.0.1:9/c")
+    for _ in range(3):
+        port = free_port()
+        process = subprocess.Popen([sys.executable, SCRIPT, "--host", "127.0.0.1", "--port", str(port)],
+                                   stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
+        try:
+            deadline = time.monotonic() + 30
+            while not port_open(port):  # no pause between looks: the signal goes the moment it opens
+                assert process.poll() is None and time.monotonic() < deadline, "the port never opened"
+            process.send_signal(signum)
+            _, err = process.communicate(timeout=10)
+            assert process.returncode == 0, err.decode()[-500:]
+            assert b"stopping: requests in flight" in err and b"Traceback" not in err
+        finally:
+            process.kill()
+            process.wait()
 
 
 def test_the_script_restarts_as_a_module_in_the_same_process():
