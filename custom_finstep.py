@@ -846,22 +846,17 @@ class Headers:
         return len(self.fields)
 
 
-def fields_of(lines: Sequence[bytes]) -> Headers:
+def fields_of(lines: Sequence[bytes], checked: bool = False) -> Headers:
     """Headers from a head's field lines, those that are fields; OverflowError past
-    MAX_HEAD_FIELDS lines, as http.server counts them, fields or not."""
+    MAX_HEAD_FIELDS lines, as http.server counts them, fields or not. `checked`: split_head
+    found every line a field (_HEADER_BLOCK matched them: a token, a colon, a value of no
+    control character but tab), so none is skipped and only the blanks around a value go."""
     if len(lines) > MAX_HEAD_FIELDS:
         raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
+    if checked:  # one comprehension, no call or check per line
+        return Headers([(name, value.strip(" \t")) for name, _, value in
+                        [line.decode("latin-1").partition(":") for line in lines]])
     return Headers(filter(None, map(header_field, lines)))  # a line that is no field gives None
-
-
-def checked_fields_of(lines: Sequence[bytes]) -> Headers:
-    """fields_of for lines that split_head found all to be fields (_HEADER_BLOCK matched
-    them: a token, a colon, a value of no control character but tab), with its bound: none
-    is skipped, and only the blanks around a value are stripped."""
-    if len(lines) > MAX_HEAD_FIELDS:
-        raise OverflowError("more than %d header fields" % MAX_HEAD_FIELDS)
-    return Headers([(name, value.strip(" \t")) for name, _, value in
-                     [line.decode("latin-1").partition(":") for line in lines]])
 
 
 def read_headers(rfile) -> Headers:
@@ -4172,6 +4167,12 @@ class UpstreamConnector:
         """The TLS context of https connections, once loaded (None for an http upstream)."""
         return self.context_within(None)
 
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        with self._lock:
+            self._context, self._failure = context, None
+            self._loaded.set()
+
     def context_within(self, timeout: Optional[float]) -> Optional[ssl.SSLContext]:
         """`context`, waiting at most `timeout` seconds for it (OSError after that)."""
         if not self._loaded.wait(timeout):
@@ -4179,12 +4180,6 @@ class UpstreamConnector:
         if self._failure is not None:
             raise OSError("no certificates to check the upstream's with: %s" % self._failure)
         return self._context
-
-    @context.setter
-    def context(self, context: ssl.SSLContext) -> None:
-        with self._lock:
-            self._context, self._failure = context, None
-            self._loaded.set()
 
     def connect(self, route: UpstreamRoute, timeout: float) -> UpstreamConnection:
         """A new connection to `route`, connected (tunnelled, TLS set up) within `timeout`."""
@@ -6026,7 +6021,7 @@ class RequestReading:
             if self.field_lines is None:
                 self.headers = read_headers(self.rfile)
             else:  # found whole by split_head: checked already, unless malformed
-                self.headers = (fields_of if self.rfile.malformed else checked_fields_of)(self.field_lines)
+                self.headers = fields_of(self.field_lines, checked=not self.rfile.malformed)
         except HeadTooLong:
             self.send_error(431, "Line too long")
             return False
@@ -6064,9 +6059,9 @@ class RequestReading:
         if exchange.body is not None:
             return
         exchange.body = BodyReader((NO_BODY, 0), self.server.config.max_body, self.server.body_budget)
-        given = self.headers.get("X-Request-Id")
-        if given and _REQUEST_ID.fullmatch(given.strip()):
-            exchange.request_id = given.strip()
+        given = self.headers.get("X-Request-Id", "").strip()
+        if given and _REQUEST_ID.fullmatch(given):
+            exchange.request_id = given
         if self.rfile.malformed or self.request_version == "HTTP/0.9":
             self.close_connection = True
             raise _invalid("Malformed header line" if self.rfile.malformed else "HTTP/0.9 is not supported", None)

@@ -825,9 +825,9 @@ def test_checked_fields_are_the_fields_of_a_whole_head_that_is_not_malformed(raw
         expected = cf.fields_of(whole.field_lines)
     except OverflowError:
         with pytest.raises(OverflowError):
-            cf.checked_fields_of(whole.field_lines)
+            cf.fields_of(whole.field_lines, checked=True)
         return
-    checked = cf.checked_fields_of(whole.field_lines)
+    checked = cf.fields_of(whole.field_lines, checked=True)
     assert checked.items() == expected.items() and checked.first == expected.first
     assert checked.repeated == expected.repeated
 
@@ -6860,10 +6860,16 @@ def test_imports_only_the_standard_library():
     assert "urllib" in modules and "http" in modules  # the check really saw the imports
 
 
-def start_script(*args, env=None, host="127.0.0.1"):
+def script_environment(env=None):
+    """This environment without the proxy's settings, then `env`."""
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith(("FINSTEP_", "PROXY_", "LOG_", "PORT", "HOST"))}
     environment.update(env or {})
+    return environment
+
+
+def start_script(*args, env=None, host="127.0.0.1"):
+    environment = script_environment(env)
     process = subprocess.Popen([sys.executable, SCRIPT, "--host", host, "--port", "0"] + list(args),
                                stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
     line = process.stderr.readline().decode()
@@ -6902,8 +6908,7 @@ def test_a_stop_signal_the_moment_the_port_opens_stops_cleanly(signum):
     # The handlers are in place before the port opens: a signal then used to kill the proxy
     # (SIGTERM) or end it with a traceback (SIGINT), most often with an https upstream, whose
     # CA bundle loads beside the start.
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("FINSTEP_", "PROXY_", "LOG_"))}
-    environment.update(FINSTEP_API_KEY=ENV_KEY, FINSTEP_API_URL="https://127.0.0.1:9/c")
+    environment = script_environment({"FINSTEP_API_KEY": ENV_KEY, "FINSTEP_API_URL": "https://127.0.0.1:9/c"})
     for _ in range(3):
         port = free_port()
         process = subprocess.Popen([sys.executable, SCRIPT, "--host", "127.0.0.1", "--port", str(port)],
