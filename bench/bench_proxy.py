@@ -255,9 +255,11 @@ def lay_out_image(script: str, folder: str) -> str:
     return copy
 
 
-# The ways the proxy is started for its footprint: (name, as a module, an https upstream with
-# the system's CA bundle as a deployment has it; the benchmark's own upstream is plain http).
-START_WAYS = (("script", False, False), ("module", True, False), ("module_https", True, True))
+# The ways the proxy is started for its footprint: (name, as reported, as a module, an https
+# upstream with the system's CA bundle as a deployment has it; the benchmark's own is plain http).
+START_WAYS = (("script", "python custom_finstep.py", False, False),
+              ("module", "python -m custom_finstep (Docker)", True, False),
+              ("module_https", "python -m custom_finstep, https upstream (its CA bundle)", True, True))
 
 
 def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
@@ -266,7 +268,7 @@ def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
     time; with several `starts`, the median of each figure (start-up swings by tens of
     milliseconds). Several `scripts` (versions of custom_finstep.py) take turns, start by
     start: {script: figures}."""
-    figures = {script: {name: [] for name, _, _ in START_WAYS} for script in scripts}
+    figures = {script: {name: [] for name, _, _, _ in START_WAYS} for script in scripts}
     with tempfile.TemporaryDirectory() as root:
         images = {}
         for index, script in enumerate(scripts):
@@ -276,7 +278,7 @@ def footprint(upstream_port: int, starts: int = 1, scripts=(PROXY_SCRIPT,)):
         time.sleep(1.1)  # bytecode from an earlier start (or the image build), as the proxy tells by its age
         for _ in range(starts):
             for script, image in images.items():
-                for name, as_module, https in START_WAYS:
+                for name, _, as_module, https in START_WAYS:
                     command = [sys.executable] + (["-m", "custom_finstep"] if as_module else
                                                   [os.path.join(image, "custom_finstep.py")])
                     process, _, startup = start_proxy(upstream_port, command, cwd=image, tls=https, system_ca=True)
@@ -644,9 +646,8 @@ def report(results, names) -> None:
     print("\nmany open streams: %d/%d completed through the proxy (%d/%d direct), proxy peak RSS %.1f MB"
           % (many["completed"], many["streams"], direct["completed"], direct["streams"], many["peak_rss_mb"]))
     for title, figures in (("", foot), ("the other version, ", results.get("footprint_other"))):
-        for name, label in (("script", "python custom_finstep.py"), ("module", "python -m custom_finstep (Docker)"),
-                            ("module_https", "python -m custom_finstep, https upstream (its CA bundle)")):
-            if figures and name in figures:
+        for name, label, _, _ in START_WAYS:
+            if figures:
                 print("footprint, %s%s: idle RSS %.1f MB, start to listening %.0f ms%s"
                       % (title, label, figures[name]["idle_rss_mb"], figures[name]["startup_ms"],
                          " (medians of %d starts)" % figures[name]["starts"] if figures[name]["starts"] > 1 else ""))
